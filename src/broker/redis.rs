@@ -1,0 +1,260 @@
+//! Redis: the subscriber that feeds the router, and the publisher HTTP publishes go through.
+//!
+//! Both threads reconnect by themselves with capped exponential backoff; the subscriber
+//! re-issues its PSUBSCRIBEs on every connection, so delivery resumes without anyone's help.
+//! Pub/sub has no replay: what was published while herald was disconnected is gone.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use tracing::{info, warn};
+
+use super::PublishJob;
+use crate::event_loop::LoopCmd;
+use crate::message::{self, JsonScratch};
+use crate::router::{Publication, RouterMsg, Target};
+use crate::shared::Shared;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// Router backlog above which the subscriber pauses reading, so a burst backs up into Redis
+/// (which bounds it with client-output-buffer-limit) instead of into herald's memory.
+const ROUTER_BACKLOG_LIMIT: usize = 200_000;
+
+/// Capped exponential backoff with jitter, so a fleet of instances does not reconnect in step.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: BACKOFF_START }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_START;
+    }
+
+    fn wait(&mut self) {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let jitter = self.next.mul_f64(0.25 * (nanos % 1000) as f64 / 1000.0);
+        std::thread::sleep(self.next + jitter);
+        self.next = (self.next * 2).min(BACKOFF_CAP);
+    }
+}
+
+/// A PSUBSCRIBE pattern matching every channel that starts with `prefix`.
+fn pattern_for(prefix: &str) -> String {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('*');
+    pattern
+}
+
+/// Validates the URL before any thread starts, so a typo is a start-up error.
+pub fn client(url: &str) -> Result<redis::Client, String> {
+    redis::Client::open(url).map_err(|e| format!("HERALD_REDIS_URL is not usable: {e}"))
+}
+
+/// Subscriber thread body: never returns while the process runs.
+pub fn run_subscriber(client: redis::Client, shared: Arc<Shared>) {
+    let mut backoff = Backoff::new();
+    let mut scratch = JsonScratch::default();
+    let mut ids = Interner::default();
+    let health = &shared.metrics.redis;
+    let mut connected_before = false;
+    loop {
+        let session =
+            client.get_connection_with_timeout(CONNECT_TIMEOUT).and_then(|mut conn| -> redis::RedisResult<()> {
+                let mut pubsub = conn.as_pubsub();
+                pubsub.psubscribe(pattern_for(&shared.config.user_channel_prefix))?;
+                pubsub.psubscribe(pattern_for(&shared.config.topic_channel_prefix))?;
+                health.subscriber_up.store(true, Relaxed);
+                if connected_before {
+                    shared.metrics.redis_reconnects.fetch_add(1, Relaxed);
+                    info!("redis subscriber reconnected and resubscribed");
+                } else {
+                    info!("redis subscriber connected");
+                }
+                connected_before = true;
+                backoff.reset();
+                loop {
+                    let msg = pubsub.get_message()?;
+                    route(&shared, &mut scratch, &mut ids, msg.get_channel_name(), msg.get_payload_bytes());
+                    while shared.router.len() > ROUTER_BACKLOG_LIMIT {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            });
+        health.subscriber_up.store(false, Relaxed);
+        if let Err(e) = session {
+            warn!(error = %e, "redis subscriber disconnected; retrying");
+            health.set_error(&e);
+        }
+        backoff.wait();
+    }
+}
+
+/// Hands one Redis message to the router, or drops it as invalid.
+fn route(shared: &Shared, scratch: &mut JsonScratch, ids: &mut Interner, channel: &str, payload: &[u8]) {
+    let config = &shared.config;
+    let metrics = &shared.metrics;
+    metrics.received_from_redis.fetch_add(1, Relaxed);
+    let target = if let Some(user) = channel.strip_prefix(config.user_channel_prefix.as_str()) {
+        Target::User(ids.intern(user))
+    } else if let Some(topic) = channel.strip_prefix(config.topic_channel_prefix.as_str()) {
+        Target::Topic(ids.intern(topic))
+    } else {
+        return;
+    };
+    let frame = match message::encode_notification(
+        payload,
+        config.max_message_bytes,
+        scratch,
+        SystemTime::now(),
+        Instant::now(),
+    ) {
+        Ok(frame) => frame,
+        Err(why) => {
+            metrics.dropped_invalid.fetch_add(1, Relaxed);
+            warn!(channel, reason = why.describe(), bytes = payload.len(), "dropped a published message");
+            return;
+        }
+    };
+    let _ = shared.router.send(RouterMsg::Publish(Publication {
+        targets: vec![target],
+        frame,
+        exclude_users: None,
+        reply: None,
+    }));
+}
+
+/// Reuses one `Arc<str>` per user id, so a busy user's messages allocate no id.
+#[derive(Default)]
+struct Interner {
+    ids: HashSet<Arc<str>>,
+}
+
+impl Interner {
+    const MAX: usize = 100_000;
+
+    fn intern(&mut self, id: &str) -> Arc<str> {
+        if let Some(existing) = self.ids.get(id) {
+            return existing.clone();
+        }
+        if self.ids.len() >= Self::MAX {
+            self.ids.clear();
+        }
+        let id: Arc<str> = Arc::from(id);
+        self.ids.insert(id.clone());
+        id
+    }
+}
+
+/// Publisher thread body: PUBLISHes jobs from HTTP handlers, PINGs while idle. Returns when
+/// every job sender is gone.
+pub fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, shared: Arc<Shared>) {
+    let health = &shared.metrics.redis;
+    let mut conn: Option<redis::Connection> = None;
+    let mut retry_at = Instant::now();
+    let mut backoff = Duration::ZERO;
+    loop {
+        let job = match jobs.recv_timeout(PING_EVERY) {
+            Ok(job) => Some(job),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if conn.is_none() && Instant::now() >= retry_at {
+            match connect(&client) {
+                Ok(c) => {
+                    conn = Some(c);
+                    backoff = Duration::ZERO;
+                }
+                Err(e) => {
+                    health.publisher_up.store(false, Relaxed);
+                    health.set_error(&e);
+                    backoff = (backoff * 2).clamp(BACKOFF_START, BACKOFF_CAP);
+                    retry_at = Instant::now() + backoff;
+                }
+            }
+        }
+        let outcome = match conn.as_mut() {
+            None => Err("redis unavailable".to_string()),
+            Some(c) => match &job {
+                Some(job) => publish(c, job).map(|receivers| receivers > 0),
+                None => ping(c, health).map(|()| false),
+            }
+            .map_err(|e| {
+                health.set_error(&e);
+                format!("redis error: {e}")
+            }),
+        };
+        match &outcome {
+            Ok(_) => health.publisher_up.store(true, Relaxed),
+            Err(_) => {
+                health.publisher_up.store(false, Relaxed);
+                conn = None;
+            }
+        }
+        if let Some(job) = job {
+            let (loop_id, conn_ref) = job.reply;
+            if let Some(handle) = shared.loops().get(loop_id) {
+                handle.send(LoopCmd::PublishDone { conn: conn_ref, result: outcome });
+            }
+        }
+    }
+}
+
+fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(conn)
+}
+
+/// Sends every message of the job in one pipeline; returns the total receiver count.
+fn publish(conn: &mut redis::Connection, job: &PublishJob) -> redis::RedisResult<i64> {
+    let mut pipe = redis::pipe();
+    for (channel, payload) in &job.messages {
+        pipe.cmd("PUBLISH").arg(channel).arg(&payload[..]);
+    }
+    let counts: Vec<i64> = pipe.query(conn)?;
+    Ok(counts.iter().sum())
+}
+
+fn ping(conn: &mut redis::Connection, health: &crate::metrics::RedisHealth) -> redis::RedisResult<()> {
+    let started = Instant::now();
+    redis::cmd("PING").query::<String>(conn)?;
+    health.ping_micros.store(started.elapsed().as_micros() as u64, Relaxed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_escape_glob_characters() {
+        assert_eq!(pattern_for("user_noti:"), "user_noti:*");
+        assert_eq!(pattern_for("a*b?[c]"), "a\\*b\\?\\[c\\]*");
+    }
+
+    #[test]
+    fn interner_reuses_ids() {
+        let mut ids = Interner::default();
+        let a = ids.intern("u1");
+        let b = ids.intern("u1");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+}

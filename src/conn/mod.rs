@@ -1,0 +1,89 @@
+//! One client connection and its phases.
+//!
+//! A connection starts as an HTTP request being read, may wait for the broker (a publish in
+//! Redis mode), becomes a WebSocket [`Session`] after a successful upgrade, and ends in
+//! `Closing` (final bytes queued, write side shut after the flush, then dropped). The event
+//! loop owns every `Conn`; nothing here does I/O except through the loop's calls.
+
+pub mod inbound;
+pub mod send_queue;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use mio::Interest;
+use mio::net::TcpStream;
+
+use crate::dialect::Dialect;
+use inbound::FrameReader;
+use send_queue::SendQueue;
+
+/// Timer ticks (see `event_loop::timers`).
+pub type Tick = u64;
+
+/// No timer entry is live for this connection.
+pub const NO_TIMER: Tick = Tick::MAX;
+
+pub struct Conn {
+    pub stream: TcpStream,
+    /// Distinguishes this connection from later ones reusing its slab slot.
+    pub id: u32,
+    pub peer: IpAddr,
+    pub phase: Phase,
+    pub queue: SendQueue,
+    /// Interest currently registered with the poller.
+    pub registered: Interest,
+    /// The last write hit WouldBlock; WRITABLE interest is needed.
+    pub write_blocked: bool,
+    /// Listed in the loop's to-flush list.
+    pub dirty: bool,
+    /// Tick of this connection's live timer entry, or `NO_TIMER`.
+    pub timer_tick: Tick,
+    /// Sequence number of the last delivery queued here, so a message addressed to several
+    /// targets reaches a connection once.
+    pub delivery_seq: u32,
+}
+
+impl Conn {
+    /// Interest follows from state: readable always, writable only while output is blocked.
+    pub fn interest(&self) -> Interest {
+        if self.write_blocked { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE }
+    }
+
+    pub fn session(&self) -> Option<&Session> {
+        match &self.phase {
+            Phase::Open(session) => Some(session),
+            _ => None,
+        }
+    }
+}
+
+pub enum Phase {
+    /// Reading an HTTP request (also between keep-alive requests).
+    Request { buf: Vec<u8>, deadline: Tick },
+    /// A request was handed to the broker; reading pauses until the answer arrives.
+    Awaiting { buf: Vec<u8>, keep_alive: bool, deadline: Tick },
+    /// An upgraded WebSocket.
+    Open(Box<Session>),
+    /// Last bytes queued; after they are written the write side is shut, and the
+    /// connection is dropped at the peer's EOF or at `deadline`.
+    Closing { deadline: Tick, fin_sent: bool },
+}
+
+/// A live WebSocket.
+pub struct Session {
+    pub user: Arc<str>,
+    pub dialect: &'static Dialect,
+    /// Topics this connection receives (fixed by the path, or subscribed at runtime).
+    pub topics: Vec<Arc<str>>,
+    /// The token's `topics` claim, for runtime subscriptions.
+    pub allowed_topics: Box<[String]>,
+    pub expires: Tick,
+    pub last_received: Tick,
+    pub last_ping: Tick,
+    /// Last data message queued (seed 000 heartbeats count silence from here).
+    pub last_data_sent: Tick,
+    /// Receives the user's personal stream (false on a topic-only path).
+    pub personal: bool,
+    pub reader: FrameReader,
+}

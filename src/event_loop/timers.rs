@@ -1,0 +1,137 @@
+//! A hashed timer wheel with coarse ticks.
+//!
+//! Each connection has at most one live entry, at the tick of its next deadline (ping, idle,
+//! expiry, handshake, close linger). Advancing the wheel touches only the slots that came
+//! due, so the cost per tick follows the connections that have something to do, never the
+//! number that are merely open. Entries are never removed early: an entry whose connection
+//! has since moved its deadline is recognised as stale when it fires and ignored.
+
+use std::time::{Duration, Instant};
+
+use crate::conn::Tick;
+
+/// Length of one tick.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Slots in the wheel; deadlines further out are clamped and re-armed when they fire.
+const SLOTS: usize = 4096;
+
+/// Converts instants to ticks since the loop started.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new(start: Instant) -> Clock {
+        Clock { start }
+    }
+
+    pub fn tick_at(&self, at: Instant) -> Tick {
+        (at.saturating_duration_since(self.start).as_millis() / TICK.as_millis()) as Tick
+    }
+
+    /// When `tick` begins.
+    pub fn instant_of(&self, tick: Tick) -> Instant {
+        self.start + TICK * tick as u32
+    }
+}
+
+/// Whole ticks in `d`, rounded up so a deadline never fires early.
+pub fn ticks(d: Duration) -> Tick {
+    d.as_millis().div_ceil(TICK.as_millis()) as Tick
+}
+
+/// An entry: slab key and connection id.
+pub type Entry = (u32, u32);
+
+pub struct TimerWheel {
+    slots: Vec<Vec<Entry>>,
+    /// First tick not yet expired.
+    next: Tick,
+    len: usize,
+}
+
+impl Default for TimerWheel {
+    fn default() -> Self {
+        TimerWheel { slots: (0..SLOTS).map(|_| Vec::new()).collect(), next: 0, len: 0 }
+    }
+}
+
+impl TimerWheel {
+    /// Schedules `entry` at `tick` (clamped into the wheel's window); returns the tick used.
+    pub fn insert(&mut self, tick: Tick, entry: Entry) -> Tick {
+        let tick = tick.clamp(self.next, self.next + SLOTS as Tick - 1);
+        self.slots[(tick % SLOTS as Tick) as usize].push(entry);
+        self.len += 1;
+        tick
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Moves every entry due at or before `now` into `due`, with the tick it was filed at.
+    pub fn expire(&mut self, now: Tick, due: &mut Vec<(Entry, Tick)>) {
+        // After a long stall, one lap of the wheel visits every slot.
+        let last = now.min(self.next + SLOTS as Tick - 1);
+        while self.next <= last {
+            let slot = &mut self.slots[(self.next % SLOTS as Tick) as usize];
+            self.len -= slot.len();
+            due.extend(slot.drain(..).map(|e| (e, self.next)));
+            self.next += 1;
+        }
+        self.next = self.next.max(now + 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_fire_at_their_tick_and_not_before() {
+        let mut wheel = TimerWheel::default();
+        assert_eq!(wheel.insert(5, (1, 1)), 5);
+        assert_eq!(wheel.insert(3, (2, 2)), 3);
+        let mut due = Vec::new();
+        wheel.expire(2, &mut due);
+        assert!(due.is_empty());
+        wheel.expire(4, &mut due);
+        assert_eq!(due, vec![((2, 2), 3)]);
+        due.clear();
+        wheel.expire(10, &mut due);
+        assert_eq!(due, vec![((1, 1), 5)]);
+        assert!(wheel.is_empty());
+    }
+
+    #[test]
+    fn far_and_past_deadlines_are_clamped_into_the_window() {
+        let mut wheel = TimerWheel::default();
+        let mut due = Vec::new();
+        wheel.expire(100, &mut due);
+        assert_eq!(wheel.insert(50, (1, 1)), 101);
+        let far = wheel.insert(1_000_000, (2, 2));
+        assert_eq!(far, 101 + SLOTS as Tick - 1);
+        wheel.expire(far, &mut due);
+        assert_eq!(due.len(), 2);
+    }
+
+    #[test]
+    fn a_long_stall_still_expires_everything() {
+        let mut wheel = TimerWheel::default();
+        for t in 0..100 {
+            wheel.insert(t * 7, (t as u32, 0));
+        }
+        let mut due = Vec::new();
+        wheel.expire(1_000_000, &mut due);
+        assert_eq!(due.len(), 100);
+        assert!(wheel.is_empty());
+    }
+
+    #[test]
+    fn ticks_round_up() {
+        assert_eq!(ticks(Duration::from_millis(1)), 1);
+        assert_eq!(ticks(Duration::from_millis(100)), 1);
+        assert_eq!(ticks(Duration::from_millis(101)), 2);
+    }
+}

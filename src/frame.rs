@@ -1,0 +1,153 @@
+//! Outbound bytes, encoded once and shared.
+//!
+//! A notification becomes one [`Frame`] (WebSocket header + payload in one buffer) behind an
+//! `Arc`; every recipient's send queue holds a clone of the pointer, never a copy of the bytes.
+//! HTTP responses and control frames travel the same queues as `Frame`s too, so a
+//! connection has exactly one ordered output stream.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Bytes ready for the socket.
+#[derive(Debug)]
+pub struct Frame {
+    pub bytes: Box<[u8]>,
+    /// When the notification entered herald; `None` for control frames and HTTP responses,
+    /// which are not counted as deliveries.
+    pub born: Option<Instant>,
+}
+
+pub type SharedFrame = Arc<Frame>;
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// Length of the server-to-client (unmasked) header for a payload of `len` bytes.
+pub fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
+/// Header length of a frame this module encoded (server frames are never masked).
+pub fn header_len_of(encoded: &[u8]) -> usize {
+    match encoded.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    }
+}
+
+/// Appends an unmasked, final frame header to `out`.
+pub fn write_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+    out.push(0x80 | opcode);
+    match len {
+        0..=125 => out.push(len as u8),
+        126..=0xFFFF => {
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+}
+
+fn control(opcode: u8, payload: &[u8]) -> SharedFrame {
+    debug_assert!(payload.len() <= 125, "control frames carry at most 125 bytes");
+    let mut out = Vec::with_capacity(2 + payload.len());
+    write_header(&mut out, opcode, payload.len());
+    out.extend_from_slice(payload);
+    Arc::new(Frame { bytes: out.into_boxed_slice(), born: None })
+}
+
+/// A text frame for a notification; `born` feeds the delivery-latency histogram.
+pub fn notification(payload: &[u8], born: Instant) -> SharedFrame {
+    let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
+    write_header(&mut out, OP_TEXT, payload.len());
+    out.extend_from_slice(payload);
+    Arc::new(Frame { bytes: out.into_boxed_slice(), born: Some(born) })
+}
+
+/// A text frame that is a reply to one client (pong, error), not a delivery.
+pub fn reply_text(payload: &[u8]) -> SharedFrame {
+    let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
+    write_header(&mut out, OP_TEXT, payload.len());
+    out.extend_from_slice(payload);
+    Arc::new(Frame { bytes: out.into_boxed_slice(), born: None })
+}
+
+pub fn ping() -> SharedFrame {
+    control(OP_PING, b"")
+}
+
+/// Echoes a client's ping payload (at most 125 bytes, checked by the inbound parser).
+pub fn pong(payload: &[u8]) -> SharedFrame {
+    control(OP_PONG, &payload[..payload.len().min(125)])
+}
+
+/// A close frame with `code` and a short reason (truncated to fit the 125-byte limit on a
+/// character boundary).
+pub fn close(code: u16, reason: &str) -> SharedFrame {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + end);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    control(OP_CLOSE, &payload)
+}
+
+/// Raw bytes (an HTTP response) wrapped for the send queue.
+pub fn raw(bytes: Vec<u8>) -> SharedFrame {
+    Arc::new(Frame { bytes: bytes.into_boxed_slice(), born: None })
+}
+
+/// Close codes herald sends (RFC 6455 §7.4.1 and the registry).
+pub mod code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// Seed 000's "unauthorized".
+    pub const UNAUTHORIZED_4401: u16 = 4401;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_use_the_shortest_length_form() {
+        let f = notification(&[b'x'; 125], Instant::now());
+        assert_eq!(&f.bytes[..2], &[0x81, 125]);
+        let f = notification(&[b'x'; 126], Instant::now());
+        assert_eq!(&f.bytes[..4], &[0x81, 126, 0, 126]);
+        let f = notification(&vec![b'x'; 70_000], Instant::now());
+        assert_eq!(f.bytes[1], 127);
+        assert_eq!(u64::from_be_bytes(f.bytes[2..10].try_into().unwrap()), 70_000);
+        assert_eq!(f.bytes.len(), 10 + 70_000);
+    }
+
+    #[test]
+    fn close_frames_carry_code_and_bounded_reason() {
+        let f = close(1008, "slow consumer");
+        assert_eq!(f.bytes[0], 0x88);
+        assert_eq!(&f.bytes[2..4], &1008u16.to_be_bytes());
+        assert_eq!(&f.bytes[4..], b"slow consumer");
+        let long = "é".repeat(100);
+        let f = close(1000, &long);
+        assert!(f.bytes.len() <= 127);
+        assert!(std::str::from_utf8(&f.bytes[4..]).is_ok());
+    }
+}

@@ -1,0 +1,242 @@
+//! What a notification must be, and what clients may say.
+//!
+//! A notification is a JSON object with a string `type`, at most `max_bytes` as published.
+//! It is delivered byte for byte as published, with `"timestamp"` appended when it has none;
+//! the result is encoded straight into its shared WebSocket frame. Client messages are parsed
+//! into [`ClientMessage`]. Both use simd-json on a reused scratch copy (simd-json parses in
+//! place), so validation allocates nothing but the frame it produces.
+
+use std::time::{Instant, SystemTime};
+
+use simd_json::prelude::*;
+
+use crate::frame::{self, SharedFrame};
+
+/// Why a published message was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalid {
+    TooLarge,
+    NotJson,
+    NotAnObject,
+    NoType,
+}
+
+impl Invalid {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Invalid::TooLarge => "message larger than HERALD_MAX_MESSAGE_BYTES",
+            Invalid::NotJson => "message is not valid JSON",
+            Invalid::NotAnObject => "message is not a JSON object",
+            Invalid::NoType => "message has no string \"type\"",
+        }
+    }
+}
+
+/// Reusable parse state; one per thread that validates messages.
+pub struct JsonScratch {
+    copy: Vec<u8>,
+    buffers: simd_json::Buffers,
+}
+
+impl Default for JsonScratch {
+    fn default() -> Self {
+        JsonScratch { copy: Vec::with_capacity(1024), buffers: simd_json::Buffers::new(1024) }
+    }
+}
+
+impl JsonScratch {
+    /// Parses a copy of `raw` and hands the tape's root to `inspect`.
+    fn with_value<R>(&mut self, raw: &[u8], inspect: impl FnOnce(simd_json::tape::Value<'_, '_>) -> R) -> Option<R> {
+        self.copy.clear();
+        self.copy.extend_from_slice(raw);
+        let tape = simd_json::to_tape_with_buffers(&mut self.copy, &mut self.buffers).ok()?;
+        Some(inspect(tape.as_value()))
+    }
+}
+
+/// `2025-01-21T10:30:00.123Z`: RFC 3339, UTC, milliseconds.
+pub fn rfc3339_millis(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Validates a published notification and encodes its frame, adding `timestamp` if absent.
+pub fn encode_notification(
+    raw: &[u8],
+    max_bytes: usize,
+    scratch: &mut JsonScratch,
+    wall_clock: SystemTime,
+    born: Instant,
+) -> Result<SharedFrame, Invalid> {
+    let end = trimmed_end(raw);
+    let raw = &raw[..end];
+    if raw.len() > max_bytes {
+        return Err(Invalid::TooLarge);
+    }
+    let has_timestamp = scratch
+        .with_value(raw, |value| {
+            let object = value.as_object().ok_or(Invalid::NotAnObject)?;
+            if object.get("type").is_none_or(|t| t.as_str().is_none()) {
+                return Err(Invalid::NoType);
+            }
+            Ok(object.get("timestamp").is_some())
+        })
+        .ok_or(Invalid::NotJson)??;
+    if has_timestamp {
+        return Ok(frame::notification(raw, born));
+    }
+    // The object is valid and non-empty (it has "type"), so its last byte is `}` and a
+    // member can be appended right before it.
+    let stamp = rfc3339_millis(wall_clock);
+    let mut payload = Vec::with_capacity(raw.len() + 16 + stamp.len());
+    payload.extend_from_slice(&raw[..raw.len() - 1]);
+    payload.extend_from_slice(b",\"timestamp\":\"");
+    payload.extend_from_slice(stamp.as_bytes());
+    payload.extend_from_slice(b"\"}");
+    Ok(frame::notification(&payload, born))
+}
+
+fn trimmed_end(raw: &[u8]) -> usize {
+    raw.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1)
+}
+
+/// How a client asked for a pong, so the answer matches the question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PingStyle {
+    /// text `ping` → text `pong`
+    Text,
+    /// `{"action":"ping"}` → `{"action":"pong"}`
+    Action,
+    /// `{"type":"ping"}` → `{"type":"pong"}`
+    Type,
+}
+
+impl PingStyle {
+    pub fn answer(self) -> &'static [u8] {
+        match self {
+            PingStyle::Text => b"pong",
+            PingStyle::Action => br#"{"action":"pong"}"#,
+            PingStyle::Type => br#"{"type":"pong"}"#,
+        }
+    }
+}
+
+/// A text message from a client, understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Ping(PingStyle),
+    Ack,
+    Subscribe(String),
+    Unsubscribe(String),
+    SubscribeProject(String),
+    UnsubscribeProject(String),
+    /// Any other JSON object (relayed on focus-session connections, ignored elsewhere).
+    OtherObject,
+    /// Not JSON, or JSON that is not an object.
+    Unrecognized,
+}
+
+/// Parses a client's text message (already UTF-8 checked and size bounded by the frame layer).
+pub fn parse_client_message(text: &str, scratch: &mut JsonScratch) -> ClientMessage {
+    let trimmed = text.trim();
+    if trimmed == "ping" {
+        return ClientMessage::Ping(PingStyle::Text);
+    }
+    if !trimmed.starts_with('{') {
+        return ClientMessage::Unrecognized;
+    }
+    scratch
+        .with_value(trimmed.as_bytes(), |value| {
+            let Some(object) = value.as_object() else {
+                return ClientMessage::Unrecognized;
+            };
+            let field = |name: &str| object.get(name).and_then(|v| v.as_str().map(str::to_owned));
+            let id_field = |name: &str| {
+                object
+                    .get(name)
+                    .and_then(|v| v.as_str().map(str::to_owned).or_else(|| v.as_i64().map(|n| n.to_string())))
+            };
+            let is = |name: &str, expected: &str| object.get(name).is_some_and(|v| v.as_str() == Some(expected));
+            if is("action", "ping") {
+                ClientMessage::Ping(PingStyle::Action)
+            } else if is("action", "ack") {
+                ClientMessage::Ack
+            } else if is("type", "ping") {
+                ClientMessage::Ping(PingStyle::Type)
+            } else if is("type", "subscribe") {
+                field("topic").map_or(ClientMessage::OtherObject, ClientMessage::Subscribe)
+            } else if is("type", "unsubscribe") {
+                field("topic").map_or(ClientMessage::OtherObject, ClientMessage::Unsubscribe)
+            } else if is("type", "subscribe_project") {
+                id_field("project_id").map_or(ClientMessage::OtherObject, ClientMessage::SubscribeProject)
+            } else if is("type", "unsubscribe_project") {
+                id_field("project_id").map_or(ClientMessage::OtherObject, ClientMessage::UnsubscribeProject)
+            } else {
+                ClientMessage::OtherObject
+            }
+        })
+        .unwrap_or(ClientMessage::Unrecognized)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(raw: &str) -> Result<String, Invalid> {
+        let mut scratch = JsonScratch::default();
+        let frame = encode_notification(raw.as_bytes(), 512, &mut scratch, SystemTime::UNIX_EPOCH, Instant::now())?;
+        let header = crate::frame::header_len(frame.bytes.len() - 2);
+        Ok(String::from_utf8(frame.bytes[header..].to_vec()).unwrap())
+    }
+
+    #[test]
+    fn timestamp_is_appended_when_absent() {
+        assert_eq!(
+            encode(r#"{"type":"notification","payload":{"title":"hi"}}  "#).unwrap(),
+            r#"{"type":"notification","payload":{"title":"hi"},"timestamp":"1970-01-01T00:00:00.000Z"}"#
+        );
+    }
+
+    #[test]
+    fn a_message_with_a_timestamp_is_delivered_byte_for_byte() {
+        let raw = r#"{ "type" : "x", "timestamp": "2020-01-01T00:00:00.000Z" }"#;
+        assert_eq!(encode(raw).unwrap(), raw);
+    }
+
+    #[test]
+    fn invalid_messages_are_named() {
+        assert_eq!(encode("not json"), Err(Invalid::NotJson));
+        assert_eq!(encode(r#"["type"]"#), Err(Invalid::NotAnObject));
+        assert_eq!(encode(r#"{"type":7}"#), Err(Invalid::NoType));
+        assert_eq!(encode(r#"{"payload":{}}"#), Err(Invalid::NoType));
+        assert_eq!(encode(r#"{"type":"x""#), Err(Invalid::NotJson));
+        assert_eq!(encode(""), Err(Invalid::NotJson));
+        let big = format!(r#"{{"type":"x","p":"{}"}}"#, "a".repeat(600));
+        assert_eq!(encode(&big), Err(Invalid::TooLarge));
+    }
+
+    #[test]
+    fn a_nested_timestamp_does_not_count() {
+        let out = encode(r#"{"type":"x","payload":{"timestamp":1}}"#).unwrap();
+        assert!(out.ends_with(r#","timestamp":"1970-01-01T00:00:00.000Z"}"#));
+    }
+
+    #[test]
+    fn client_messages_are_recognized() {
+        let mut s = JsonScratch::default();
+        assert_eq!(parse_client_message("ping", &mut s), ClientMessage::Ping(PingStyle::Text));
+        assert_eq!(parse_client_message(r#"{"action":"ping"}"#, &mut s), ClientMessage::Ping(PingStyle::Action));
+        assert_eq!(parse_client_message(r#"{"type":"ping"}"#, &mut s), ClientMessage::Ping(PingStyle::Type));
+        assert_eq!(parse_client_message(r#"{"action":"ack","notification_id":3}"#, &mut s), ClientMessage::Ack);
+        assert_eq!(
+            parse_client_message(r#"{"type":"subscribe","topic":"project:1"}"#, &mut s),
+            ClientMessage::Subscribe("project:1".into())
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"subscribe_project","project_id":7}"#, &mut s),
+            ClientMessage::SubscribeProject("7".into())
+        );
+        assert_eq!(parse_client_message(r#"{"cursor":1}"#, &mut s), ClientMessage::OtherObject);
+        assert_eq!(parse_client_message("hello", &mut s), ClientMessage::Unrecognized);
+        assert_eq!(parse_client_message("{broken", &mut s), ClientMessage::Unrecognized);
+    }
+}
