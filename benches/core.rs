@@ -1,0 +1,144 @@
+//! Per-message and per-connection costs of herald's hot paths, each in isolation.
+//!
+//! Run: `cargo bench --bench core` (HTML reports land in target/criterion).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use herald::auth::{Verifier, mint};
+use herald::config::JwtKey;
+use herald::conn::inbound::{Flow, FrameReader};
+use herald::conn::send_queue::SendQueue;
+use herald::event_loop::{self, LoopCmd};
+use herald::frame;
+use herald::message::{self, JsonScratch};
+use herald::router::{Publication, Router, RouterMsg, Target};
+
+const NOTIFICATION: &[u8] =
+    br#"{"type":"notification","payload":{"title":"New Order","message":"You have a new order #12345","icon":"order","link":"/orders/12345"}}"#;
+
+fn frames(c: &mut Criterion) {
+    let mut group = c.benchmark_group("frame");
+    group.throughput(Throughput::Bytes(NOTIFICATION.len() as u64));
+    group.bench_function("encode_notification_frame", |b| {
+        let born = Instant::now();
+        b.iter(|| frame::notification(black_box(NOTIFICATION), born))
+    });
+    group.finish();
+}
+
+fn validation(c: &mut Criterion) {
+    let mut group = c.benchmark_group("message");
+    let mut scratch = JsonScratch::default();
+    let now = SystemTime::now();
+    group.throughput(Throughput::Bytes(NOTIFICATION.len() as u64));
+    group.bench_function("validate_stamp_frame", |b| {
+        b.iter(|| message::encode_notification(black_box(NOTIFICATION), 512, &mut scratch, now, Instant::now()))
+    });
+    let stamped = br#"{"type":"x","payload":{"a":1},"timestamp":"2025-01-21T10:30:00.123Z"}"#;
+    group.bench_function("validate_already_stamped", |b| {
+        b.iter(|| message::encode_notification(black_box(stamped), 512, &mut scratch, now, Instant::now()))
+    });
+    group.bench_function("parse_client_message", |b| {
+        b.iter(|| message::parse_client_message(black_box(r#"{"action":"ack","notification_id":123}"#), &mut scratch))
+    });
+    group.finish();
+}
+
+fn jwt(c: &mut Criterion) {
+    let secret = b"bench-secret".to_vec();
+    let verifier = Verifier::new(&JwtKey::Secret(secret.clone())).expect("secret key");
+    let token = mint(&secret, "user123", Duration::from_secs(3600), &["project:*".into()], None);
+    c.bench_function("jwt/verify_hs256", |b| b.iter(|| verifier.verify(black_box(&token))));
+}
+
+fn inbound(c: &mut Criterion) {
+    // Ten masked client text frames, as one read would return them.
+    let mut bytes = Vec::new();
+    let mask = [1u8, 2, 3, 4];
+    for _ in 0..10 {
+        let payload = br#"{"action":"ping"}"#;
+        bytes.push(0x81);
+        bytes.push(0x80 | payload.len() as u8);
+        bytes.extend_from_slice(&mask);
+        bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    }
+    let mut group = c.benchmark_group("inbound");
+    group.throughput(Throughput::Elements(10));
+    group.bench_function("parse_10_client_frames", |b| {
+        let mut reader = FrameReader::default();
+        let mut buf = bytes.clone();
+        b.iter(|| {
+            buf.copy_from_slice(&bytes);
+            let mut n = 0;
+            let _ = reader.feed(&mut buf, 512, |_| {
+                n += 1;
+                Flow::Continue
+            });
+            n
+        })
+    });
+    group.finish();
+}
+
+fn send_queue(c: &mut Criterion) {
+    let frame = frame::notification(NOTIFICATION, Instant::now());
+    let mut group = c.benchmark_group("send_queue");
+    for batch in [1usize, 16, 256] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::new("push_and_writev", batch), &batch, |b, &batch| {
+            let mut queue = SendQueue::default();
+            let mut sink = std::io::sink();
+            b.iter(|| {
+                for _ in 0..batch {
+                    let _ = queue.push_notification(frame.clone(), 256);
+                }
+                queue.flush(&mut sink, usize::MAX, |_| {})
+            })
+        });
+    }
+    group.finish();
+}
+
+fn router(c: &mut Criterion) {
+    let mut group = c.benchmark_group("router");
+    for loops in [1usize, 4, 16] {
+        let mut handles = Vec::new();
+        let mut inboxes = Vec::new();
+        let mut polls = Vec::new();
+        for _ in 0..loops {
+            let (poll, handle, inbox) = event_loop::prepare().expect("poller");
+            polls.push(poll);
+            handles.push(handle);
+            inboxes.push(inbox);
+        }
+        let mut router = Router::new(handles.into());
+        let user = Target::User(Arc::from("user123"));
+        for loop_id in 0..loops {
+            router.handle(RouterMsg::Join { loop_id, target: user.clone() });
+        }
+        let frame = frame::notification(NOTIFICATION, Instant::now());
+        group.throughput(Throughput::Elements(loops as u64));
+        group.bench_with_input(BenchmarkId::new("fan_out_to_loops", loops), &loops, |b, _| {
+            b.iter(|| {
+                router.handle(RouterMsg::Publish(Publication {
+                    targets: vec![user.clone()],
+                    frame: frame.clone(),
+                    exclude_users: None,
+                    reply: None,
+                }));
+                for inbox in &inboxes {
+                    while let Ok(cmd) = inbox.try_recv() {
+                        black_box(matches!(cmd, LoopCmd::Deliver { .. }));
+                    }
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, frames, validation, jwt, inbound, send_queue, router);
+criterion_main!(benches);
