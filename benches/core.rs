@@ -126,7 +126,7 @@ fn router(c: &mut Criterion) {
                 router.handle(RouterMsg::Publish(Publication {
                     targets: vec![user.clone()],
                     frame: frame.clone(),
-                    exclude_users: None,
+                    exclusion: Default::default(),
                     reply: None,
                 }));
                 for inbox in &inboxes {

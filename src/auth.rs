@@ -143,6 +143,12 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// 64 random bits (instance ids).
+pub fn random_u64() -> u64 {
+    let hex = random_secret();
+    u64::from_str_radix(std::str::from_utf8(&hex[..16]).unwrap_or("0"), 16).unwrap_or(0)
+}
+
 /// 32 random bytes from the kernel, hex encoded, for dev mode.
 pub fn random_secret() -> Vec<u8> {
     use std::io::Read;

@@ -8,7 +8,12 @@
 
 use std::time::{Instant, SystemTime};
 
+use std::sync::Arc;
+
 use simd_json::prelude::*;
+
+use crate::event_loop::ConnRef;
+use crate::router::Exclusion;
 
 use crate::frame::{self, SharedFrame};
 
@@ -97,6 +102,56 @@ pub fn encode_notification(
 
 fn trimmed_end(raw: &[u8]) -> usize {
     raw.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1)
+}
+
+/// Key under which an [`Exclusion`] travels inside a message through Redis; stripped by
+/// every receiving instance before delivery.
+const EXCLUSION_KEY: &str = "_herald";
+
+/// Appends `exclusion` to a stamped payload (an object ending in `}`), for Redis transport.
+pub fn embed_exclusion(payload: &[u8], exclusion: &Exclusion) -> Vec<u8> {
+    if exclusion.is_empty() || payload.last() != Some(&b'}') {
+        return payload.to_vec();
+    }
+    let mut meta = serde_json::Map::new();
+    if let Some(users) = &exclusion.users {
+        meta.insert("exclude_users".into(), users.iter().map(|u| serde_json::Value::from(&**u)).collect());
+    }
+    if let Some((instance, loop_id, conn)) = exclusion.origin {
+        let (key, id) = conn.to_parts();
+        meta.insert("origin".into(), format!("{instance:x}:{loop_id}:{key}:{id}").into());
+    }
+    let mut out = Vec::with_capacity(payload.len() + 64);
+    out.extend_from_slice(&payload[..payload.len() - 1]);
+    out.extend_from_slice(format!(",\"{EXCLUSION_KEY}\":").as_bytes());
+    out.extend_from_slice(serde_json::Value::Object(meta).to_string().as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// Takes an embedded exclusion back out of a message from Redis. `None` when there is none
+/// (the common case, decided by a byte search without parsing).
+pub fn strip_exclusion(raw: &[u8]) -> Option<(Vec<u8>, Exclusion)> {
+    let needle = b"\"_herald\"";
+    if !raw.windows(needle.len()).any(|w| w == needle) {
+        return None;
+    }
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw).ok()?;
+    let meta = object.shift_remove(EXCLUSION_KEY)?;
+    let users: Option<Arc<[Arc<str>]>> = meta
+        .get("exclude_users")
+        .and_then(|u| u.as_array())
+        .map(|list| list.iter().filter_map(|u| u.as_str().map(Arc::from)).collect());
+    let origin = meta.get("origin").and_then(|o| o.as_str()).and_then(|o| {
+        let mut parts = o.split(':');
+        let instance = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let loop_id = parts.next()?.parse().ok()?;
+        let key = parts.next()?.parse().ok()?;
+        let id = parts.next()?.parse().ok()?;
+        Some((instance, loop_id, ConnRef::from_parts(key, id)))
+    });
+    let stripped = serde_json::to_vec(&object).ok()?;
+    Some((stripped, Exclusion { users, origin }))
 }
 
 /// How a client asked for a pong, so the answer matches the question.
@@ -218,6 +273,21 @@ mod tests {
     fn a_nested_timestamp_does_not_count() {
         let out = encode(r#"{"type":"x","payload":{"timestamp":1}}"#).unwrap();
         assert!(out.ends_with(r#","timestamp":"1970-01-01T00:00:00.000Z"}"#));
+    }
+
+    #[test]
+    fn exclusions_survive_the_trip_through_redis() {
+        let exclusion = Exclusion {
+            users: Some(vec![Arc::from("u1"), Arc::from("7")].into()),
+            origin: Some((0xabc, 1, ConnRef::from_parts(5, 9))),
+        };
+        let payload = br#"{"type":"x","timestamp":"t"}"#;
+        let carried = embed_exclusion(payload, &exclusion);
+        let (stripped, back) = strip_exclusion(&carried).unwrap();
+        assert_eq!(stripped, payload.to_vec());
+        assert_eq!(back, exclusion);
+        assert!(strip_exclusion(payload).is_none());
+        assert_eq!(embed_exclusion(payload, &Exclusion::default()), payload.to_vec());
     }
 
     #[test]

@@ -22,13 +22,30 @@ pub enum Target {
     Topic(Arc<str>),
 }
 
+/// The sending connection of a relayed message: (instance, loop, connection).
+pub type Origin = (u64, usize, ConnRef);
+
+/// Connections that must not receive a message although they hold one of its targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exclusion {
+    /// Every connection of these users (seed 004 `exclude_user_ids`).
+    pub users: Option<Arc<[Arc<str>]>>,
+    /// The connection a relayed message came from (never echoed to its sender).
+    pub origin: Option<Origin>,
+}
+
+impl Exclusion {
+    pub fn is_empty(&self) -> bool {
+        self.users.is_none() && self.origin.is_none()
+    }
+}
+
 /// A message on its way to every loop holding one of its targets.
 #[derive(Debug)]
 pub struct Publication {
     pub targets: Vec<Target>,
     pub frame: SharedFrame,
-    /// Connections of these users do not receive it (seed 004 `exclude_user_ids`).
-    pub exclude_users: Option<Arc<[Arc<str>]>>,
+    pub exclusion: Exclusion,
     /// Tell this HTTP connection whether anyone was addressed.
     pub reply: Option<(usize, ConnRef)>,
 }
@@ -100,7 +117,7 @@ impl Router {
     }
 
     fn publish(&mut self, publication: Publication) {
-        let Publication { targets, frame, exclude_users, reply } = publication;
+        let Publication { targets, frame, exclusion, reply } = publication;
         let mut any = 0;
         if let [target] = targets.as_slice() {
             // The common case: one target, no per-loop list to build.
@@ -110,7 +127,7 @@ impl Router {
                 self.loops[loop_id].send(LoopCmd::Deliver {
                     targets: DeliverTo::One(target.clone()),
                     frame: frame.clone(),
-                    exclude_users: exclude_users.clone(),
+                    exclusion: exclusion.clone(),
                 });
             }
         } else {
@@ -126,13 +143,13 @@ impl Router {
                 self.loops[loop_id].send(LoopCmd::Deliver {
                     targets: DeliverTo::Many(here.into_boxed_slice()),
                     frame: frame.clone(),
-                    exclude_users: exclude_users.clone(),
+                    exclusion: exclusion.clone(),
                 });
             }
         }
         if let Some((loop_id, conn)) = reply {
             if let Some(handle) = self.loops.get(loop_id) {
-                handle.send(LoopCmd::PublishDone { conn, result: Ok(any != 0) });
+                handle.send(LoopCmd::Answer { conn, result: Ok(any.count_ones() as u64) });
             }
         }
     }

@@ -95,6 +95,7 @@ pub fn start(config: Config) -> Result<Running, String> {
         connect_rate: ConnectRate::default(),
         shutting_down: Default::default(),
         next_notification_id: Default::default(),
+        instance_id: crate::auth::random_u64(),
         config,
     });
     let loops: Arc<[event_loop::LoopHandle]> = handles.into();

@@ -34,6 +34,8 @@ pub struct Shared {
     pub per_user: PerUserCounts,
     pub connect_rate: ConnectRate,
     pub shutting_down: AtomicBool,
+    /// Random per process: tells this instance's relayed messages apart from others'.
+    pub instance_id: u64,
     /// Unique per instance, for seed-004 `notification_id`s.
     pub next_notification_id: std::sync::atomic::AtomicU64,
 }

@@ -16,6 +16,6 @@ use crate::event_loop::ConnRef;
 pub struct PublishJob {
     /// (channel, payload) pairs; payloads are validated and already carry their timestamp.
     pub messages: Vec<(String, Arc<[u8]>)>,
-    /// Which loop and connection wait for the answer.
-    pub reply: (usize, ConnRef),
+    /// Which loop and connection wait for the answer (none for relayed client messages).
+    pub reply: Option<(usize, ConnRef)>,
 }

@@ -118,6 +118,13 @@ fn route(shared: &Shared, scratch: &mut JsonScratch, ids: &mut Interner, channel
     } else {
         return;
     };
+    // The size limit applies to what the publisher wrote; an exclusion herald itself embedded
+    // is metadata, stripped here before validation.
+    let stripped = message::strip_exclusion(payload);
+    let (payload, exclusion) = match &stripped {
+        Some((bytes, exclusion)) => (bytes.as_slice(), exclusion.clone()),
+        None => (payload, Default::default()),
+    };
     let frame = match message::encode_notification(
         payload,
         config.max_message_bytes,
@@ -132,12 +139,8 @@ fn route(shared: &Shared, scratch: &mut JsonScratch, ids: &mut Interner, channel
             return;
         }
     };
-    let _ = shared.router.send(RouterMsg::Publish(Publication {
-        targets: vec![target],
-        frame,
-        exclude_users: None,
-        reply: None,
-    }));
+    let _ =
+        shared.router.send(RouterMsg::Publish(Publication { targets: vec![target], frame, exclusion, reply: None }));
 }
 
 /// Reuses one `Arc<str>` per user id, so a busy user's messages allocate no id.
@@ -192,8 +195,8 @@ pub fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, shared: 
         let outcome = match conn.as_mut() {
             None => Err("redis unavailable".to_string()),
             Some(c) => match &job {
-                Some(job) => publish(c, job).map(|receivers| receivers > 0),
-                None => ping(c, health).map(|()| false),
+                Some(job) => publish(c, job).map(|receivers| receivers.max(0) as u64),
+                None => ping(c, health).map(|()| 0),
             }
             .map_err(|e| {
                 health.set_error(&e);
@@ -207,10 +210,9 @@ pub fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, shared: 
                 conn = None;
             }
         }
-        if let Some(job) = job {
-            let (loop_id, conn_ref) = job.reply;
+        if let Some((loop_id, conn)) = job.and_then(|job| job.reply) {
             if let Some(handle) = shared.loops().get(loop_id) {
-                handle.send(LoopCmd::PublishDone { conn: conn_ref, result: outcome });
+                handle.send(LoopCmd::Answer { conn, result: outcome });
             }
         }
     }

@@ -62,7 +62,7 @@ pub enum Phase {
     /// Reading an HTTP request (also between keep-alive requests).
     Request { buf: Vec<u8>, deadline: Tick },
     /// A request was handed to the broker; reading pauses until the answer arrives.
-    Awaiting { buf: Vec<u8>, keep_alive: bool, deadline: Tick },
+    Awaiting { buf: Vec<u8>, keep_alive: bool, deadline: Tick, respond: crate::http::publish::Responder },
     /// An upgraded WebSocket.
     Open(Box<Session>),
     /// Last bytes queued; after they are written the write side is shut, and the
@@ -85,5 +85,8 @@ pub struct Session {
     pub last_data_sent: Tick,
     /// Receives the user's personal stream (false on a topic-only path).
     pub personal: bool,
+    /// Second (in ticks / 10) of the relay rate window, and relays sent in it.
+    pub relay_window: Tick,
+    pub relays_in_window: u16,
     pub reader: FrameReader,
 }

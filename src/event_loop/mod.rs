@@ -25,11 +25,12 @@ use crate::conn::send_queue::Flushed;
 use crate::conn::{Conn, NO_TIMER, Phase, Session, Tick};
 use crate::dialect::Stream;
 use crate::frame::{self, SharedFrame, code};
-use crate::http::routes::{self, Outcome, PendingPublish};
+use crate::http::publish::{PendingPublish, Responder};
+use crate::http::routes::{self, Outcome};
 use crate::http::{self, Parsed, Response, Status};
 use crate::message::{self, ClientMessage, JsonScratch};
 use crate::metrics::LocalCounters;
-use crate::router::{DeliverTo, RouterMsg, Target};
+use crate::router::{DeliverTo, Exclusion, RouterMsg, Target};
 use crate::shared::Shared;
 use timers::{Clock, TimerWheel, ticks};
 
@@ -56,21 +57,46 @@ pub struct ConnRef {
     id: u32,
 }
 
+impl ConnRef {
+    pub fn to_parts(self) -> (u32, u32) {
+        (self.key, self.id)
+    }
+
+    pub fn from_parts(key: u32, id: u32) -> ConnRef {
+        ConnRef { key, id }
+    }
+}
+
 /// Work sent to a loop.
 #[derive(Debug)]
 pub enum LoopCmd {
     Deliver {
         targets: DeliverTo,
         frame: SharedFrame,
-        exclude_users: Option<Arc<[Arc<str>]>>,
+        exclusion: Exclusion,
     },
-    /// The broker's answer to a publish request: whether anyone was addressed.
-    PublishDone {
+    /// The answer to a request this loop handed off: how many were addressed (loops holding
+    /// a target, Redis receivers, or connections closed), or why it failed.
+    Answer {
         conn: ConnRef,
-        result: Result<bool, String>,
+        result: Result<u64, String>,
+    },
+    /// Close every connection of `user` here, add the count to the tally, and let the last
+    /// loop to finish answer the HTTP request.
+    Disconnect {
+        user: Arc<str>,
+        tally: Arc<DisconnectTally>,
     },
     /// Stop accepting, close every connection with 1001 after flushing, then exit.
     Shutdown,
+}
+
+/// Counts connections closed by `/api/disconnect` across loops.
+#[derive(Debug)]
+pub struct DisconnectTally {
+    pub remaining: std::sync::atomic::AtomicUsize,
+    pub closed: std::sync::atomic::AtomicU64,
+    pub reply: (usize, ConnRef),
 }
 
 /// The sending side of a loop, shared with the router and the publisher.
@@ -110,6 +136,8 @@ enum Action {
         topic: String,
         silent: bool,
     },
+    /// A focus-session member's JSON object, for the session's other members.
+    Relay(String),
 }
 
 pub struct EventLoop {
@@ -417,6 +445,10 @@ impl EventLoop {
                     self.start_publish(key, *pending, request.keep_alive);
                     return;
                 }
+                Outcome::Disconnect(user) => {
+                    self.start_disconnect(key, user, request.keep_alive);
+                    return;
+                }
             }
         }
     }
@@ -448,16 +480,53 @@ impl EventLoop {
         self.respond(key, Response::error(status, message), false, true);
     }
 
-    fn start_publish(&mut self, key: u32, pending: PendingPublish, keep_alive: bool) {
-        let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        let Phase::Request { buf, .. } = &mut conn.phase else { return };
+    /// Pauses the connection's requests until another thread answers; returns its ref.
+    fn await_answer(&mut self, key: u32, keep_alive: bool, respond: Responder) -> Option<ConnRef> {
+        let conn = self.conns.get_mut(key as usize)?;
+        let Phase::Request { buf, .. } = &mut conn.phase else { return None };
         let buf = std::mem::take(buf);
         let deadline = self.now_tick + ticks(self.shared.config.handshake_timeout);
-        conn.phase = Phase::Awaiting { buf, keep_alive, deadline };
-        let reply = (self.id, ConnRef { key, id: conn.id });
+        conn.phase = Phase::Awaiting { buf, keep_alive, deadline, respond };
+        Some(ConnRef { key, id: conn.id })
+    }
+
+    fn start_disconnect(&mut self, key: u32, user: Arc<str>, keep_alive: bool) {
+        let Some(conn) = self.await_answer(key, keep_alive, Responder::Closed) else { return };
+        let loops = self.shared.loops();
+        let tally =
+            Arc::new(DisconnectTally { remaining: loops.len().into(), closed: 0.into(), reply: (self.id, conn) });
+        for handle in loops {
+            handle.send(LoopCmd::Disconnect { user: user.clone(), tally: tally.clone() });
+        }
+    }
+
+    fn disconnect_user(&mut self, user: Arc<str>, tally: &DisconnectTally) {
+        let keys = self.index.get(&Target::User(user)).cloned().unwrap_or_default();
+        let mut closed = 0;
+        for key in keys {
+            if let Some(code) =
+                self.conns.get(key as usize).and_then(|c| c.session()).map(|s| s.dialect.auth_close_code)
+            {
+                self.close_with(key, code, "disconnected by the server");
+                closed += 1;
+            }
+        }
+        tally.closed.fetch_add(closed, Ordering::AcqRel);
+        if tally.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let (loop_id, conn) = tally.reply;
+            let total = tally.closed.load(Ordering::Acquire);
+            if let Some(handle) = self.shared.loops().get(loop_id) {
+                handle.send(LoopCmd::Answer { conn, result: Ok(total) });
+            }
+        }
+    }
+
+    fn start_publish(&mut self, key: u32, pending: PendingPublish, keep_alive: bool) {
+        let Some(conn) = self.await_answer(key, keep_alive, pending.respond) else { return };
+        let reply = (self.id, conn);
         match (pending.redis_messages, &self.shared.publisher) {
             (Some(messages), Some(publisher)) => {
-                let job = crate::broker::PublishJob { messages, reply };
+                let job = crate::broker::PublishJob { messages, reply: Some(reply) };
                 if publisher.send(job).is_err() {
                     self.finish_publish(key, Err("redis publisher stopped".into()));
                 }
@@ -472,13 +541,13 @@ impl EventLoop {
         }
     }
 
-    fn finish_publish(&mut self, key: u32, result: Result<bool, String>) {
+    fn finish_publish(&mut self, key: u32, result: Result<u64, String>) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        let Phase::Awaiting { buf, keep_alive, .. } = &mut conn.phase else { return };
-        let (buf, keep_alive) = (std::mem::take(buf), *keep_alive);
+        let Phase::Awaiting { buf, keep_alive, respond, .. } = &mut conn.phase else { return };
+        let (buf, keep_alive, respond) = (std::mem::take(buf), *keep_alive, *respond);
         conn.phase = Phase::Request { buf, deadline: self.now_tick };
         let response = match result {
-            Ok(sent) => routes::publish_result(sent),
+            Ok(count) => respond.render(count),
             Err(error) => Response::api_error(Status::SERVICE_UNAVAILABLE, &error),
         };
         self.respond(key, response, false, !keep_alive || self.shutting_down);
@@ -514,6 +583,8 @@ impl EventLoop {
             last_ping: self.now_tick,
             last_data_sent: self.now_tick,
             personal: true,
+            relay_window: 0,
+            relays_in_window: 0,
             reader: Default::default(),
         });
         if let Stream::Topic(topic) = upgrade.stream {
@@ -576,6 +647,7 @@ impl EventLoop {
                     ClientMessage::UnsubscribeProject(id) if dialect.project_subscriptions => {
                         actions.push(Action::Unsubscribe { topic: format!("project:{id}"), silent: true })
                     }
+                    ClientMessage::OtherObject if dialect.relays => actions.push(Action::Relay(text.to_owned())),
                     _ => counters.ignored_client_messages += 1,
                 }
                 Flow::Continue
@@ -602,6 +674,49 @@ impl EventLoop {
             }
             Action::Subscribe { topic, silent } => self.subscribe(key, topic, silent),
             Action::Unsubscribe { topic, silent } => self.unsubscribe(key, topic, silent),
+            Action::Relay(data) => self.relay(key, &data),
+        }
+    }
+
+    /// Sends a focus-session member's object to the other members, on every instance.
+    fn relay(&mut self, key: u32, data: &str) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let conn_ref = ConnRef { key, id: conn.id };
+        let Phase::Open(session) = &mut conn.phase else { return };
+        let window = self.now_tick / ticks(Duration::from_secs(1));
+        if session.relay_window != window {
+            session.relay_window = window;
+            session.relays_in_window = 0;
+        }
+        let Some(topic) = session.topics.first().cloned() else { return };
+        if session.relays_in_window >= RELAYS_PER_SECOND {
+            self.counters.ignored_client_messages += 1;
+            return;
+        }
+        session.relays_in_window += 1;
+        let session_id = topic.strip_prefix("focus-session:").unwrap_or(&topic);
+        let update = format!(
+            "{{\"type\":\"focus_session_update\",\"session_id\":{},\"sender_id\":{},\"data\":{data}}}",
+            serde_json::Value::from(session_id),
+            crate::http::publish::id_as_json(&session.user),
+        );
+        // The wrapper adds a fixed envelope to an object the inbound limit already bounded.
+        let limit = self.shared.config.max_message_bytes + 256;
+        let now = std::time::SystemTime::now();
+        let Ok(frame) = message::encode_notification(update.as_bytes(), limit, &mut self.json, now, self.now) else {
+            self.counters.ignored_client_messages += 1;
+            return;
+        };
+        let exclusion = Exclusion { users: None, origin: Some((self.shared.instance_id, self.id, conn_ref)) };
+        let pending =
+            crate::http::publish::package(&self.shared, vec![Target::Topic(topic)], frame, exclusion, Responder::Sent);
+        match (pending.redis_messages, &self.shared.publisher) {
+            (Some(messages), Some(publisher)) => {
+                let _ = publisher.send(crate::broker::PublishJob { messages, reply: None });
+            }
+            _ => {
+                let _ = self.shared.router.send(RouterMsg::Publish(pending.publication));
+            }
         }
     }
 
@@ -651,7 +766,11 @@ impl EventLoop {
 
     // ---- delivery ----
 
-    fn deliver(&mut self, targets: &DeliverTo, frame: &SharedFrame, exclude: Option<&[Arc<str>]>) {
+    fn deliver(&mut self, targets: &DeliverTo, frame: &SharedFrame, exclusion: &Exclusion) {
+        let excluded_conn = exclusion
+            .origin
+            .filter(|(instance, loop_id, _)| *instance == self.shared.instance_id && *loop_id == self.id)
+            .map(|(_, _, conn)| conn);
         self.delivery_seq = self.delivery_seq.wrapping_add(1);
         let seq = self.delivery_seq;
         let limit = self.shared.config.send_queue;
@@ -660,12 +779,12 @@ impl EventLoop {
             let Some(keys) = self.index.get(target) else { continue };
             for &key in keys {
                 let Some(conn) = self.conns.get_mut(key as usize) else { continue };
-                if conn.delivery_seq == seq {
+                if conn.delivery_seq == seq || excluded_conn == Some(ConnRef { key, id: conn.id }) {
                     continue;
                 }
                 conn.delivery_seq = seq;
                 let Phase::Open(session) = &mut conn.phase else { continue };
-                if exclude.is_some_and(|users| users.contains(&session.user)) {
+                if exclusion.users.as_ref().is_some_and(|users| users.contains(&session.user)) {
                     continue;
                 }
                 session.last_data_sent = now_tick;
@@ -852,14 +971,13 @@ impl EventLoop {
         for _ in 0..COMMANDS_PER_PASS {
             let Ok(cmd) = self.inbox.try_recv() else { return };
             match cmd {
-                LoopCmd::Deliver { targets, frame, exclude_users } => {
-                    self.deliver(&targets, &frame, exclude_users.as_deref())
-                }
-                LoopCmd::PublishDone { conn, result } => {
+                LoopCmd::Deliver { targets, frame, exclusion } => self.deliver(&targets, &frame, &exclusion),
+                LoopCmd::Answer { conn, result } => {
                     if self.conns.get(conn.key as usize).is_some_and(|c| c.id == conn.id) {
                         self.finish_publish(conn.key, result);
                     }
                 }
+                LoopCmd::Disconnect { user, tally } => self.disconnect_user(user, &tally),
                 LoopCmd::Shutdown => self.begin_shutdown(),
             }
         }
@@ -970,6 +1088,9 @@ impl EventLoop {
         }
     }
 }
+
+/// Focus-session messages one connection may relay per second; more are ignored (counted).
+const RELAYS_PER_SECOND: u16 = 20;
 
 /// Most topics one connection may hold.
 pub const MAX_TOPICS_PER_CONNECTION: usize = 128;

@@ -1,6 +1,8 @@
 //! HTTP/1.1 on the WebSocket port: request heads parsed from a bounded buffer (httparse), and
 //! responses rendered to bytes. No I/O here; the event loop feeds bytes in and writes bytes out.
 
+pub mod demo;
+pub mod publish;
 pub mod routes;
 
 use std::fmt::Write as _;

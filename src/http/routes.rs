@@ -6,15 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime};
 
-use serde_json::Value;
-
+use super::publish::{self, PendingPublish};
 use super::{Method, Request, Response, Status};
-use crate::auth::{Identity, MAX_USER_ID_BYTES};
+use crate::auth::Identity;
 use crate::dialect::{self, AuthFailure, Dialect, Stream};
-use crate::frame;
 use crate::message::{self, JsonScratch};
 use crate::metrics;
-use crate::router::{Publication, Target};
 use crate::shared::Shared;
 
 /// What the event loop should do with a request.
@@ -23,6 +20,8 @@ pub enum Outcome {
     Upgrade(Box<Upgrade>),
     /// Hand the publication to the broker and answer when it reports back.
     Publish(Box<PendingPublish>),
+    /// Close every connection of this user on every loop, then answer with the count.
+    Disconnect(Arc<str>),
 }
 
 /// An accepted upgrade. When `identity` is `Err`, the dialect wants the failure reported
@@ -35,13 +34,7 @@ pub struct Upgrade {
     pub response: Vec<u8>,
 }
 
-/// A validated publish awaiting the broker.
-pub struct PendingPublish {
-    /// Embedded mode: goes to the router.
-    pub publication: Publication,
-    /// Redis mode: (channel, payload) pairs for the publisher thread.
-    pub redis_messages: Option<Vec<(String, Arc<[u8]>)>>,
-}
+const EVENTS: &str = "/api/v1/realtime/events/";
 
 /// Routes one request.
 pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
@@ -52,8 +45,17 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
     match (req.method(), req.path.as_str()) {
         (Method::Get | Method::Head, "/health") => respond(health(shared)),
         (Method::Get | Method::Head, "/metrics") => respond(metrics(req, shared)),
-        (Method::Post, "/publish") => publish(req, shared, scratch),
-        (_, "/health" | "/metrics" | "/publish") => {
+        (Method::Get | Method::Head, "/") => {
+            respond(Response::text(Status::OK, "text/html; charset=utf-8", super::demo::PAGE))
+        }
+        (Method::Post, "/publish") => publish::publish(req, shared, scratch),
+        (Method::Post, "/notify") => publish::notify(req, shared, scratch),
+        (Method::Post, "/api/disconnect") => match publish::disconnect_target(req, shared) {
+            Ok(user) => Outcome::Disconnect(user),
+            Err(response) => respond(response),
+        },
+        (Method::Post, path) if path.starts_with(EVENTS) => publish::event(&path[EVENTS.len()..], req, shared, scratch),
+        (_, "/" | "/health" | "/metrics" | "/publish" | "/notify" | "/api/disconnect") => {
             respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed"))
         }
         _ => respond(Response::error(Status::NOT_FOUND, "not found")),
@@ -175,141 +177,6 @@ fn metrics(req: &Request, shared: &Shared) -> Response {
     } else {
         Response::json(Status::OK, snapshot.to_json(&now_rfc3339()))
     }
-}
-
-/// Who is calling the publish API.
-enum Caller {
-    /// HERALD_API_KEY, or a token with scope `publish`: any target.
-    Publisher,
-    /// A plain user token: its own user only.
-    User(Arc<str>),
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn caller(req: &Request, shared: &Shared) -> Result<Caller, Response> {
-    let unauthorized = || Response::api_error(Status::UNAUTHORIZED, "missing or invalid credentials");
-    let bearer = req.bearer().ok_or_else(unauthorized)?;
-    if let Some(key) = &shared.config.api_key {
-        if constant_time_eq(bearer.as_bytes(), key.as_bytes()) {
-            return Ok(Caller::Publisher);
-        }
-    }
-    let identity = shared.verifier.verify(bearer).map_err(|_| unauthorized())?;
-    Ok(if identity.can_publish { Caller::Publisher } else { Caller::User(identity.user) })
-}
-
-/// A user id given as a JSON string or integer.
-fn id_from_json(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) if !s.is_empty() && s.len() <= MAX_USER_ID_BYTES => Some(s.clone()),
-        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// `POST /publish` body. `message` stays raw so its bytes reach clients unchanged.
-#[derive(serde::Deserialize)]
-struct PublishBody<'a> {
-    user_id: Option<Value>,
-    user_ids: Option<Vec<Value>>,
-    topic: Option<Value>,
-    #[serde(borrow)]
-    message: Option<&'a serde_json::value::RawValue>,
-}
-
-fn bad_request(message: &str) -> Outcome {
-    Outcome::Respond(Response::api_error(Status::BAD_REQUEST, message))
-}
-
-fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
-    let caller = match caller(req, shared) {
-        Ok(caller) => caller,
-        Err(response) => return Outcome::Respond(response),
-    };
-    let Ok(body) = serde_json::from_slice::<PublishBody<'_>>(&req.body) else {
-        return bad_request("body must be a JSON object with user_id, user_ids or topic, and message");
-    };
-    let mut targets = Vec::new();
-    if let Some(user) = &body.user_id {
-        let Some(user) = id_from_json(user) else { return bad_request("user_id must be a string or integer") };
-        targets.push(Target::User(Arc::from(user)));
-    }
-    for user in body.user_ids.iter().flatten() {
-        let Some(user) = id_from_json(user) else { return bad_request("user_ids must hold strings or integers") };
-        targets.push(Target::User(Arc::from(user)));
-    }
-    if let Some(topic) = &body.topic {
-        let Some(topic) = topic.as_str().filter(|t| !t.is_empty()) else {
-            return bad_request("topic must be a non-empty string");
-        };
-        targets.push(Target::Topic(Arc::from(topic)));
-    }
-    if targets.is_empty() {
-        return bad_request("missing user_id, user_ids or topic");
-    }
-    targets.sort_by(|a, b| target_key(a).cmp(&target_key(b)));
-    targets.dedup();
-    let Some(message) = body.message else { return bad_request("missing message") };
-    if let Caller::User(own) = &caller {
-        if targets.iter().any(|t| *t != Target::User(own.clone())) {
-            return Outcome::Respond(Response::api_error(
-                Status::FORBIDDEN,
-                "a user token may publish to its own user only",
-            ));
-        }
-    }
-    // The message's own bytes, as the publisher wrote them: delivered as is.
-    let frame = match message::encode_notification(
-        message.get().as_bytes(),
-        shared.config.max_message_bytes,
-        scratch,
-        SystemTime::now(),
-        Instant::now(),
-    ) {
-        Ok(frame) => frame,
-        Err(why) => return bad_request(why.describe()),
-    };
-    shared.metrics.received_from_http.fetch_add(1, Relaxed);
-    Outcome::Publish(Box::new(pending(shared, targets, frame, None)))
-}
-
-fn target_key(target: &Target) -> (u8, &str) {
-    match target {
-        Target::User(u) => (0, u),
-        Target::Topic(t) => (1, t),
-    }
-}
-
-/// Packages a validated message for whichever broker runs: the router itself (embedded)
-/// or Redis (the payload without its frame header, for every instance to frame).
-fn pending(
-    shared: &Shared,
-    targets: Vec<Target>,
-    frame: frame::SharedFrame,
-    exclude_users: Option<Arc<[Arc<str>]>>,
-) -> PendingPublish {
-    let redis_messages = shared.publisher.as_ref().map(|_| {
-        let payload: Arc<[u8]> = Arc::from(&frame.bytes[frame::header_len_of(&frame.bytes)..]);
-        targets
-            .iter()
-            .map(|t| {
-                let channel = match t {
-                    Target::User(u) => format!("{}{u}", shared.config.user_channel_prefix),
-                    Target::Topic(topic) => format!("{}{topic}", shared.config.topic_channel_prefix),
-                };
-                (channel, payload.clone())
-            })
-            .collect()
-    });
-    PendingPublish { publication: Publication { targets, frame, exclude_users, reply: None }, redis_messages }
-}
-
-/// The body of a successful publish response.
-pub fn publish_result(sent: bool) -> Response {
-    Response::json(Status::OK, format!("{{\"status\":\"success\",\"sent\":{sent}}}"))
 }
 
 #[cfg(test)]

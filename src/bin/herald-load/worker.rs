@@ -1,0 +1,603 @@
+//! One worker thread: a mio event loop owning its share of the client connections, from the
+//! non-blocking connect through the upgrade to counting and timing every load message.
+//!
+//! A connection costs about a hundred bytes here: its socket, a state byte, a sequence
+//! window, and two buffers that stay unallocated unless a frame or a write is split across
+//! reads. All reads go through one buffer per worker.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::cli::Vars;
+use crate::shared::{ConnPlan, PHASE_CLOSE, Shared};
+use crate::sys::clock::realtime_ns;
+use crate::ws::{self, Handshake, Rng, Seen, SeqWindow};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    Connecting,
+    Handshaking,
+    /// Upgraded, waiting for the subscription to be confirmed.
+    Subscribing,
+    Open,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: Option<TcpStream>,
+    state: State,
+    /// Monotonic ns since `Shared::epoch` when the connect started.
+    started_ns: u64,
+    seq: SeqWindow,
+    /// Bytes of an incomplete response head or frame.
+    rbuf: Vec<u8>,
+    /// Bytes the socket did not take yet.
+    wbuf: Vec<u8>,
+}
+
+/// Counters of one worker.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub attempted: u64,
+    pub established: u64,
+    pub failed: u64,
+    pub pending: u64,
+    pub unexpected_closes: u64,
+    pub received_all: u64,
+    pub received_window: u64,
+    pub duplicates_all: u64,
+    pub duplicates_window: u64,
+    /// Load messages too far out of order to check for duplicates (counted as received).
+    pub unchecked_reordered: u64,
+    /// Text frames that were not load messages.
+    pub other_messages: u64,
+    pub pings: u64,
+    /// Monotonic ns since the shared epoch.
+    pub first_attempt_ns: u64,
+    pub last_established_ns: u64,
+}
+
+/// What a worker hands back when it stops.
+#[derive(Debug)]
+pub struct WorkerReport {
+    pub counts: Counts,
+    /// Publish → receive latency of window messages, nanoseconds.
+    pub latency: Histogram<u64>,
+    /// TCP connect start → 101 received, nanoseconds.
+    pub connect_latency: Histogram<u64>,
+    pub failures: BTreeMap<String, u64>,
+    pub closes: BTreeMap<String, u64>,
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 1 ns .. 1 h at 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// Everything a connection's bytes are accounted to.
+struct Sink<'a> {
+    shared: &'a Shared,
+    plan: &'a ConnPlan,
+    counts: Counts,
+    latency: Histogram<u64>,
+    connect_latency: Histogram<u64>,
+    failures: BTreeMap<String, u64>,
+    closes: BTreeMap<String, u64>,
+    rng: Rng,
+    /// Realtime ns of the current read.
+    now_rt: u64,
+    window_start: u64,
+    window_end: u64,
+    /// User index and global index of the connection being handled.
+    user_index: usize,
+    conn_index: u64,
+}
+
+pub struct Worker {
+    id: usize,
+    plan: Arc<ConnPlan>,
+    shared: Arc<Shared>,
+    /// Minted tokens by user index; dropped once every connection has been started.
+    tokens: Option<Arc<Vec<String>>>,
+}
+
+impl Worker {
+    pub fn new(id: usize, plan: Arc<ConnPlan>, shared: Arc<Shared>, tokens: Option<Arc<Vec<String>>>) -> Worker {
+        Worker { id, plan, shared, tokens }
+    }
+
+    /// Global index of this worker's k-th connection.
+    fn global(&self, k: usize) -> usize {
+        self.id + k * self.plan.threads
+    }
+
+    pub fn run(mut self) -> io::Result<WorkerReport> {
+        let plan = self.plan.clone();
+        let shared = self.shared.clone();
+        let mine = (plan.connections + plan.threads - 1 - self.id) / plan.threads;
+        let mut conns: Vec<Conn> = (0..mine)
+            .map(|_| Conn {
+                stream: None,
+                state: State::Idle,
+                started_ns: 0,
+                seq: SeqWindow::default(),
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+            })
+            .collect();
+        let mut poll = Poll::new()?;
+        let mut events = Events::with_capacity(4096);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut scratch = Vec::with_capacity(1024);
+        let mut sink = Sink {
+            shared: &shared,
+            plan: &plan,
+            counts: Counts::default(),
+            latency: new_histogram(),
+            connect_latency: new_histogram(),
+            failures: BTreeMap::new(),
+            closes: BTreeMap::new(),
+            rng: Rng::from_entropy(),
+            now_rt: 0,
+            window_start: u64::MAX,
+            window_end: u64::MAX,
+            user_index: 0,
+            conn_index: 0,
+        };
+        let counters = &shared.workers[self.id];
+        let rate = if plan.connect_rate > 0.0 { plan.connect_rate / plan.threads as f64 } else { 0.0 };
+        let timeout_ns = plan.connect_timeout.as_nanos() as u64;
+        let start = Instant::now();
+        let mut next = 0usize;
+        let mut in_progress: VecDeque<u32> = VecDeque::new();
+        loop {
+            if shared.phase.load(Acquire) == PHASE_CLOSE {
+                break;
+            }
+            let now = Instant::now();
+            let mut wait = Duration::from_millis(100);
+            while next < mine {
+                if sink.counts.pending >= plan.max_pending as u64 {
+                    break;
+                }
+                if rate > 0.0 {
+                    let due = start + Duration::from_secs_f64(next as f64 / rate);
+                    if due > now {
+                        wait = wait.min(due - now);
+                        break;
+                    }
+                }
+                self.start_connect(next, &mut conns[next], &poll, &mut sink);
+                if matches!(conns[next].state, State::Connecting | State::Handshaking) {
+                    in_progress.push_back(next as u32);
+                }
+                next += 1;
+            }
+            if next == mine {
+                self.tokens = None;
+            }
+            // Connections past their deadline fail; the queue is in start order.
+            let now_ns = shared.epoch.elapsed().as_nanos() as u64;
+            while let Some(&k) = in_progress.front() {
+                let conn = &mut conns[k as usize];
+                if !matches!(conn.state, State::Connecting | State::Handshaking) {
+                    in_progress.pop_front();
+                } else if now_ns.saturating_sub(conn.started_ns) >= timeout_ns {
+                    in_progress.pop_front();
+                    fail(conn, &mut sink, "timeout".into());
+                } else {
+                    break;
+                }
+            }
+            if next < mine && sink.counts.pending >= plan.max_pending as u64 {
+                wait = wait.min(Duration::from_millis(5));
+            }
+            publish_counts(counters, &sink.counts, next == mine);
+            match poll.poll(&mut events, Some(wait)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            sink.window_start = shared.window_start_ns.load(Relaxed);
+            sink.window_end = shared.window_end_ns.load(Relaxed);
+            for event in events.iter() {
+                let k = event.token().0;
+                let Some(conn) = conns.get_mut(k) else { continue };
+                sink.conn_index = self.global(k) as u64;
+                sink.user_index = plan.users.index_of_conn(self.global(k));
+                if conn.state == State::Connecting {
+                    self.on_connected(k, conn, &mut sink, &mut scratch);
+                }
+                if event.is_writable() && !conn.wbuf.is_empty() && conn.stream.is_some() {
+                    flush(conn, &mut sink);
+                }
+                if matches!(conn.state, State::Handshaking | State::Subscribing | State::Open) {
+                    on_readable(conn, &mut buf, &mut sink);
+                }
+            }
+        }
+        // Close frames where the socket takes them; then the sockets go.
+        for (k, conn) in conns.iter_mut().enumerate() {
+            if let Some(stream) = conn.stream.as_mut() {
+                if matches!(conn.state, State::Open | State::Subscribing) && conn.wbuf.is_empty() {
+                    let mut frame = Vec::with_capacity(8);
+                    ws::masked_frame(&mut frame, ws::OP_CLOSE, &1000u16.to_be_bytes(), sink.rng.next_u64() as u32);
+                    let _ = stream.write(&frame);
+                }
+                sink.user_index = plan.users.index_of_conn(self.global(k));
+                set_live(conn, &mut sink, false);
+                conn.stream = None;
+                conn.state = State::Closed;
+            }
+        }
+        sink.counts.pending = 0;
+        publish_counts(counters, &sink.counts, true);
+        Ok(WorkerReport {
+            counts: sink.counts,
+            latency: sink.latency,
+            connect_latency: sink.connect_latency,
+            failures: sink.failures,
+            closes: sink.closes,
+        })
+    }
+
+    fn start_connect(&self, k: usize, conn: &mut Conn, poll: &Poll, sink: &mut Sink<'_>) {
+        let g = self.global(k);
+        let now_ns = sink.shared.epoch.elapsed().as_nanos() as u64;
+        if sink.counts.attempted == 0 {
+            sink.counts.first_attempt_ns = now_ns;
+        }
+        sink.counts.attempted += 1;
+        conn.started_ns = now_ns;
+        conn.state = State::Connecting;
+        sink.counts.pending += 1;
+        let source = (!sink.plan.source_ips.is_empty()).then(|| sink.plan.source_ips[g % sink.plan.source_ips.len()]);
+        let stream = match open_socket(sink.plan.endpoint.addr, source) {
+            Ok(stream) => stream,
+            Err(e) => return fail(conn, sink, error_reason("connect", &e)),
+        };
+        let mut stream = TcpStream::from_std(stream);
+        if let Err(e) = poll.registry().register(&mut stream, Token(k), Interest::READABLE | Interest::WRITABLE) {
+            return fail(conn, sink, error_reason("register", &e));
+        }
+        // A loopback connect may complete at once; the first writable event says so either way.
+        conn.stream = Some(stream);
+    }
+
+    fn on_connected(&self, k: usize, conn: &mut Conn, sink: &mut Sink<'_>, scratch: &mut Vec<u8>) {
+        let Some(stream) = conn.stream.as_mut() else { return };
+        match stream.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => return fail(conn, sink, error_reason("connect", &e)),
+        }
+        match stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+            Err(e) => return fail(conn, sink, error_reason("connect", &e)),
+        }
+        let g = self.global(k);
+        let user = sink.plan.users.name(sink.user_index);
+        let token = self.tokens.as_ref().and_then(|t| t.get(sink.user_index)).map_or("", String::as_str);
+        let vars = Vars { token, user: &user, topic: &sink.plan.topic, payload: b"" };
+        let mut path = Vec::with_capacity(256);
+        sink.plan.endpoint.path.render(&mut path, &vars);
+        let key = ws::ws_key(sink.plan.key_seed, g as u64);
+        scratch.clear();
+        ws::upgrade_request(scratch, &String::from_utf8_lossy(&path), &sink.plan.endpoint.host, &key);
+        conn.state = State::Handshaking;
+        send(conn, sink, scratch);
+    }
+}
+
+fn open_socket(target: SocketAddr, source: Option<std::net::IpAddr>) -> io::Result<std::net::TcpStream> {
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(ip) = source {
+        // Port chosen at connect time from the full 4-tuple, not reserved at bind: each
+        // source address then gives the whole ephemeral range for this one destination.
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on our own socket with a pointer to a c_int and its size.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into())
+}
+
+fn error_reason(what: &str, e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => format!("{what}: connection refused"),
+        Some(libc::ECONNRESET) => format!("{what}: connection reset"),
+        Some(libc::EMFILE) => format!("{what}: too many open files (EMFILE)"),
+        Some(libc::EADDRNOTAVAIL) => format!("{what}: no free local port (EADDRNOTAVAIL)"),
+        Some(libc::ETIMEDOUT) => format!("{what}: timed out"),
+        _ => format!("{what}: {}", e.kind()),
+    }
+}
+
+fn publish_counts(counters: &crate::shared::WorkerCounters, c: &Counts, all_started: bool) {
+    counters.attempted.store(c.attempted, Relaxed);
+    counters.established.store(c.established, Relaxed);
+    counters.failed.store(c.failed, Relaxed);
+    counters.pending.store(c.pending, Relaxed);
+    counters.unexpected_closes.store(c.unexpected_closes, Relaxed);
+    counters.received_all.store(c.received_all, Relaxed);
+    counters.received_window.store(c.received_window, Relaxed);
+    counters.done_connecting.store(all_started && c.pending == 0, Relaxed);
+}
+
+/// A connection that never opened.
+fn fail(conn: &mut Conn, sink: &mut Sink<'_>, reason: String) {
+    if matches!(conn.state, State::Connecting | State::Handshaking) {
+        sink.counts.pending = sink.counts.pending.saturating_sub(1);
+        sink.counts.failed += 1;
+        *sink.failures.entry(reason).or_default() += 1;
+    }
+    conn.stream = None;
+    conn.state = State::Closed;
+    conn.rbuf = Vec::new();
+    conn.wbuf = Vec::new();
+}
+
+/// An open connection that ended: a close frame, EOF, an error, or a protocol violation.
+fn closed(conn: &mut Conn, sink: &mut Sink<'_>, reason: String) {
+    if matches!(conn.state, State::Connecting | State::Handshaking) {
+        return fail(conn, sink, reason);
+    }
+    if conn.state == State::Closed {
+        return;
+    }
+    set_live(conn, sink, false);
+    if sink.shared.phase.load(Relaxed) != PHASE_CLOSE {
+        sink.counts.unexpected_closes += 1;
+    }
+    *sink.closes.entry(reason).or_default() += 1;
+    conn.stream = None;
+    conn.state = State::Closed;
+    conn.rbuf = Vec::new();
+    conn.wbuf = Vec::new();
+}
+
+/// Counts the connection in (or out of) the live totals the publisher uses for expectations.
+fn set_live(conn: &Conn, sink: &mut Sink<'_>, live: bool) {
+    if conn.state != State::Open {
+        return;
+    }
+    let shared = sink.shared;
+    if live {
+        shared.live_total.fetch_add(1, Relaxed);
+        if let Some(u) = shared.live_per_user.get(sink.user_index) {
+            u.fetch_add(1, Relaxed);
+        }
+    } else {
+        shared.live_total.fetch_sub(1, Relaxed);
+        if let Some(u) = shared.live_per_user.get(sink.user_index) {
+            u.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+fn open(conn: &mut Conn, sink: &mut Sink<'_>) {
+    conn.state = State::Open;
+    set_live(conn, sink, true);
+}
+
+/// Writes `bytes` after whatever is still queued.
+fn send(conn: &mut Conn, sink: &mut Sink<'_>, bytes: &[u8]) {
+    if !conn.wbuf.is_empty() {
+        conn.wbuf.extend_from_slice(bytes);
+        return flush(conn, sink);
+    }
+    let Some(stream) = conn.stream.as_mut() else { return };
+    let mut done = 0;
+    while done < bytes.len() {
+        match stream.write(&bytes[done..]) {
+            Ok(0) => return closed(conn, sink, "write: socket closed".into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return closed(conn, sink, error_reason("write", &e)),
+        }
+    }
+    if done < bytes.len() {
+        conn.wbuf.extend_from_slice(&bytes[done..]);
+    }
+}
+
+fn flush(conn: &mut Conn, sink: &mut Sink<'_>) {
+    let Some(stream) = conn.stream.as_mut() else { return };
+    let mut done = 0;
+    while done < conn.wbuf.len() {
+        match stream.write(&conn.wbuf[done..]) {
+            Ok(0) => return closed(conn, sink, "write: socket closed".into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return closed(conn, sink, error_reason("write", &e)),
+        }
+    }
+    if done == conn.wbuf.len() {
+        conn.wbuf = Vec::new();
+    } else {
+        conn.wbuf.drain(..done);
+    }
+}
+
+/// Reads until the socket is empty (edge-triggered), handing every byte to `consume`.
+fn on_readable(conn: &mut Conn, buf: &mut [u8], sink: &mut Sink<'_>) {
+    loop {
+        let Some(stream) = conn.stream.as_mut() else { return };
+        let n = match stream.read(buf) {
+            Ok(0) => return closed(conn, sink, "eof".into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return closed(conn, sink, error_reason("read", &e)),
+        };
+        sink.now_rt = realtime_ns();
+        if conn.rbuf.is_empty() {
+            let used = consume(conn, &buf[..n], sink);
+            if conn.state != State::Closed && used < n {
+                conn.rbuf.extend_from_slice(&buf[used..n]);
+            }
+        } else {
+            let mut pending = std::mem::take(&mut conn.rbuf);
+            pending.extend_from_slice(&buf[..n]);
+            let used = consume(conn, &pending, sink);
+            if conn.state != State::Closed && used < pending.len() {
+                pending.drain(..used);
+                conn.rbuf = pending;
+            }
+        }
+        if conn.state == State::Closed {
+            return;
+        }
+        if n < buf.len() {
+            // A short read almost always means the socket is empty; one more read would
+            // just return WouldBlock. Edge-triggered epoll reports new data later anyway.
+            return;
+        }
+    }
+}
+
+/// Handles every complete response head / frame in `data`; returns the bytes used.
+fn consume(conn: &mut Conn, data: &[u8], sink: &mut Sink<'_>) -> usize {
+    let mut used = 0;
+    if conn.state == State::Handshaking {
+        // Recompute the key from the connection's global index: nothing stored per connection.
+        let key = ws::ws_key(sink.plan.key_seed, sink.conn_index);
+        match ws::parse_handshake(data, &key) {
+            Handshake::Partial => {
+                if data.len() > 16 * 1024 {
+                    fail(conn, sink, "upgrade: response head too large".into());
+                }
+                return 0;
+            }
+            Handshake::Malformed => {
+                fail(conn, sink, "upgrade: malformed response".into());
+                return data.len();
+            }
+            Handshake::Refused(0) => {
+                fail(conn, sink, "upgrade: wrong Sec-WebSocket-Accept".into());
+                return data.len();
+            }
+            Handshake::Refused(code) => {
+                if std::env::var_os("HL_DEBUG").is_some() {
+                    eprintln!("conn {} user {} -> {}", sink.conn_index, sink.user_index, String::from_utf8_lossy(data));
+                }
+                fail(conn, sink, format!("upgrade: HTTP {code}"));
+                return data.len();
+            }
+            Handshake::Upgraded(len) => {
+                used = len;
+                sink.counts.pending = sink.counts.pending.saturating_sub(1);
+                sink.counts.established += 1;
+                let now_ns = sink.shared.epoch.elapsed().as_nanos() as u64;
+                sink.counts.last_established_ns = now_ns;
+                sink.connect_latency.saturating_record(now_ns.saturating_sub(conn.started_ns).max(1));
+                match sink.plan.subscribe.as_deref() {
+                    Some(text) => {
+                        conn.state = State::Subscribing;
+                        let mut frame = Vec::with_capacity(text.len() + 8);
+                        ws::masked_frame(&mut frame, ws::OP_TEXT, text, sink.rng.next_u64() as u32);
+                        send(conn, sink, &frame);
+                    }
+                    None => open(conn, sink),
+                }
+            }
+        }
+    }
+    while conn.state != State::Closed {
+        let frame = match ws::parse_frame(&data[used..]) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(why) => {
+                closed(conn, sink, format!("protocol: {why}"));
+                return data.len();
+            }
+        };
+        used += frame.len;
+        match frame.opcode {
+            ws::OP_TEXT | ws::OP_BINARY if frame.fin => on_message(conn, frame.payload, sink),
+            ws::OP_TEXT | ws::OP_BINARY | ws::OP_CONT => sink.counts.other_messages += 1,
+            ws::OP_PING => {
+                sink.counts.pings += 1;
+                let mut pong = Vec::with_capacity(frame.payload.len() + 8);
+                ws::masked_frame(&mut pong, ws::OP_PONG, &frame.payload[..frame.payload.len().min(125)], {
+                    sink.rng.next_u64() as u32
+                });
+                send(conn, sink, &pong);
+            }
+            ws::OP_PONG => {}
+            ws::OP_CLOSE => {
+                let code = match frame.payload {
+                    [a, b, ..] => u16::from_be_bytes([*a, *b]).to_string(),
+                    _ => "none".into(),
+                };
+                let reason = String::from_utf8_lossy(frame.payload.get(2..).unwrap_or_default()).into_owned();
+                let reason = if reason.is_empty() { format!("close {code}") } else { format!("close {code} {reason}") };
+                closed(conn, sink, reason);
+                return data.len();
+            }
+            _ => {
+                closed(conn, sink, format!("protocol: opcode {}", frame.opcode));
+                return data.len();
+            }
+        }
+    }
+    used
+}
+
+fn on_message(conn: &mut Conn, payload: &[u8], sink: &mut Sink<'_>) {
+    let Some((seq, t)) = ws::load_fields(payload) else {
+        if conn.state == State::Subscribing && ws::find(payload, b"subscribed").is_some() {
+            open(conn, sink);
+        } else {
+            sink.counts.other_messages += 1;
+        }
+        return;
+    };
+    let in_window = t >= sink.window_start && t < sink.window_end;
+    match conn.seq.observe(seq.min(u64::from(u32::MAX)) as u32) {
+        Seen::Duplicate => {
+            sink.counts.duplicates_all += 1;
+            if in_window {
+                sink.counts.duplicates_window += 1;
+            }
+        }
+        seen => {
+            if seen == Seen::TooOld {
+                sink.counts.unchecked_reordered += 1;
+            }
+            sink.counts.received_all += 1;
+            if in_window {
+                sink.counts.received_window += 1;
+                sink.latency.saturating_record(sink.now_rt.saturating_sub(t).max(1));
+            }
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The publishing API: `/publish` (herald's own), `/notify` (seed 001), the seed-004
+//! `/api/v1/realtime/events/*`, and `/api/disconnect`.
+//!
+//! Each handler authenticates the caller, validates the body, builds the notification the
+//! seed promises, and returns a [`PendingPublish`]: the event loop hands it to the broker and
+//! renders the answer with `respond` once the broker says whether anyone was addressed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Instant, SystemTime};
+
+use serde::Deserialize;
+use serde_json::{Value, json, value::RawValue};
+
+use super::routes::Outcome;
+use super::{Request, Response, Status};
+use crate::auth::MAX_USER_ID_BYTES;
+use crate::frame::{self, SharedFrame};
+use crate::message::{self, JsonScratch};
+use crate::router::{Exclusion, Publication, Target};
+use crate::shared::Shared;
+
+/// How to answer once the broker reports whether anyone was addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Responder {
+    /// `{"status":"success","sent":…}` (`/publish`, `/notify`).
+    Sent,
+    /// Seed 004's task event: `{"status":"notifications sent","recipient_count":N}`.
+    TaskRecipients(usize),
+    /// A fixed seed-004 status line.
+    Status(&'static str),
+    /// `/api/disconnect`: `{"status":"success","closed":N}`.
+    Closed,
+}
+
+impl Responder {
+    /// `count`: loops or Redis receivers addressed (publishes), connections closed (disconnect).
+    pub fn render(self, count: u64) -> Response {
+        let body = match self {
+            Responder::Sent => format!("{{\"status\":\"success\",\"sent\":{}}}", count > 0),
+            Responder::Closed => format!("{{\"status\":\"success\",\"closed\":{count}}}"),
+            Responder::TaskRecipients(n) => format!("{{\"status\":\"notifications sent\",\"recipient_count\":{n}}}"),
+            Responder::Status(status) => format!("{{\"status\":\"{status}\"}}"),
+        };
+        Response::json(Status::OK, body)
+    }
+}
+
+/// A validated publication waiting for the broker.
+pub struct PendingPublish {
+    /// Embedded mode: goes to the router.
+    pub publication: Publication,
+    /// Redis mode: (channel, payload) pairs for the publisher thread.
+    pub redis_messages: Option<Vec<(String, Arc<[u8]>)>>,
+    pub respond: Responder,
+}
+
+/// Who is calling.
+enum Caller {
+    /// HERALD_API_KEY: any target, no user of its own.
+    ApiKey,
+    /// A token with scope `publish`: any target; `user` is the caller for seed-004 defaults.
+    Publisher { user: Arc<str> },
+    /// A plain user token: its own user only.
+    User { user: Arc<str> },
+}
+
+impl Caller {
+    fn user(&self) -> Option<&Arc<str>> {
+        match self {
+            Caller::ApiKey => None,
+            Caller::Publisher { user } | Caller::User { user } => Some(user),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn caller(req: &Request, shared: &Shared) -> Result<Caller, Response> {
+    let unauthorized = || Response::api_error(Status::UNAUTHORIZED, "missing or invalid credentials");
+    let bearer = req.bearer().ok_or_else(unauthorized)?;
+    if let Some(key) = &shared.config.api_key {
+        if constant_time_eq(bearer.as_bytes(), key.as_bytes()) {
+            return Ok(Caller::ApiKey);
+        }
+    }
+    let identity = shared.verifier.verify(bearer).map_err(|_| unauthorized())?;
+    Ok(if identity.can_publish {
+        Caller::Publisher { user: identity.user }
+    } else {
+        Caller::User { user: identity.user }
+    })
+}
+
+/// A plain user may address only its own user.
+fn permitted(caller: &Caller, targets: &[Target]) -> Result<(), Response> {
+    match caller {
+        Caller::User { user } if targets.iter().any(|t| *t != Target::User(user.clone())) => {
+            Err(Response::api_error(Status::FORBIDDEN, "a user token may publish to its own user only"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A user id given as a JSON string or integer.
+fn id_from_json(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.is_empty() && s.len() <= MAX_USER_ID_BYTES => Some(s.clone()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// An id as JSON: a number when it is one, else a string (seed 004 ids are integers).
+pub fn id_as_json(id: &str) -> Value {
+    id.parse::<i64>().map_or_else(|_| Value::String(id.to_owned()), Value::from)
+}
+
+fn bad_request(message: &str) -> Response {
+    Response::api_error(Status::BAD_REQUEST, message)
+}
+
+fn sort_dedup(targets: &mut Vec<Target>) {
+    fn key(target: &Target) -> (u8, &str) {
+        match target {
+            Target::User(u) => (0, u),
+            Target::Topic(t) => (1, t),
+        }
+    }
+    targets.sort_by(|a, b| key(a).cmp(&key(b)));
+    targets.dedup();
+}
+
+/// Validates `message`, frames it, and packages it for whichever broker runs.
+fn prepare(
+    shared: &Shared,
+    scratch: &mut JsonScratch,
+    mut targets: Vec<Target>,
+    message: &[u8],
+    exclusion: Exclusion,
+    respond: Responder,
+) -> Result<PendingPublish, Response> {
+    sort_dedup(&mut targets);
+    let frame = message::encode_notification(
+        message,
+        shared.config.max_message_bytes,
+        scratch,
+        SystemTime::now(),
+        Instant::now(),
+    )
+    .map_err(|why| bad_request(why.describe()))?;
+    shared.metrics.received_from_http.fetch_add(1, Relaxed);
+    Ok(package(shared, targets, frame, exclusion, respond))
+}
+
+/// Packages a framed message: for the router itself (embedded), or for Redis (the payload,
+/// with any exclusion embedded so that every instance honours it).
+pub fn package(
+    shared: &Shared,
+    targets: Vec<Target>,
+    frame: SharedFrame,
+    exclusion: Exclusion,
+    respond: Responder,
+) -> PendingPublish {
+    let redis_messages = shared.publisher.as_ref().map(|_| {
+        let payload = &frame.bytes[frame::header_len_of(&frame.bytes)..];
+        let payload: Arc<[u8]> = Arc::from(crate::message::embed_exclusion(payload, &exclusion));
+        targets
+            .iter()
+            .map(|t| {
+                let channel = match t {
+                    Target::User(u) => format!("{}{u}", shared.config.user_channel_prefix),
+                    Target::Topic(topic) => format!("{}{topic}", shared.config.topic_channel_prefix),
+                };
+                (channel, payload.clone())
+            })
+            .collect()
+    });
+    PendingPublish { publication: Publication { targets, frame, exclusion, reply: None }, redis_messages, respond }
+}
+
+fn finish(result: Result<PendingPublish, Response>) -> Outcome {
+    match result {
+        Ok(pending) => Outcome::Publish(Box::new(pending)),
+        Err(response) => Outcome::Respond(response),
+    }
+}
+
+/// `POST /publish` body. `message` stays raw so its bytes reach clients unchanged.
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    user_id: Option<Value>,
+    user_ids: Option<Vec<Value>>,
+    topic: Option<Value>,
+    #[serde(borrow)]
+    message: Option<&'a RawValue>,
+}
+
+/// `POST /publish` `{"user_id"|"user_ids"|"topic", "message":{…}}`.
+pub fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+    finish((|| {
+        let caller = caller(req, shared)?;
+        let body: PublishBody<'_> = serde_json::from_slice(&req.body)
+            .map_err(|_| bad_request("body must be a JSON object with user_id, user_ids or topic, and message"))?;
+        let mut targets = Vec::new();
+        if let Some(user) = &body.user_id {
+            let user = id_from_json(user).ok_or_else(|| bad_request("user_id must be a string or integer"))?;
+            targets.push(Target::User(Arc::from(user)));
+        }
+        for user in body.user_ids.iter().flatten() {
+            let user = id_from_json(user).ok_or_else(|| bad_request("user_ids must hold strings or integers"))?;
+            targets.push(Target::User(Arc::from(user)));
+        }
+        if let Some(topic) = &body.topic {
+            let topic = topic
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| bad_request("topic must be a non-empty string"))?;
+            targets.push(Target::Topic(Arc::from(topic)));
+        }
+        if targets.is_empty() {
+            return Err(bad_request("missing user_id, user_ids or topic"));
+        }
+        let message = body.message.ok_or_else(|| bad_request("missing message"))?;
+        permitted(&caller, &targets)?;
+        prepare(shared, scratch, targets, message.get().as_bytes(), Exclusion::default(), Responder::Sent)
+    })())
+}
+
+#[derive(Deserialize)]
+struct NotifyBody {
+    user_id: Option<Value>,
+    title: Option<String>,
+    message: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// `POST /notify` (seed 001): `{"user_id","title","message","type"}`.
+pub fn notify(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+    finish((|| {
+        let caller = caller(req, shared)?;
+        let body: NotifyBody =
+            serde_json::from_slice(&req.body).map_err(|_| bad_request("body must be a JSON object"))?;
+        let user = body
+            .user_id
+            .as_ref()
+            .and_then(id_from_json)
+            .ok_or_else(|| bad_request("missing user_id (a string or integer)"))?;
+        let title = body.title.ok_or_else(|| bad_request("missing title"))?;
+        let text = body.message.ok_or_else(|| bad_request("missing message"))?;
+        let kind = body.kind.unwrap_or_else(|| "info".into());
+        let targets = vec![Target::User(Arc::from(user))];
+        permitted(&caller, &targets)?;
+        let message = json!({"channel": "notifications", "title": title, "message": text, "type": kind});
+        prepare(shared, scratch, targets, message.to_string().as_bytes(), Exclusion::default(), Responder::Sent)
+    })())
+}
+
+/// The seed-004 notification object.
+struct Seed004<'a> {
+    title: &'a str,
+    content: &'a str,
+    notification_type: &'a str,
+    related_entity_type: Value,
+    related_entity_id: Value,
+    data: Value,
+}
+
+fn seed004_message(shared: &Shared, n: Seed004<'_>) -> String {
+    json!({
+        "type": "notification",
+        "notification_id": shared.next_notification_id.fetch_add(1, Relaxed) + 1,
+        "title": n.title,
+        "content": n.content,
+        "notification_type": n.notification_type,
+        "related_entity_type": n.related_entity_type,
+        "related_entity_id": n.related_entity_id,
+        "created_at": message::rfc3339_millis(SystemTime::now()),
+        "data": n.data,
+    })
+    .to_string()
+}
+
+#[derive(Deserialize)]
+struct TaskEvent {
+    task_id: Value,
+    title: String,
+    action: String,
+    workspace_id: Option<Value>,
+    target_user_ids: Option<Vec<Value>>,
+}
+
+#[derive(Deserialize)]
+struct WorkspaceEvent {
+    workspace_id: Value,
+    title: String,
+    content: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    related_entity_type: Option<Value>,
+    related_entity_id: Option<Value>,
+    data: Option<Value>,
+    exclude_user_ids: Option<Vec<Value>>,
+}
+
+#[derive(Deserialize)]
+struct SystemEvent {
+    title: String,
+    content: String,
+    user_id: Option<Value>,
+    data: Option<Value>,
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| bad_request(&format!("invalid body: {e}")))
+}
+
+fn scalar_id(value: &Value, field: &str) -> Result<String, Response> {
+    id_from_json(value).ok_or_else(|| bad_request(&format!("{field} must be a string or integer")))
+}
+
+/// The caller's own user, for seed-004 defaults; the API key has none.
+fn default_user(caller: &Caller, field: &str) -> Result<Arc<str>, Response> {
+    caller.user().cloned().ok_or_else(|| bad_request(&format!("{field} is required when calling with the API key")))
+}
+
+/// `POST /api/v1/realtime/events/{task|workspace|system}` (seed 004).
+pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+    finish((|| {
+        let caller = caller(req, shared)?;
+        match kind {
+            "task" => {
+                let event: TaskEvent = parse(&req.body)?;
+                let task_id = scalar_id(&event.task_id, "task_id")?;
+                let mut targets = Vec::new();
+                for user in event.target_user_ids.iter().flatten() {
+                    targets.push(Target::User(Arc::from(scalar_id(user, "target_user_ids")?)));
+                }
+                if targets.is_empty() {
+                    targets.push(Target::User(default_user(&caller, "target_user_ids")?));
+                }
+                let recipients = targets.len();
+                let workspace = event.workspace_id.as_ref().map(|w| scalar_id(w, "workspace_id")).transpose()?;
+                if let Some(workspace) = &workspace {
+                    targets.push(Target::Topic(Arc::from(format!("workspace:{workspace}"))));
+                }
+                permitted(&caller, &targets)?;
+                let content = format!("Task '{}' was {}", event.title, event.action);
+                let message = seed004_message(
+                    shared,
+                    Seed004 {
+                        title: &event.title,
+                        content: &content,
+                        notification_type: "task",
+                        related_entity_type: json!("task"),
+                        related_entity_id: id_as_json(&task_id),
+                        data: json!({
+                            "task_id": id_as_json(&task_id),
+                            "action": event.action,
+                            "workspace_id": workspace.as_deref().map(id_as_json),
+                            "actor_id": caller.user().map(|u| id_as_json(u)),
+                        }),
+                    },
+                );
+                let respond = Responder::TaskRecipients(recipients);
+                prepare(shared, scratch, targets, message.as_bytes(), Exclusion::default(), respond)
+            }
+            "workspace" => {
+                let event: WorkspaceEvent = parse(&req.body)?;
+                let workspace = scalar_id(&event.workspace_id, "workspace_id")?;
+                let mut excluded = Vec::new();
+                for user in event.exclude_user_ids.iter().flatten() {
+                    excluded.push(Arc::<str>::from(scalar_id(user, "exclude_user_ids")?));
+                }
+                let targets = vec![Target::Topic(Arc::from(format!("workspace:{workspace}")))];
+                permitted(&caller, &targets)?;
+                let kind = event.kind.unwrap_or_else(|| "workspace".into());
+                let message = seed004_message(
+                    shared,
+                    Seed004 {
+                        title: &event.title,
+                        content: &event.content,
+                        notification_type: &kind,
+                        related_entity_type: event.related_entity_type.unwrap_or_else(|| json!("workspace")),
+                        related_entity_id: event.related_entity_id.unwrap_or_else(|| id_as_json(&workspace)),
+                        data: event.data.unwrap_or_else(|| json!({})),
+                    },
+                );
+                let exclusion =
+                    Exclusion { users: (!excluded.is_empty()).then(|| excluded.into()), ..Exclusion::default() };
+                let respond = Responder::Status("workspace notification sent");
+                prepare(shared, scratch, targets, message.as_bytes(), exclusion, respond)
+            }
+            "system" => {
+                let event: SystemEvent = parse(&req.body)?;
+                let user = match &event.user_id {
+                    Some(user) => Arc::from(scalar_id(user, "user_id")?),
+                    None => default_user(&caller, "user_id")?,
+                };
+                let targets = vec![Target::User(user)];
+                permitted(&caller, &targets)?;
+                let message = seed004_message(
+                    shared,
+                    Seed004 {
+                        title: &event.title,
+                        content: &event.content,
+                        notification_type: "system",
+                        related_entity_type: Value::Null,
+                        related_entity_id: Value::Null,
+                        data: event.data.unwrap_or_else(|| json!({})),
+                    },
+                );
+                let respond = Responder::Status("system notification sent");
+                prepare(shared, scratch, targets, message.as_bytes(), Exclusion::default(), respond)
+            }
+            _ => Err(Response::error(Status::NOT_FOUND, "not found")),
+        }
+    })())
+}
+
+/// `POST /api/disconnect` `{"user_id"}`: the user to disconnect, once authorized.
+pub fn disconnect_target(req: &Request, shared: &Shared) -> Result<Arc<str>, Response> {
+    #[derive(Deserialize)]
+    struct Body {
+        user_id: Option<Value>,
+    }
+    let caller = caller(req, shared)?;
+    let body: Body = parse(&req.body)?;
+    let user: Arc<str> = Arc::from(
+        body.user_id
+            .as_ref()
+            .and_then(id_from_json)
+            .ok_or_else(|| bad_request("missing user_id (a string or integer)"))?,
+    );
+    permitted(&caller, &[Target::User(user.clone())])?;
+    Ok(user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_render_as_numbers_when_numeric() {
+        assert_eq!(id_as_json("42"), json!(42));
+        assert_eq!(id_as_json("u42"), json!("u42"));
+        assert_eq!(id_from_json(&json!(7)), Some("7".into()));
+        assert_eq!(id_from_json(&json!(1.5)), None);
+        assert_eq!(id_from_json(&json!("")), None);
+    }
+}
