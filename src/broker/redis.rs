@@ -172,10 +172,15 @@ pub fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, shared: 
     let mut conn: Option<redis::Connection> = None;
     let mut retry_at = Instant::now();
     let mut backoff = Duration::ZERO;
+    // Ping at once, so /health is accurate from the first second.
+    let mut next_ping = Instant::now();
     loop {
-        let job = match jobs.recv_timeout(PING_EVERY) {
+        let job = match jobs.recv_timeout(next_ping.saturating_duration_since(Instant::now())) {
             Ok(job) => Some(job),
-            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Timeout) => {
+                next_ping = Instant::now() + PING_EVERY;
+                None
+            }
             Err(RecvTimeoutError::Disconnected) => return,
         };
         if conn.is_none() && Instant::now() >= retry_at {

@@ -918,16 +918,18 @@ impl EventLoop {
 
     fn flush(&mut self, key: u32) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        if conn.queue.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let counters = &mut self.counters;
-        let result = conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| {
-            if let Some(born) = frame.born {
-                counters.delivered(now.saturating_duration_since(born));
-            }
-        });
+        let result = if conn.queue.is_empty() {
+            // Nothing to write, but a closing connection may still owe its FIN.
+            Ok(Flushed::Empty)
+        } else {
+            let now = Instant::now();
+            let counters = &mut self.counters;
+            conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| {
+                if let Some(born) = frame.born {
+                    counters.delivered(now.saturating_duration_since(born));
+                }
+            })
+        };
         match result {
             Err(_) => {
                 self.remove(key);
