@@ -184,7 +184,8 @@ impl Worker {
                 }
                 next += 1;
             }
-            if next == mine {
+            if next == mine && sink.counts.pending == 0 {
+                // Every upgrade request is written: the tokens are not needed any more.
                 self.tokens = None;
             }
             // Connections past their deadline fail; the queue is in start order.
