@@ -90,3 +90,16 @@ pub struct Session {
     pub relays_in_window: u16,
     pub reader: FrameReader,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_state_stays_small() {
+        // Memory per idle connection decides how many fit on a host; see README "Performance".
+        eprintln!("Conn {} Session {} Phase {}", size_of::<Conn>(), size_of::<Session>(), size_of::<Phase>());
+        assert!(size_of::<Conn>() <= 192, "Conn grew to {} bytes", size_of::<Conn>());
+        assert!(size_of::<Session>() <= 192, "Session grew to {} bytes", size_of::<Session>());
+    }
+}
