@@ -49,10 +49,16 @@ pub enum Flow {
     Stop,
 }
 
-/// Per-connection parser state.
+/// Per-connection parser state: one pointer, null unless a frame or message is in flight.
 #[derive(Debug, Default)]
 pub struct FrameReader {
-    /// Bytes of one incomplete frame, carried to the next read. Empty almost always.
+    carry: Option<Box<Carry>>,
+}
+
+/// What a connection carries between reads, allocated only while it carries something.
+#[derive(Debug, Default)]
+struct Carry {
+    /// Bytes of one incomplete frame, carried to the next read.
     partial: Vec<u8>,
     /// Payload of a fragmented text message still being assembled.
     fragments: Vec<u8>,
@@ -71,7 +77,22 @@ struct Header {
 impl FrameReader {
     /// Bytes held for an incomplete frame or message (for memory accounting).
     pub fn buffered(&self) -> usize {
-        self.partial.capacity() + self.fragments.capacity()
+        self.carry.as_ref().map_or(0, |c| c.partial.capacity() + c.fragments.capacity())
+    }
+
+    fn carry(&mut self) -> &mut Carry {
+        self.carry.get_or_insert_with(Box::default)
+    }
+
+    fn in_fragmented(&self) -> bool {
+        self.carry.as_ref().is_some_and(|c| c.in_fragmented)
+    }
+
+    /// Frees the carry once nothing is in flight, so idle connections hold no buffer.
+    fn release_if_idle(&mut self) {
+        if self.carry.as_ref().is_some_and(|c| c.partial.is_empty() && !c.in_fragmented) {
+            self.carry = None;
+        }
     }
 
     /// Parses `input` (a fresh read; unmasked in place), calling `on_event` for each complete
@@ -83,23 +104,30 @@ impl FrameReader {
         max_message: usize,
         mut on_event: impl FnMut(Inbound<'_>) -> Flow,
     ) -> Result<Flow, Violation> {
-        if self.partial.is_empty() {
-            let (consumed, flow) = self.parse(input, max_message, &mut on_event)?;
+        let result = self.feed_inner(input, max_message, &mut on_event);
+        self.release_if_idle();
+        result
+    }
+
+    fn feed_inner(
+        &mut self,
+        input: &mut [u8],
+        max_message: usize,
+        on_event: &mut impl FnMut(Inbound<'_>) -> Flow,
+    ) -> Result<Flow, Violation> {
+        if self.carry.as_ref().is_none_or(|c| c.partial.is_empty()) {
+            let (consumed, flow) = self.parse(input, max_message, on_event)?;
             if flow == Flow::Continue && consumed < input.len() {
-                self.partial.extend_from_slice(&input[consumed..]);
+                self.carry().partial.extend_from_slice(&input[consumed..]);
             }
             return Ok(flow);
         }
-        let mut carried = std::mem::take(&mut self.partial);
+        let mut carried = std::mem::take(&mut self.carry().partial);
         carried.extend_from_slice(input);
-        let result = self.parse(&mut carried, max_message, &mut on_event);
-        let (consumed, flow) = result?;
+        let (consumed, flow) = self.parse(&mut carried, max_message, on_event)?;
         if flow == Flow::Continue && consumed < carried.len() {
             carried.drain(..consumed);
-            if carried.capacity() > 4 * (max_message + MAX_HEADER) {
-                carried.shrink_to_fit();
-            }
-            self.partial = carried;
+            self.carry().partial = carried;
         }
         Ok(flow)
     }
@@ -141,33 +169,32 @@ impl FrameReader {
             OP_PING => Ok(on_event(Inbound::Ping(payload))),
             OP_PONG => Ok(on_event(Inbound::Pong)),
             OP_CLOSE => Ok(on_event(Inbound::Close(parse_close(payload)?))),
-            OP_TEXT if self.in_fragmented => {
+            OP_TEXT if self.in_fragmented() => {
                 Err(Violation::new(code::PROTOCOL_ERROR, "new message inside a fragmented one"))
             }
             OP_TEXT if header.fin => Ok(on_event(Inbound::Text(as_utf8(payload)?))),
             OP_TEXT => {
-                self.in_fragmented = true;
-                self.fragments.clear();
-                self.fragments.extend_from_slice(payload);
+                let carry = self.carry();
+                carry.in_fragmented = true;
+                carry.fragments.clear();
+                carry.fragments.extend_from_slice(payload);
                 Ok(Flow::Continue)
             }
-            OP_CONTINUATION if !self.in_fragmented => {
+            OP_CONTINUATION if !self.in_fragmented() => {
                 Err(Violation::new(code::PROTOCOL_ERROR, "continuation without a message"))
             }
             OP_CONTINUATION => {
-                if self.fragments.len() + payload.len() > max_message {
+                let carry = self.carry();
+                if carry.fragments.len() + payload.len() > max_message {
                     return Err(Violation::new(code::TOO_BIG, "message too big"));
                 }
-                self.fragments.extend_from_slice(payload);
+                carry.fragments.extend_from_slice(payload);
                 if !header.fin {
                     return Ok(Flow::Continue);
                 }
-                self.in_fragmented = false;
-                let message = std::mem::take(&mut self.fragments);
-                let flow = on_event(Inbound::Text(as_utf8(&message)?));
-                self.fragments = message;
-                self.fragments.clear();
-                Ok(flow)
+                carry.in_fragmented = false;
+                let message = std::mem::take(&mut carry.fragments);
+                Ok(on_event(Inbound::Text(as_utf8(&message)?)))
             }
             // Binary is rejected at the header; anything else is a reserved opcode.
             _ => Err(Violation::new(code::PROTOCOL_ERROR, "reserved opcode")),
@@ -313,7 +340,9 @@ pub(crate) mod tests {
         bytes.extend(client_frame(0x80, "gmént".as_bytes()));
         bytes.extend(client_frame(0x88, &1000u16.to_be_bytes()));
         for chunk in [1, 2, 3, 7, 100] {
-            let events = feed_all(&mut FrameReader::default(), &bytes, chunk).unwrap();
+            let mut reader = FrameReader::default();
+            let events = feed_all(&mut reader, &bytes, chunk).unwrap();
+            assert_eq!(reader.buffered(), 0, "an idle reader holds no buffer");
             assert_eq!(
                 events,
                 vec![

@@ -99,7 +99,7 @@ mod tests {
     fn connection_state_stays_small() {
         // Memory per idle connection decides how many fit on a host; see README "Performance".
         eprintln!("Conn {} Session {} Phase {}", size_of::<Conn>(), size_of::<Session>(), size_of::<Phase>());
-        assert!(size_of::<Conn>() <= 192, "Conn grew to {} bytes", size_of::<Conn>());
-        assert!(size_of::<Session>() <= 192, "Session grew to {} bytes", size_of::<Session>());
+        assert!(size_of::<Conn>() <= 144, "Conn grew to {} bytes", size_of::<Conn>());
+        assert!(size_of::<Session>() <= 120, "Session grew to {} bytes", size_of::<Session>());
     }
 }

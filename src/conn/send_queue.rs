@@ -32,9 +32,10 @@ pub enum Flushed {
 pub struct SendQueue {
     frames: VecDeque<SharedFrame>,
     /// Bytes of `frames[0]` already written. Invariant: zero if `frames` is empty.
-    head_written: usize,
+    /// (u32: frames are bounded far below 4 GiB, and idle connections are many.)
+    head_written: u32,
     /// Notifications in `frames` (replies are not counted).
-    notifications: usize,
+    notifications: u32,
 }
 
 impl SendQueue {
@@ -48,7 +49,7 @@ impl SendQueue {
 
     /// Queues a notification unless `limit` notifications are already waiting.
     pub fn push_notification(&mut self, frame: SharedFrame, limit: usize) -> Result<(), Full> {
-        if self.notifications >= limit {
+        if self.notifications as usize >= limit {
             return Err(Full);
         }
         self.notifications += 1;
@@ -66,7 +67,7 @@ impl SendQueue {
     pub fn discard_unsent(&mut self) -> usize {
         let keep = usize::from(self.head_written > 0);
         let dropped = self.frames.drain(keep..).filter(|f| f.born.is_some()).count();
-        self.notifications -= dropped;
+        self.notifications -= dropped as u32;
         if self.frames.capacity() > 16 {
             self.frames.shrink_to_fit();
         }
@@ -89,7 +90,7 @@ impl SendQueue {
             let mut slices = [IoSlice::new(&[]); IOV_BATCH];
             let mut count = 0;
             for (i, frame) in self.frames.iter().take(IOV_BATCH).enumerate() {
-                let start = if i == 0 { self.head_written } else { 0 };
+                let start = if i == 0 { self.head_written as usize } else { 0 };
                 slices[i] = IoSlice::new(&frame.bytes[start..]);
                 count += 1;
             }
@@ -103,9 +104,9 @@ impl SendQueue {
             written_total += written;
             while written > 0 {
                 let Some(head) = self.frames.front() else { break };
-                let left = head.bytes.len() - self.head_written;
+                let left = head.bytes.len() - self.head_written as usize;
                 if written < left {
-                    self.head_written += written;
+                    self.head_written += written as u32;
                     break;
                 }
                 written -= left;

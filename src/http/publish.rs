@@ -26,9 +26,11 @@ pub enum Responder {
     /// `{"status":"success","sent":…}` (`/publish`, `/notify`).
     Sent,
     /// Seed 004's task event: `{"status":"notifications sent","recipient_count":N}`.
-    TaskRecipients(usize),
-    /// A fixed seed-004 status line.
-    Status(&'static str),
+    TaskRecipients(u32),
+    /// Seed 004's workspace event: `{"status":"workspace notification sent"}`.
+    WorkspaceSent,
+    /// Seed 004's system event: `{"status":"system notification sent"}`.
+    SystemSent,
     /// `/api/disconnect`: `{"status":"success","closed":N}`.
     Closed,
 }
@@ -40,7 +42,8 @@ impl Responder {
             Responder::Sent => format!("{{\"status\":\"success\",\"sent\":{}}}", count > 0),
             Responder::Closed => format!("{{\"status\":\"success\",\"closed\":{count}}}"),
             Responder::TaskRecipients(n) => format!("{{\"status\":\"notifications sent\",\"recipient_count\":{n}}}"),
-            Responder::Status(status) => format!("{{\"status\":\"{status}\"}}"),
+            Responder::WorkspaceSent => r#"{"status":"workspace notification sent"}"#.to_string(),
+            Responder::SystemSent => r#"{"status":"system notification sent"}"#.to_string(),
         };
         Response::json(Status::OK, body)
     }
@@ -365,7 +368,7 @@ pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScrat
                         }),
                     },
                 );
-                let respond = Responder::TaskRecipients(recipients);
+                let respond = Responder::TaskRecipients(recipients as u32);
                 prepare(shared, scratch, targets, message.as_bytes(), Exclusion::default(), respond)
             }
             "workspace" => {
@@ -391,7 +394,7 @@ pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScrat
                 );
                 let exclusion =
                     Exclusion { users: (!excluded.is_empty()).then(|| excluded.into()), ..Exclusion::default() };
-                let respond = Responder::Status("workspace notification sent");
+                let respond = Responder::WorkspaceSent;
                 prepare(shared, scratch, targets, message.as_bytes(), exclusion, respond)
             }
             "system" => {
@@ -413,7 +416,7 @@ pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScrat
                         data: event.data.unwrap_or_else(|| json!({})),
                     },
                 );
-                let respond = Responder::Status("system notification sent");
+                let respond = Responder::SystemSent;
                 prepare(shared, scratch, targets, message.as_bytes(), Exclusion::default(), respond)
             }
             _ => Err(Response::error(Status::NOT_FOUND, "not found")),

@@ -216,6 +216,7 @@ fn run(args: &Args) -> Result<(), String> {
             sleep_until_ns(window_start);
             let server_w0 = sys::sample_pids(&args.server_pid);
             let gen_w0 = sys::sample_self();
+            let threads_w0 = sys::sample_threads();
             let received_w0 = shared.sum(|w| &w.received_all);
             let mut last = received_w0;
             while realtime_ns() < window_end && !publisher.is_finished() {
@@ -234,6 +235,7 @@ fn run(args: &Args) -> Result<(), String> {
             let server_w1 = sys::sample_pids(&args.server_pid);
             let gen_w1 = sys::sample_self();
             rep.window_phase = Phase::new(server_w0, server_w1, gen_w0, gen_w1);
+            rep.window_threads = Some((threads_w0, sys::sample_threads()));
             let report = publisher.join().map_err(|_| "the publisher thread panicked".to_string())??;
             // Drain: wait for what is still in flight.
             let deadline = Instant::now() + args.drain;

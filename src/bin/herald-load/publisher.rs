@@ -151,14 +151,16 @@ impl Publisher<'_> {
         match &self.plan.transport {
             Transport::Redis { addr, .. } => {
                 let stream = connect_stream(*addr).map_err(|e| format!("cannot connect to Redis at {addr}: {e}"))?;
-                self.poll.add(stream.as_raw_fd(), REDIS, true).map_err(|e| e.to_string())?;
+                // Replies are read once per loop turn, not on their own wakeup: one PUBLISH
+                // would otherwise cost two wakeups of this thread.
+                self.poll.add(stream.as_raw_fd(), REDIS, false, true).map_err(|e| e.to_string())?;
                 self.redis = Some((stream, Vec::new(), Vec::new()));
             }
             Transport::Http { endpoint, conns, .. } => {
                 for i in 0..(*conns).max(1) {
                     let stream = connect_stream(endpoint.addr)
                         .map_err(|e| format!("cannot connect to publish URL {}: {e}", endpoint.addr))?;
-                    self.poll.add(stream.as_raw_fd(), i as u64 + 1, true).map_err(|e| e.to_string())?;
+                    self.poll.add(stream.as_raw_fd(), i as u64 + 1, true, true).map_err(|e| e.to_string())?;
                     self.http.push(HttpConn { stream, rbuf: Vec::new(), wbuf: Vec::new(), busy: false });
                 }
             }
@@ -191,7 +193,7 @@ impl Publisher<'_> {
 
     fn run(&mut self) -> io::Result<()> {
         let timer = TimerFd::new()?;
-        self.poll.add(timer.raw_fd(), TIMER, false)?;
+        self.poll.add(timer.raw_fd(), TIMER, true, false)?;
         let mut events = Vec::with_capacity(64);
         let mut k: u64 = 0;
         let drain_ns = self.plan.drain.as_nanos() as u64;
@@ -199,15 +201,6 @@ impl Publisher<'_> {
         let mut stalled_since = 0u64;
         loop {
             let now = realtime_ns();
-            if now >= self.plan.end_ns {
-                if self.queue.is_empty() && self.transport_idle() {
-                    break;
-                }
-                if now >= self.plan.end_ns + drain_ns {
-                    self.report.unsent = self.queue.len() as u64;
-                    break;
-                }
-            }
             let mut wait = Duration::from_millis(20);
             match self.plan.rate {
                 Rate::Fixed(rate) => loop {
@@ -256,16 +249,31 @@ impl Publisher<'_> {
                 }
                 Rate::Max => {}
             }
+            // Everything due before the end is queued by now; stop once it is out, or at the
+            // end of the drain time.
+            if now >= self.plan.end_ns {
+                if self.queue.is_empty() && self.transport_idle() {
+                    break;
+                }
+                if now >= self.plan.end_ns + drain_ns {
+                    self.report.unsent += self.queue.len() as u64;
+                    break;
+                }
+            }
             self.report.backlog_max = self.report.backlog_max.max(self.queue.len() as u64);
             self.dispatch()?;
             if let Some((stream, out, _)) = self.redis.as_mut() {
                 flush(stream, out)?;
             }
+            if self.redis.is_some() {
+                self.on_redis()?;
+            }
             events.clear();
             self.poll.wait(&mut events, wait.as_millis() as i32)?;
             for &token in &events {
                 match token {
-                    TIMER => timer.drain(),
+                    // Re-arming resets the timerfd's expiry count: no read needed.
+                    TIMER => {}
                     REDIS if self.redis.is_some() => self.on_redis()?,
                     i => self.on_http(i as usize - 1)?,
                 }
@@ -470,7 +478,7 @@ impl Publisher<'_> {
         let Transport::Http { endpoint, .. } = &plan.transport else { return Ok(()) };
         self.poll.remove(self.http[i].stream.as_raw_fd());
         let stream = connect_stream(endpoint.addr)?;
-        self.poll.add(stream.as_raw_fd(), i as u64 + 1, true)?;
+        self.poll.add(stream.as_raw_fd(), i as u64 + 1, true, true)?;
         self.http[i] = HttpConn { stream, rbuf: Vec::new(), wbuf: Vec::new(), busy: false };
         Ok(())
     }

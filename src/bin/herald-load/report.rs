@@ -40,6 +40,8 @@ pub struct Report {
     pub connect_phase: Phase,
     pub hold_phase: Phase,
     pub window_phase: Phase,
+    /// Per-thread CPU of the generator at both ends of the measured window.
+    pub window_threads: Option<(Vec<(String, f64)>, Vec<(String, f64)>)>,
     pub server_end: Option<ProcSample>,
     pub gen_end: Option<ProcSample>,
 }
@@ -106,6 +108,7 @@ impl Report {
             connect_phase: Phase::default(),
             hold_phase: Phase::default(),
             window_phase: Phase::default(),
+            window_threads: None,
             server_end: None,
             gen_end: None,
         }
@@ -201,6 +204,15 @@ impl Report {
             "cpu_cores_busy": utilization(steady.generator_cpu()),
             "cpu_us_per_delivery": per(steady.generator_cpu(), deliveries, 1e6),
         });
+        let mut generator = generator;
+        if let Some((before, after)) = &self.window_threads {
+            let mut by_thread = serde_json::Map::new();
+            for (name, cpu) in after {
+                let start = before.iter().find(|(n, _)| n == name).map_or(0.0, |(_, c)| *c);
+                by_thread.insert(name.clone(), json!(round(cpu - start, 3)));
+            }
+            generator["cpu_seconds_by_thread"] = Value::Object(by_thread);
+        }
         let mut out = json!({
             "mode": format!("{:?}", self.mode).to_lowercase(),
             "config": self.config,

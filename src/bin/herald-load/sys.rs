@@ -61,6 +61,26 @@ pub fn sample_pids(pids: &[u32]) -> Option<ProcSample> {
     Some(total)
 }
 
+/// CPU seconds of each thread of this process by thread name (summed per name), from
+/// /proc/self/task/*/stat: shows whether the publisher or a worker is the busy one.
+pub fn sample_threads() -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_ascii_whitespace().collect();
+        let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+        let cpu = ticks as f64 / clock_ticks();
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, c)) => *c += cpu,
+            None => out.push((name, cpu)),
+        }
+    }
+    out
+}
+
 /// This process: CPU of all its threads (getrusage, microsecond resolution) and RSS.
 pub fn sample_self() -> ProcSample {
     // SAFETY: getrusage writes into the zeroed struct we pass.
@@ -104,13 +124,6 @@ impl TimerFd {
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
-    /// Clears the expiration count so the next arming can wake the loop again.
-    pub fn drain(&self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reading at most 8 bytes into an 8-byte buffer; errors (EAGAIN) are fine.
-        let _ = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    }
-
     pub fn raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
@@ -131,9 +144,12 @@ impl Epoll {
         Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// Watches `fd` edge-triggered for input (and output when `write` is set).
-    pub fn add(&self, fd: RawFd, token: u64, write: bool) -> io::Result<()> {
-        let mut flags = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET;
+    /// Watches `fd` edge-triggered for input (when `read`) and output (when `write`).
+    pub fn add(&self, fd: RawFd, token: u64, read: bool, write: bool) -> io::Result<()> {
+        let mut flags = libc::EPOLLET;
+        if read {
+            flags |= libc::EPOLLIN | libc::EPOLLRDHUP;
+        }
         if write {
             flags |= libc::EPOLLOUT;
         }
