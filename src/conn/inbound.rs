@@ -127,6 +127,10 @@ impl FrameReader {
         let (consumed, flow) = self.parse(&mut carried, max_message, on_event)?;
         if flow == Flow::Continue && consumed < carried.len() {
             carried.drain(..consumed);
+            // A burst appended to a partial frame can leave a large buffer behind.
+            if carried.capacity() > 4 * (max_message + MAX_HEADER) {
+                carried.shrink_to_fit();
+            }
             self.carry().partial = carried;
         }
         Ok(flow)
