@@ -775,6 +775,7 @@ impl EventLoop {
         let seq = self.delivery_seq;
         let limit = self.shared.config.send_queue;
         let now_tick = self.now_tick;
+        let mut flush_time: Option<Instant> = None;
         for target in targets.as_slice() {
             let Some(keys) = self.index.get(target) else { continue };
             for &key in keys {
@@ -789,8 +790,21 @@ impl EventLoop {
                 }
                 session.last_data_sent = now_tick;
                 if conn.queue.push_notification(frame.clone(), limit).is_err() {
-                    self.slow.push(key);
-                    continue;
+                    // A full queue is only slow if the socket is full too: a burst larger
+                    // than the queue must reach a client that reads. Write what the kernel
+                    // takes now, then judge. (Errors are left for the flush to find: this
+                    // loop must not remove connections while it walks the index.)
+                    let now = *flush_time.get_or_insert_with(Instant::now);
+                    let counters = &mut self.counters;
+                    let _ = conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| {
+                        if let Some(born) = frame.born {
+                            counters.delivered(now.saturating_duration_since(born));
+                        }
+                    });
+                    if conn.queue.push_notification(frame.clone(), limit).is_err() {
+                        self.slow.push(key);
+                        continue;
+                    }
                 }
                 if !conn.dirty {
                     conn.dirty = true;
@@ -1061,7 +1075,15 @@ impl EventLoop {
             Phase::Awaiting { deadline, .. } if now >= *deadline => {
                 self.finish_publish(key, Err("publish timed out".into()));
             }
-            Phase::Closing { deadline, .. } if now >= *deadline => self.remove(key),
+            Phase::Closing { deadline, .. } if now >= *deadline => {
+                if !conn.queue.is_empty() {
+                    // The peer would not take even our last bytes (a slow consumer with a
+                    // full socket): reset instead of leaving the kernel to trickle megabytes
+                    // to a zero window, so the peer learns at once and the buffers are freed.
+                    let _ = socket2::SockRef::from(&conn.stream).set_linger(Some(Duration::ZERO));
+                }
+                self.remove(key);
+            }
             Phase::Open(session) => {
                 if now >= session.expires {
                     let code = session.dialect.auth_close_code;

@@ -198,7 +198,7 @@ impl Publisher<'_> {
         let mut k: u64 = 0;
         let drain_ns = self.plan.drain.as_nanos() as u64;
         let mut last_received = 0u64;
-        let mut stalled_since = 0u64;
+        let mut stalled_since = realtime_ns();
         loop {
             let now = realtime_ns();
             let mut wait = Duration::from_millis(20);
