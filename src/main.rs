@@ -4,7 +4,24 @@ use clap::Parser;
 use herald::config::{Cli, Command, JwtKey};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        use clap::error::ErrorKind;
+        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        // One line for the operator (clap's own rendering adds a usage hint).
+        let rendered = e.to_string();
+        let first = rendered.lines().next().unwrap_or("invalid arguments");
+        let first = first.strip_prefix("error: ").unwrap_or(first);
+        // Name the variable too: most settings arrive through the environment.
+        let variable = first
+            .split("'--")
+            .nth(1)
+            .and_then(|rest| rest.split([' ', '\'']).next())
+            .map(|flag| format!(" (HERALD_{})", flag.replace('-', "_").to_ascii_uppercase()));
+        fail(&format!("{first}{}", variable.unwrap_or_default()))
+    });
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.server.log).unwrap_or_else(|_| {
         eprintln!("herald: error: HERALD_LOG `{}` is not a valid log filter", cli.server.log);
         std::process::exit(2)
