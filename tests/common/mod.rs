@@ -1,0 +1,1408 @@
+//! Shared helpers for herald's integration tests.
+//!
+//! Everything here drives real processes over real sockets: the herald binary built by
+//! cargo, a real `redis-server` on a free port, std `TcpStream`s and tungstenite clients.
+//! Every wait is bounded by a deadline and every child process is killed on drop.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tungstenite::Message;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::http::{HeaderName, HeaderValue};
+use tungstenite::protocol::WebSocket;
+
+/// HS256 secret every test herald is started with (unless a test says otherwise).
+pub const SECRET: &str = "herald-integration-test-secret-3f9a1c";
+/// API key used by tests that configure HERALD_API_KEY.
+pub const API_KEY: &str = "test-api-key-7b2e";
+
+pub type Ws = WebSocket<TcpStream>;
+
+// ---------------------------------------------------------------------------------------
+// time, ports, polling
+// ---------------------------------------------------------------------------------------
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A TCP port that was free a moment ago (bind 127.0.0.1:0, read the port, drop).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes. Returns whether it did.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
+}
+
+/// `^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$` without a regex crate.
+pub fn is_rfc3339_millis_utc(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 24 {
+        return false;
+    }
+    let pattern = b"dddd-dd-ddTdd:dd:dd.dddZ";
+    b.iter().zip(pattern.iter()).all(|(c, p)| match p {
+        b'd' => c.is_ascii_digit(),
+        other => c == other,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// base64url + JWT minting
+// ---------------------------------------------------------------------------------------
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+pub fn b64url_encode(data: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = match chunk.len() {
+            3 => (chunk[0] as u32) << 16 | (chunk[1] as u32) << 8 | chunk[2] as u32,
+            2 => (chunk[0] as u32) << 16 | (chunk[1] as u32) << 8,
+            _ => (chunk[0] as u32) << 16,
+        };
+        let chars = chunk.len() + 1;
+        for i in 0..chars {
+            out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+pub fn b64url_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            b'=' => continue,
+            _ => panic!("bad base64url char {c:?} in {s:?}"),
+        } as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// Claims payload of a JWT, decoded without verification.
+pub fn jwt_claims(token: &str) -> Value {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert!(parts.len() == 3, "not a JWT: {token:?}");
+    serde_json::from_slice(&b64url_decode(parts[1])).expect("JWT payload is JSON")
+}
+
+/// Header of a JWT, decoded without verification.
+pub fn jwt_header(token: &str) -> Value {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert!(parts.len() == 3, "not a JWT: {token:?}");
+    serde_json::from_slice(&b64url_decode(parts[0])).expect("JWT header is JSON")
+}
+
+/// HS256 token with arbitrary claims, signed with `secret`.
+pub fn token_hs256(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode HS256")
+}
+
+/// HS256 token with these claims, signed with the test SECRET.
+pub fn token_claims(claims: Value) -> String {
+    token_hs256(&claims, SECRET)
+}
+
+/// A valid user token for `sub` (exp in one hour), signed with SECRET.
+pub fn token(sub: &str) -> String {
+    let now = now_secs();
+    token_claims(json!({"sub": sub, "iat": now, "exp": now + 3600}))
+}
+
+/// RS256 token signed with a fixture key, named by its PEM file (e.g. "rsa_private.pem");
+/// the signature uses the PKCS1 DER copy of that key (`rsa_private.pkcs1.der`).
+pub fn token_rs256(claims: &Value, private_pem: &str) -> String {
+    let der_name = private_pem.replace(".pem", ".pkcs1.der");
+    let der = std::fs::read(fixture(&der_name)).expect("read RSA DER key fixture");
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_rsa_der(&der),
+    )
+    .expect("encode RS256")
+}
+
+/// ES256 token signed with a fixture key, named by its PEM file (e.g. "ec_private.pem");
+/// the signature uses the PKCS8 DER copy of that key (`ec_private.pkcs8.der`).
+pub fn token_es256(claims: &Value, private_pem: &str) -> String {
+    let der_name = private_pem.replace(".pem", ".pkcs8.der");
+    let der = std::fs::read(fixture(&der_name)).expect("read EC DER key fixture");
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(&der),
+    )
+    .expect("encode ES256")
+}
+
+/// An unsigned token with `alg: none`.
+pub fn token_alg_none(claims: &Value) -> String {
+    let header = b64url_encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = b64url_encode(claims.to_string().as_bytes());
+    format!("{header}.{payload}.")
+}
+
+// ---------------------------------------------------------------------------------------
+// child process plumbing
+// ---------------------------------------------------------------------------------------
+
+fn drain<R: Read + Send + 'static>(mut r: R, sink: Arc<Mutex<String>>) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    });
+}
+
+/// Environment variables herald reads; removed from every child so the developer's or
+/// CI's environment can't leak in.
+fn scrub_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().to_string();
+        if k.starts_with("HERALD_") || k == "JWT_SECRET_KEY" || k == "REDIS_URL" || k == "RUST_LOG" {
+            cmd.env_remove(&k);
+        }
+    }
+}
+
+pub fn herald_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_herald")
+}
+
+/// Output of a herald run that is expected to terminate on its own.
+pub struct RunOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs herald with `args` and `env` to completion (killed after `timeout`).
+pub fn run_herald(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> RunOutput {
+    let mut cmd = Command::new(herald_bin());
+    scrub_env(&mut cmd);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn herald");
+    let out = Arc::new(Mutex::new(String::new()));
+    let err = Arc::new(Mutex::new(String::new()));
+    drain(child.stdout.take().unwrap(), out.clone());
+    drain(child.stderr.take().unwrap(), err.clone());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    // let the drain threads catch the last bytes
+    thread::sleep(Duration::from_millis(100));
+    let stdout = out.lock().unwrap().clone();
+    let stderr = err.lock().unwrap().clone();
+    assert!(status.is_some(), "herald {args:?} did not exit within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    RunOutput { code: status.unwrap().code(), stdout, stderr }
+}
+
+// ---------------------------------------------------------------------------------------
+// herald server
+// ---------------------------------------------------------------------------------------
+
+pub struct HeraldBuilder {
+    env: BTreeMap<String, String>,
+    args: Vec<String>,
+    port: Option<u16>,
+    wait_ready: bool,
+}
+
+/// A herald builder with HERALD_LISTEN on a free port and HERALD_JWT_SECRET = SECRET.
+pub fn herald() -> HeraldBuilder {
+    let mut env = BTreeMap::new();
+    env.insert("HERALD_JWT_SECRET".to_string(), SECRET.to_string());
+    HeraldBuilder { env, args: Vec::new(), port: None, wait_ready: true }
+}
+
+impl HeraldBuilder {
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.insert(k.to_string(), v.to_string());
+        self
+    }
+    pub fn remove_env(mut self, k: &str) -> Self {
+        self.env.remove(k);
+        self
+    }
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.to_string());
+        self
+    }
+    /// No HERALD_JWT_SECRET: dev mode.
+    pub fn no_secret(self) -> Self {
+        self.remove_env("HERALD_JWT_SECRET")
+    }
+    pub fn redis(self, r: &Redis) -> Self {
+        let url = r.url();
+        self.env("HERALD_REDIS_URL", &url)
+    }
+    pub fn api_key(self) -> Self {
+        self.env("HERALD_API_KEY", API_KEY)
+    }
+    pub fn port(mut self, p: u16) -> Self {
+        self.port = Some(p);
+        self
+    }
+    /// Don't wait for /health before returning.
+    pub fn no_wait(mut self) -> Self {
+        self.wait_ready = false;
+        self
+    }
+
+    pub fn start(self) -> Herald {
+        // A port picked by free_port() can, rarely, be taken by someone else before herald
+        // binds it; then herald exits at once and we retry on another port.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = self.port.unwrap_or_else(free_port);
+            let mut h = self.spawn_on(port);
+            if !self.wait_ready {
+                return h;
+            }
+            match h.try_wait_ready(Duration::from_secs(10)) {
+                Ok(()) => return h,
+                Err(msg) => {
+                    let bind_race = self.port.is_none()
+                        && !h.is_running()
+                        && ["in use", "AddrInUse", "os error 98"].iter().any(|p| h.stderr().contains(p));
+                    if bind_race && attempt < 3 {
+                        continue;
+                    }
+                    panic!("{msg}");
+                }
+            }
+        }
+    }
+
+    fn spawn_on(&self, port: u16) -> Herald {
+        let mut cmd = Command::new(herald_bin());
+        scrub_env(&mut cmd);
+        cmd.env("HERALD_LISTEN", format!("127.0.0.1:{port}"));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn herald");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        drain(child.stdout.take().unwrap(), stdout.clone());
+        drain(child.stderr.take().unwrap(), stderr.clone());
+        Herald { child, port, stdout, stderr }
+    }
+}
+
+pub struct Herald {
+    pub child: Child,
+    pub port: u16,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Herald {
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Polls GET /health until it answers 200 or 503 (panics otherwise).
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        if let Err(msg) = self.try_wait_ready(timeout) {
+            panic!("{msg}");
+        }
+    }
+
+    /// Polls GET /health until it answers 200 or 503; Err describes why it did not.
+    pub fn try_wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                thread::sleep(Duration::from_millis(100));
+                return Err(format!(
+                    "herald exited before becoming ready: {st}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                ));
+            }
+            if let Some(r) = try_http(self.port, "GET", "/health", &[], b"", Duration::from_secs(2)) {
+                if r.status == 200 || r.status == 503 {
+                    // make sure it is our process that answered
+                    thread::sleep(Duration::from_millis(20));
+                    if self.child.try_wait().unwrap().is_none() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "herald not ready on port {} within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.port,
+                    self.stdout(),
+                    self.stderr()
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
+    }
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn http(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+        http(self.port, method, path, headers, body)
+    }
+
+    pub fn health(&self) -> HttpResponse {
+        http(self.port, "GET", "/health", &[], b"")
+    }
+
+    pub fn health_json(&self) -> Value {
+        self.health().json()
+    }
+
+    pub fn metrics(&self) -> Value {
+        let r = http(self.port, "GET", "/metrics", &[("Accept", "application/json")], b"");
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.text());
+        r.json()
+    }
+
+    /// POST /publish with `Authorization: Bearer <auth>`.
+    pub fn publish(&self, auth: Option<&str>, body: &Value) -> HttpResponse {
+        let bearer;
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(a) = auth {
+            bearer = format!("Bearer {a}");
+            headers.push(("Authorization", bearer.as_str()));
+        }
+        http(self.port, "POST", "/publish", &headers, body.to_string().as_bytes())
+    }
+
+    /// Current `websocket.active_connections` from /health.
+    pub fn active_connections(&self) -> i64 {
+        let h = self.health_json();
+        h["websocket"]["active_connections"].as_i64().unwrap_or_else(|| panic!("no active_connections in {h}"))
+    }
+
+    /// Waits until /health reports exactly `n` active connections.
+    pub fn wait_active_connections(&self, n: i64, timeout: Duration) {
+        let mut last = -1;
+        let ok = wait_until(timeout, || {
+            last = self.active_connections();
+            last == n
+        });
+        assert!(ok, "active_connections did not become {n} within {timeout:?} (last seen {last})");
+    }
+
+    /// Waits until /health reports exactly `n` unique users (the count may trail the
+    /// connection count by a moment).
+    pub fn wait_unique_users(&self, n: i64, timeout: Duration) {
+        let mut v = Value::Null;
+        let ok = wait_until(timeout, || {
+            v = self.health_json();
+            v["websocket"]["total_unique_users"] == n
+        });
+        assert!(ok, "websocket.total_unique_users did not become {n} within {timeout:?}: {v}");
+    }
+
+    /// Connects a WebSocket to /ws?token=TOKEN (panics if the upgrade is refused).
+    pub fn ws(&self, token: &str) -> Ws {
+        ws_connect(self.port, token)
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// redis-server
+// ---------------------------------------------------------------------------------------
+
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut r = Redis { child: None, port: free_port() };
+        r.spawn();
+        r
+    }
+
+    /// Starts redis-server on a given port.
+    pub fn start_on(port: u16) -> Redis {
+        let mut r = Redis { child: None, port };
+        r.spawn();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &self.port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server (is it installed?)");
+            // wait for PING
+            let ready = wait_until(Duration::from_secs(5), || {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return true;
+                }
+                redis_ping(self.port)
+            });
+            if ready && child.try_wait().unwrap().is_none() {
+                self.child = Some(child);
+                return;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            // the port may still be held (e.g. TIME_WAIT or a racing test): retry
+            if Instant::now() >= deadline {
+                panic!("redis-server did not start on port {}", self.port);
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills redis-server (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts redis-server again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn conn(&self) -> RedisConn {
+        RedisConn::connect(self.port)
+    }
+
+    pub fn publish(&self, channel: &str, payload: &str) -> i64 {
+        redis_publish(self.port, channel, payload)
+    }
+
+    /// Number of redis clients that hold at least one (p)subscription.
+    pub fn subscriber_clients(&self) -> usize {
+        let mut c = self.conn();
+        let list = match c.command(&["CLIENT", "LIST"]) {
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(&b).to_string(),
+            other => panic!("CLIENT LIST: {other:?}"),
+        };
+        list.lines()
+            .filter(|l| {
+                l.split(' ').any(|kv| {
+                    (kv.starts_with("sub=") || kv.starts_with("psub=") || kv.starts_with("ssub="))
+                        && kv.split('=').nth(1).map(|n| n != "0").unwrap_or(false)
+                })
+            })
+            .count()
+    }
+
+    /// Waits until at least `n` redis clients are subscribed (herald instances ready).
+    pub fn wait_subscribers(&self, n: usize, timeout: Duration) {
+        let mut last = 0;
+        let ok = wait_until(timeout, || {
+            last = self.subscriber_clients();
+            last >= n
+        });
+        assert!(ok, "expected {n} subscribed redis clients within {timeout:?}, saw {last}");
+    }
+
+    /// Publishes until at least one subscriber received it (PUBLISH returns >= 1).
+    pub fn publish_until_received(&self, channel: &str, payload: &str, timeout: Duration) -> i64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.publish(channel, payload);
+            if n >= 1 {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "no subscriber received PUBLISH {channel} within {timeout:?}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+pub fn resp_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// A plain RESP connection to redis-server.
+pub struct RedisConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RedisConn {
+    pub fn connect(port: u16) -> RedisConn {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        RedisConn { stream, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, args: &[&str]) {
+        let a: Vec<&[u8]> = args.iter().map(|s| s.as_bytes()).collect();
+        self.stream.write_all(&resp_command(&a)).expect("write to redis");
+    }
+
+    pub fn command(&mut self, args: &[&str]) -> Resp {
+        self.send(args);
+        self.read_reply(Duration::from_secs(5)).expect("redis reply")
+    }
+
+    pub fn publish(&mut self, channel: &str, payload: &str) -> i64 {
+        match self.command(&["PUBLISH", channel, payload]) {
+            Resp::Int(n) => n,
+            other => panic!("PUBLISH reply: {other:?}"),
+        }
+    }
+
+    /// Pipelines many PUBLISHes; returns the sum of receiver counts.
+    pub fn publish_many(&mut self, channel: &str, payloads: &[String]) -> i64 {
+        let mut total = 0;
+        for batch in payloads.chunks(500) {
+            let mut out = Vec::new();
+            for p in batch {
+                out.extend_from_slice(&resp_command(&[b"PUBLISH", channel.as_bytes(), p.as_bytes()]));
+            }
+            self.stream.write_all(&out).expect("write to redis");
+            for _ in batch {
+                match self.read_reply(Duration::from_secs(10)) {
+                    Some(Resp::Int(n)) => total += n,
+                    other => panic!("PUBLISH reply: {other:?}"),
+                }
+            }
+        }
+        total
+    }
+
+    fn fill(&mut self, deadline: Instant) -> bool {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return false;
+        }
+        self.stream.set_read_timeout(Some(remaining.max(Duration::from_millis(1)))).unwrap();
+        let mut tmp = [0u8; 16384];
+        match self.stream.read(&mut tmp) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                true
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => false,
+            Err(_) => false,
+        }
+    }
+
+    fn parse(buf: &[u8]) -> Option<(Resp, usize)> {
+        let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&buf[1..line_end]).ok()?;
+        let after = line_end + 2;
+        match buf.first()? {
+            b'+' => Some((Resp::Simple(line.to_string()), after)),
+            b'-' => Some((Resp::Error(line.to_string()), after)),
+            b':' => Some((Resp::Int(line.parse().ok()?), after)),
+            b'$' => {
+                let n: i64 = line.parse().ok()?;
+                if n < 0 {
+                    return Some((Resp::Bulk(None), after));
+                }
+                let n = n as usize;
+                if buf.len() < after + n + 2 {
+                    return None;
+                }
+                Some((Resp::Bulk(Some(buf[after..after + n].to_vec())), after + n + 2))
+            }
+            b'*' => {
+                let n: i64 = line.parse().ok()?;
+                if n < 0 {
+                    return Some((Resp::Array(None), after));
+                }
+                let mut items = Vec::new();
+                let mut pos = after;
+                for _ in 0..n {
+                    let (item, used) = Self::parse(&buf[pos..])?;
+                    items.push(item);
+                    pos += used;
+                }
+                Some((Resp::Array(Some(items)), pos))
+            }
+            other => panic!("unexpected RESP byte {other:?}"),
+        }
+    }
+
+    /// Reads one reply, or None if none arrived by the timeout.
+    pub fn read_reply(&mut self, timeout: Duration) -> Option<Resp> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((r, used)) = Self::parse(&self.buf) {
+                self.buf.drain(..used);
+                return Some(r);
+            }
+            if !self.fill(deadline) && Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(n) if n >= 5 && &buf[..5] == b"+PONG")
+}
+
+/// PUBLISH over a fresh RESP connection; returns the number of receivers.
+pub fn redis_publish(port: u16, channel: &str, payload: &str) -> i64 {
+    RedisConn::connect(port).publish(channel, payload)
+}
+
+/// A raw redis SUBSCRIBE client.
+pub struct RedisSub {
+    conn: RedisConn,
+}
+
+impl RedisSub {
+    pub fn subscribe(port: u16, channel: &str) -> RedisSub {
+        let mut conn = RedisConn::connect(port);
+        conn.send(&["SUBSCRIBE", channel]);
+        let r = conn.read_reply(Duration::from_secs(5)).expect("SUBSCRIBE confirmation");
+        assert!(matches!(r, Resp::Array(Some(_))), "SUBSCRIBE reply {r:?}");
+        RedisSub { conn }
+    }
+
+    /// Next published payload, or None by the timeout.
+    pub fn next(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.conn.read_reply(remaining)? {
+                Resp::Array(Some(items)) if items.len() == 3 && items[0] == Resp::Bulk(Some(b"message".to_vec())) => {
+                    if let Resp::Bulk(Some(p)) = &items[2] {
+                        return Some(String::from_utf8_lossy(p).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("response body is not JSON ({e}): status {} body {:?}", self.status, self.text())
+        })
+    }
+}
+
+fn find_header_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Parses status line + headers. Returns (status, headers).
+fn parse_head(head: &[u8]) -> Option<(u16, Vec<(String, String)>)> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next()?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next()?;
+    if !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    let status: u16 = parts.next()?.parse().ok()?;
+    let headers = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect();
+    Some((status, headers))
+}
+
+fn dechunk(body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        let rel = body[pos..].windows(2).position(|w| w == b"\r\n")?;
+        let size_str = std::str::from_utf8(&body[pos..pos + rel]).ok()?;
+        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
+        pos += rel + 2;
+        if size == 0 {
+            return Some(out);
+        }
+        if body.len() < pos + size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&body[pos..pos + size]);
+        pos += size + 2;
+    }
+}
+
+/// Reads one HTTP response from `stream` (until complete or EOF) within `timeout`.
+pub fn read_http_response(stream: &mut TcpStream, timeout: Duration) -> Option<HttpResponse> {
+    read_http_response_buf(stream, timeout, &mut Vec::new())
+}
+
+fn read_http_response_buf(stream: &mut TcpStream, timeout: Duration, buf: &mut Vec<u8>) -> Option<HttpResponse> {
+    let deadline = Instant::now() + timeout;
+    let mut eof = false;
+    loop {
+        if let Some(he) = find_header_end(buf) {
+            let (status, headers) = parse_head(&buf[..he])?;
+            let cl = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse::<usize>().ok());
+            let chunked = headers.iter().any(|(k, v)| {
+                k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
+            });
+            if status == 101 {
+                let rest = buf.split_off(he);
+                let resp = HttpResponse { status, headers, body: Vec::new() };
+                *buf = rest;
+                return Some(resp);
+            }
+            if let Some(cl) = cl {
+                if buf.len() >= he + cl {
+                    return Some(HttpResponse { status, headers, body: buf[he..he + cl].to_vec() });
+                }
+            } else if chunked {
+                if let Some(body) = dechunk(&buf[he..]) {
+                    return Some(HttpResponse { status, headers, body });
+                }
+            } else if eof {
+                return Some(HttpResponse { status, headers, body: buf[he..].to_vec() });
+            }
+        }
+        if eof {
+            return None;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return None;
+        }
+        stream.set_read_timeout(Some(remaining)).unwrap();
+        let mut tmp = [0u8; 8192];
+        match stream.read(&mut tmp) {
+            Ok(0) => eof = true,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => return None,
+            Err(_) => eof = true,
+        }
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; None if no complete response came.
+pub fn try_http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Option<HttpResponse> {
+    let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), timeout).ok()?;
+    s.set_write_timeout(Some(timeout)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" || method == "PUT" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    s.write_all(&bytes).ok()?;
+    read_http_response(&mut s, timeout)
+}
+
+/// Like `try_http` but panics when no response arrives within 10 s.
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+    try_http(port, method, path, headers, body, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no HTTP response to {method} {path} on port {port}"))
+}
+
+/// Sends raw bytes, returns whatever response is parsed (None if the connection closed
+/// without a parsable response or nothing arrived by the timeout).
+pub fn http_raw(port: u16, bytes: &[u8], timeout: Duration) -> Option<HttpResponse> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to herald");
+    s.set_write_timeout(Some(timeout)).unwrap();
+    let _ = s.write_all(bytes);
+    read_http_response(&mut s, timeout)
+}
+
+// ---------------------------------------------------------------------------------------
+// WebSocket (tungstenite)
+// ---------------------------------------------------------------------------------------
+
+/// Outcome of an upgrade attempt: either a socket or the HTTP rejection.
+pub enum Upgrade {
+    Ok(Box<Ws>),
+    Rejected { status: u16, body: String },
+}
+
+/// Attempts a WebSocket upgrade to `path_and_query` with extra request headers.
+pub fn ws_try_connect(port: u16, path_and_query: &str, headers: &[(&str, &str)]) -> Upgrade {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to herald");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut req = format!("ws://127.0.0.1:{port}{path_and_query}").into_client_request().expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+    }
+    match tungstenite::client(req, stream) {
+        Ok((ws, resp)) => {
+            assert_eq!(resp.status().as_u16(), 101);
+            Upgrade::Ok(Box::new(ws))
+        }
+        Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            let status = resp.status().as_u16();
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).to_string()).unwrap_or_default();
+            Upgrade::Rejected { status, body }
+        }
+        Err(HandshakeError::Failure(e)) => panic!("WebSocket handshake failed: {e}"),
+        Err(HandshakeError::Interrupted(_)) => panic!("WebSocket handshake timed out"),
+    }
+}
+
+/// Connects to /ws?token=TOKEN; panics if the upgrade is refused.
+pub fn ws_connect(port: u16, token: &str) -> Ws {
+    match ws_try_connect(port, &format!("/ws?token={token}"), &[]) {
+        Upgrade::Ok(ws) => *ws,
+        Upgrade::Rejected { status, body } => panic!("upgrade refused: {status} {body}"),
+    }
+}
+
+/// Reads the next message (of any kind) before `deadline`.
+/// None: nothing arrived in time. Some(Err): the connection failed/closed.
+pub fn ws_next(ws: &mut Ws, deadline: Instant) -> Option<Result<Message, tungstenite::Error>> {
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return None;
+        }
+        ws.get_ref().set_read_timeout(Some(remaining.min(Duration::from_millis(250)))).unwrap();
+        match ws.read() {
+            Ok(m) => return Some(Ok(m)),
+            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                continue;
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// Next text frame within `timeout` (pings/pongs skipped). Panics on close/timeout.
+pub fn recv_text(ws: &mut Ws, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match ws_next(ws, deadline) {
+            None => panic!("no text message within {timeout:?}"),
+            Some(Ok(Message::Text(t))) => return t.as_str().to_string(),
+            Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(f))) => panic!("connection closed while waiting for a message: {f:?}"),
+            Some(Ok(other)) => panic!("unexpected message while waiting for text: {other:?}"),
+            Some(Err(e)) => panic!("connection error while waiting for a message: {e}"),
+        }
+    }
+}
+
+/// Next text frame parsed as JSON.
+pub fn recv_json(ws: &mut Ws, timeout: Duration) -> Value {
+    let t = recv_text(ws, timeout);
+    serde_json::from_str(&t).unwrap_or_else(|e| panic!("message is not JSON ({e}): {t:?}"))
+}
+
+/// Asserts that no text/binary frame arrives during `dur` and that the connection stays open.
+pub fn assert_no_message(ws: &mut Ws, dur: Duration) {
+    let deadline = Instant::now() + dur;
+    loop {
+        match ws_next(ws, deadline) {
+            None => return,
+            Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
+            Some(Ok(m)) => panic!("expected no message, got {m:?}"),
+            Some(Err(e)) => panic!("expected the connection to stay open, got error {e}"),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Closed {
+    /// A close frame arrived, with this code (None: empty close frame).
+    Frame(Option<u16>, String),
+    /// The connection ended without a close frame.
+    Dropped(String),
+}
+
+/// Waits for the server to close the connection; data frames before it are skipped.
+pub fn wait_close(ws: &mut Ws, timeout: Duration) -> Closed {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match ws_next(ws, deadline) {
+            None => panic!("connection was not closed within {timeout:?}"),
+            Some(Ok(Message::Close(f))) => {
+                return match f {
+                    Some(f) => Closed::Frame(Some(u16::from(f.code)), f.reason.as_str().to_string()),
+                    None => Closed::Frame(None, String::new()),
+                };
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Closed::Dropped(e.to_string()),
+        }
+    }
+}
+
+/// Asserts that the server closes with a close frame carrying `code` within `timeout`.
+pub fn expect_close_code(ws: &mut Ws, code: u16, timeout: Duration) {
+    match wait_close(ws, timeout) {
+        Closed::Frame(Some(c), reason) => assert_eq!(c, code, "close code (reason {reason:?})"),
+        other => panic!("expected a close frame with code {code}, got {other:?}"),
+    }
+}
+
+/// Connection is still usable: a text `ping` gets a text `pong`.
+pub fn assert_alive(ws: &mut Ws) {
+    ws.send(Message::text("ping")).expect("send ping");
+    let t = recv_text(ws, Duration::from_secs(5));
+    assert_eq!(t, "pong");
+}
+
+// ---------------------------------------------------------------------------------------
+// raw WebSocket (hand-made upgrade and frames)
+// ---------------------------------------------------------------------------------------
+
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub masked: bool,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum RawRead {
+    Timeout,
+    Eof,
+    Error(String),
+}
+
+pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+pub fn upgrade_request(port: u16, path: &str, extra: &[(&str, &str)]) -> String {
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// Sends a hand-written upgrade request; returns the response (status 101 included).
+pub fn raw_upgrade_response(port: u16, path: &str, extra: &[(&str, &str)]) -> (HttpResponse, RawWs) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to herald");
+    stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(upgrade_request(port, path, extra).as_bytes()).expect("write upgrade");
+    let mut buf = Vec::new();
+    let resp = read_http_response_buf(&mut stream, Duration::from_secs(5), &mut buf)
+        .unwrap_or_else(|| panic!("no response to upgrade of {path}"));
+    (resp, RawWs { stream, buf })
+}
+
+impl RawWs {
+    /// Hand-made upgrade to /ws?token=TOKEN; asserts 101.
+    pub fn connect(port: u16, token: &str) -> RawWs {
+        Self::connect_with(port, token, |_| {})
+    }
+
+    /// Like `connect`, with a hook to set socket options before the upgrade is sent.
+    pub fn connect_with(port: u16, token: &str, setup: impl FnOnce(&TcpStream)) -> RawWs {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to herald");
+        setup(&stream);
+        stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let path = format!("/ws?token={token}");
+        stream.write_all(upgrade_request(port, &path, &[]).as_bytes()).expect("write upgrade");
+        let mut buf = Vec::new();
+        let resp = read_http_response_buf(&mut stream, Duration::from_secs(5), &mut buf).expect("upgrade response");
+        assert_eq!(resp.status, 101, "upgrade status, body {:?}", resp.text());
+        assert_eq!(resp.header("sec-websocket-accept"), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "Sec-WebSocket-Accept");
+        RawWs { stream, buf }
+    }
+
+    pub fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Writes one frame; `mask` None sends it unmasked.
+    pub fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> std::io::Result<()> {
+        self.write_raw(&encode_frame(fin, opcode, payload, mask))
+    }
+
+    /// A final, masked frame.
+    pub fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        self.send_frame(true, opcode, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+    }
+
+    fn fill(&mut self, deadline: Instant) -> Result<(), RawRead> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(RawRead::Timeout);
+        }
+        self.stream.set_read_timeout(Some(remaining)).unwrap();
+        let mut tmp = [0u8; 65536];
+        match self.stream.read(&mut tmp) {
+            Ok(0) => Err(RawRead::Eof),
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => Err(RawRead::Timeout),
+            Err(e) => Err(RawRead::Error(e.to_string())),
+        }
+    }
+
+    /// Reads one frame before `deadline`.
+    pub fn read_frame(&mut self, deadline: Instant) -> Result<RawFrame, RawRead> {
+        loop {
+            if let Some((f, used)) = decode_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Ok(f);
+            }
+            self.fill(deadline)?;
+        }
+    }
+
+    /// Reads frames until a close frame (returns its code; None if it had no payload).
+    /// Err if the connection ended without one or nothing came by the timeout.
+    pub fn read_close(&mut self, timeout: Duration) -> Result<Option<u16>, RawRead> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let f = self.read_frame(deadline)?;
+            if f.opcode == 0x8 {
+                if f.payload.len() >= 2 {
+                    return Ok(Some(u16::from_be_bytes([f.payload[0], f.payload[1]])));
+                }
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Asserts the server sends a close frame with `code` within `timeout`.
+    pub fn expect_close_code(&mut self, code: u16, timeout: Duration) {
+        match self.read_close(timeout) {
+            Ok(Some(c)) => assert_eq!(c, code, "close code"),
+            other => panic!("expected close frame with code {code}, got {other:?}"),
+        }
+    }
+
+    /// Reads and discards everything until EOF/reset; true if that happened by `timeout`.
+    pub fn wait_eof(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.buf.clear();
+        loop {
+            match self.fill(deadline) {
+                Ok(()) => self.buf.clear(),
+                Err(RawRead::Timeout) => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+pub fn encode_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | (opcode & 0x0f)];
+    let mbit = if mask.is_some() { 0x80 } else { 0 };
+    let len = payload.len();
+    if len < 126 {
+        out.push(mbit | len as u8);
+    } else if len <= 0xffff {
+        out.push(mbit | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(mbit | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    match mask {
+        Some(m) => {
+            out.extend_from_slice(&m);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+pub fn decode_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let fin = buf[0] & 0x80 != 0;
+    let opcode = buf[0] & 0x0f;
+    let masked = buf[1] & 0x80 != 0;
+    let mut len = (buf[1] & 0x7f) as usize;
+    let mut pos = 2;
+    if len == 126 {
+        if buf.len() < 4 {
+            return None;
+        }
+        len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+        pos = 4;
+    } else if len == 127 {
+        if buf.len() < 10 {
+            return None;
+        }
+        len = u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize;
+        pos = 10;
+    }
+    let mask = if masked {
+        if buf.len() < pos + 4 {
+            return None;
+        }
+        let m = [buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]];
+        pos += 4;
+        Some(m)
+    } else {
+        None
+    };
+    if buf.len() < pos + len {
+        return None;
+    }
+    let mut payload = buf[pos..pos + len].to_vec();
+    if let Some(m) = mask {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= m[i % 4];
+        }
+    }
+    Some((RawFrame { fin, opcode, masked, payload }, pos + len))
+}
+
+/// Sets SO_RCVBUF on a socket (to make a non-reading client's buffers fill quickly).
+pub fn set_recv_buffer(stream: &TcpStream, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_RCVBUF");
+}
+
+/// A notification message as published by backends in seed 003.
+pub fn notification(title: &str) -> Value {
+    json!({"type": "notification", "payload": {"title": title}})
+}
+
+/// Removes `timestamp` from a delivered message after checking its format.
+pub fn strip_timestamp(mut v: Value) -> Value {
+    let ts = v.get("timestamp").and_then(|t| t.as_str()).map(|s| s.to_string());
+    let ts = ts.unwrap_or_else(|| panic!("delivered message has no string timestamp: {v}"));
+    assert!(is_rfc3339_millis_utc(&ts), "timestamp {ts:?} is not RFC 3339 UTC with milliseconds");
+    v.as_object_mut().unwrap().remove("timestamp");
+    v
+}
+
+/// Seconds since the epoch of a `YYYY-MM-DDTHH:MM:SS.mmmZ` timestamp.
+pub fn parse_timestamp(s: &str) -> f64 {
+    assert!(is_rfc3339_millis_utc(s), "timestamp {s:?} is not RFC 3339 UTC with milliseconds");
+    let n = |a: usize, b: usize| s[a..b].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0, 4), n(5, 7), n(8, 10));
+    let (hh, mm, ss, ms) = (n(11, 13), n(14, 16), n(17, 19), n(20, 23));
+    // days from civil (Howard Hinnant)
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = if y2 >= 0 { y2 } else { y2 - 399 } / 400;
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    (days * 86400 + hh * 3600 + mm * 60 + ss) as f64 + ms as f64 / 1000.0
+}
+
+/// Asserts `ts` is a well-formed timestamp within `slack_secs` of the current time.
+pub fn assert_timestamp_is_now(ts: &str, slack_secs: f64) {
+    let t = parse_timestamp(ts);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((t - now).abs() <= slack_secs, "timestamp {ts} is {:.1}s away from now", t - now);
+}
