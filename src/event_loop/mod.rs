@@ -501,7 +501,14 @@ impl EventLoop {
     }
 
     fn disconnect_user(&mut self, user: Arc<str>, tally: &DisconnectTally) {
-        let keys = self.index.get(&Target::User(user)).cloned().unwrap_or_default();
+        // Topic-path connections are not in the user's index entry, so look at every session:
+        // an admin action, rare enough for a scan of this loop's slab.
+        let keys: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.session().is_some_and(|s| s.user == user))
+            .map(|(k, _)| k as u32)
+            .collect();
         let mut closed = 0;
         for key in keys {
             if let Some(code) =

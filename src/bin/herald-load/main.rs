@@ -204,6 +204,7 @@ fn run(args: &Args) -> Result<(), String> {
                 target,
                 payload_bytes: args.payload_bytes,
                 max_inflight,
+                batch_ns: args.publish_batch.as_nanos() as u64,
                 start_ns,
                 end_ns: window_end,
                 drain: args.drain,

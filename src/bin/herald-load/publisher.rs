@@ -48,6 +48,8 @@ pub struct PubPlan {
     pub target: Target,
     pub payload_bytes: usize,
     pub max_inflight: u64,
+    /// Open loop: minimum time between two wakeups, ns.
+    pub batch_ns: u64,
     /// Publishing runs over [start_ns, end_ns) (CLOCK_REALTIME); then at most `drain` more
     /// to send a backlog.
     pub start_ns: u64,
@@ -207,7 +209,7 @@ impl Publisher<'_> {
                     let t = self.scheduled(k, rate);
                     if t > now || t >= self.plan.end_ns {
                         if t < self.plan.end_ns {
-                            timer.arm_at(t)?;
+                            timer.arm_at(t.max(now + self.plan.batch_ns))?;
                         }
                         break;
                     }

@@ -10,6 +10,9 @@ use crate::publisher::PubReport;
 use crate::sys::ProcSample;
 use crate::worker::{Counts, WorkerReport, new_histogram};
 
+/// CPU seconds by thread name.
+pub type ThreadCpu = Vec<(String, f64)>;
+
 /// CPU and memory at both ends of a phase.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Phase {
@@ -41,7 +44,7 @@ pub struct Report {
     pub hold_phase: Phase,
     pub window_phase: Phase,
     /// Per-thread CPU of the generator at both ends of the measured window.
-    pub window_threads: Option<(Vec<(String, f64)>, Vec<(String, f64)>)>,
+    pub window_threads: Option<(ThreadCpu, ThreadCpu)>,
     pub server_end: Option<ProcSample>,
     pub gen_end: Option<ProcSample>,
 }
