@@ -507,9 +507,6 @@ fn consume(conn: &mut Conn, data: &[u8], sink: &mut Sink<'_>) -> usize {
                 return data.len();
             }
             Handshake::Refused(code) => {
-                if std::env::var_os("HL_DEBUG").is_some() {
-                    eprintln!("conn {} user {} -> {}", sink.conn_index, sink.user_index, String::from_utf8_lossy(data));
-                }
                 fail(conn, sink, format!("upgrade: HTTP {code}"));
                 return data.len();
             }
