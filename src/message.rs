@@ -130,14 +130,18 @@ pub fn embed_exclusion(payload: &[u8], exclusion: &Exclusion) -> Vec<u8> {
 }
 
 /// Takes an embedded exclusion back out of a message from Redis. `None` when there is none
-/// (the common case, decided by a byte search without parsing).
+/// (the common case, decided by a byte search without parsing). herald appends the
+/// exclusion as the object's last member, so it is cut off byte for byte and the rest of
+/// the message stays exactly as published (no re-serialization, no number reformatting).
 pub fn strip_exclusion(raw: &[u8]) -> Option<(Vec<u8>, Exclusion)> {
-    let needle = b"\"_herald\"";
-    if !raw.windows(needle.len()).any(|w| w == needle) {
+    let marker = format!(",\"{EXCLUSION_KEY}\":");
+    let marker = marker.as_bytes();
+    let end = raw.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if raw[end] != b'}' {
         return None;
     }
-    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw).ok()?;
-    let meta = object.shift_remove(EXCLUSION_KEY)?;
+    let start = raw[..end].windows(marker.len()).rposition(|w| w == marker)?;
+    let meta: serde_json::Value = serde_json::from_slice(&raw[start + marker.len()..end]).ok()?;
     let users: Option<Arc<[Arc<str>]>> = meta
         .get("exclude_users")
         .and_then(|u| u.as_array())
@@ -150,7 +154,9 @@ pub fn strip_exclusion(raw: &[u8]) -> Option<(Vec<u8>, Exclusion)> {
         let id = parts.next()?.parse().ok()?;
         Some((instance, loop_id, ConnRef::from_parts(key, id)))
     });
-    let stripped = serde_json::to_vec(&object).ok()?;
+    let mut stripped = Vec::with_capacity(start + 1);
+    stripped.extend_from_slice(&raw[..start]);
+    stripped.push(b'}');
     Some((stripped, Exclusion { users, origin }))
 }
 
@@ -192,7 +198,8 @@ pub enum ClientMessage {
 
 /// Parses a client's text message (already UTF-8 checked and size bounded by the frame layer).
 pub fn parse_client_message(text: &str, scratch: &mut JsonScratch) -> ClientMessage {
-    let trimmed = text.trim();
+    // ASCII whitespace only: JSON allows no other, and "ping" is a JSON-free word.
+    let trimmed = text.trim_matches(|c: char| c.is_ascii_whitespace());
     if trimmed == "ping" {
         return ClientMessage::Ping(PingStyle::Text);
     }
@@ -270,6 +277,15 @@ mod tests {
     }
 
     #[test]
+    fn integers_beyond_64_bits_are_valid_json() {
+        // fuzz/regressions/notification/strict-big-integer-refused
+        assert!(encode(r#"{"type":"","":{"":66666666666666666666}}"#).is_ok());
+        let mut s = JsonScratch::default();
+        assert_eq!(parse_client_message(r#"{"":100000000000000000000}"#, &mut s), ClientMessage::OtherObject);
+        assert_eq!(parse_client_message("\u{a0}ping", &mut s), ClientMessage::Unrecognized);
+    }
+
+    #[test]
     fn a_nested_timestamp_does_not_count() {
         let out = encode(r#"{"type":"x","payload":{"timestamp":1}}"#).unwrap();
         assert!(out.ends_with(r#","timestamp":"1970-01-01T00:00:00.000Z"}"#));
@@ -287,6 +303,10 @@ mod tests {
         assert_eq!(stripped, payload.to_vec());
         assert_eq!(back, exclusion);
         assert!(strip_exclusion(payload).is_none());
+        // Numbers survive the trip byte for byte (fuzz/regressions/notification/strict-exclusion-float-changed).
+        let float = br#"{"type":"","":5e32}"#;
+        let (back, _) = strip_exclusion(&embed_exclusion(float, &exclusion)).unwrap();
+        assert_eq!(back, float.to_vec());
         assert_eq!(embed_exclusion(payload, &Exclusion::default()), payload.to_vec());
     }
 

@@ -69,7 +69,8 @@ pub fn percent_decode(input: &str) -> Option<String> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
+                // Exactly two hex digits (from_str_radix alone would also take "+f").
+                let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
                 let hex = std::str::from_utf8(hex).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
@@ -333,6 +334,7 @@ mod tests {
         assert_eq!(percent_decode("a%20b").as_deref(), Some("a b"));
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%+f"), None, "fuzz/regressions/query_token/strict-percent-plus-sign");
         assert_eq!(percent_decode("%ff"), None);
     }
 }
