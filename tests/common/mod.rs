@@ -267,13 +267,14 @@ pub struct HeraldBuilder {
     args: Vec<String>,
     port: Option<u16>,
     wait_ready: bool,
+    rlimit_nofile: Option<u64>,
 }
 
 /// A herald builder with HERALD_LISTEN on a free port and HERALD_JWT_SECRET = SECRET.
 pub fn herald() -> HeraldBuilder {
     let mut env = BTreeMap::new();
     env.insert("HERALD_JWT_SECRET".to_string(), SECRET.to_string());
-    HeraldBuilder { env, args: Vec::new(), port: None, wait_ready: true }
+    HeraldBuilder { env, args: Vec::new(), port: None, wait_ready: true, rlimit_nofile: None }
 }
 
 impl HeraldBuilder {
@@ -307,6 +308,11 @@ impl HeraldBuilder {
     /// Don't wait for /health before returning.
     pub fn no_wait(mut self) -> Self {
         self.wait_ready = false;
+        self
+    }
+    /// Starts herald with RLIMIT_NOFILE = `n` (soft and hard).
+    pub fn rlimit_nofile(mut self, n: u64) -> Self {
+        self.rlimit_nofile = Some(n);
         self
     }
 
@@ -344,6 +350,21 @@ impl HeraldBuilder {
             cmd.env(k, v);
         }
         cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        if let Some(n) = self.rlimit_nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit { rlim_cur: n as libc::rlim_t, rlim_max: n as libc::rlim_t };
+            // SAFETY: the closure runs in the forked child between fork and exec. It only calls
+            // setrlimit (async-signal-safe) on a value captured by copy, and builds an
+            // io::Error from the errno without allocating; no lock or allocator is touched.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("spawn herald");
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -1405,4 +1426,326 @@ pub fn assert_timestamp_is_now(ts: &str, slack_secs: f64) {
     let t = parse_timestamp(ts);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
     assert!((t - now).abs() <= slack_secs, "timestamp {ts} is {:.1}s away from now", t - now);
+}
+
+// ---------------------------------------------------------------------------------------
+// process introspection, non-panicking clients, fault injection (reliability, security, churn)
+// ---------------------------------------------------------------------------------------
+
+/// Number of open file descriptors of process `pid` (entries of /proc/PID/fd).
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+}
+
+/// Resident set size of process `pid` in KiB (VmRSS of /proc/PID/status).
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/PID/status");
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmRSS value")
+}
+
+/// What herald holds, as reported by /metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub active: i64,
+    pub slab_entries: i64,
+    pub index_entries: i64,
+}
+
+impl Held {
+    /// Nothing at all. (A /metrics request may count its own connection in `slab_entries`,
+    /// depending on timing: compare with this in a polling loop, not once.)
+    pub const NONE: Held = Held { active: 0, slab_entries: 0, index_entries: 0 };
+
+    pub fn of(metrics: &Value) -> Held {
+        let n = |v: &Value| v.as_i64().unwrap_or_else(|| panic!("metrics field missing/not a number in {metrics}"));
+        Held {
+            active: n(&metrics["connections"]["active"]),
+            slab_entries: n(&metrics["internals"]["slab_entries"]),
+            index_entries: n(&metrics["internals"]["index_entries"]),
+        }
+    }
+}
+
+/// A hand-written upgrade that reports failure (refused, reset, no answer by `timeout`)
+/// instead of panicking. Returns the response (any status) and the socket.
+pub fn raw_try_upgrade(
+    port: u16,
+    path: &str,
+    extra: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(HttpResponse, RawWs), String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream.set_write_timeout(Some(timeout)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(upgrade_request(port, path, extra).as_bytes()).map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    let resp = read_http_response_buf(&mut stream, timeout, &mut buf).ok_or("no response")?;
+    Ok((resp, RawWs { stream, buf }))
+}
+
+impl RawWs {
+    /// Like `read_frame`, also returning the frame's first byte (FIN, RSV1-3, opcode).
+    pub fn read_frame_with_head(&mut self, deadline: Instant) -> Result<(u8, RawFrame), RawRead> {
+        loop {
+            if let Some((f, used)) = decode_frame(&self.buf) {
+                let head = self.buf[0];
+                self.buf.drain(..used);
+                return Ok((head, f));
+            }
+            self.fill(deadline)?;
+        }
+    }
+
+    /// Bytes received after the upgrade response that no frame read has consumed yet.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+/// Sends one HTTP/1.1 request on an existing (keep-alive) connection and reads the response.
+pub fn http_on(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Option<HttpResponse> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.set_write_timeout(Some(timeout)).unwrap();
+    stream.write_all(&bytes).ok()?;
+    read_http_response(stream, timeout)
+}
+
+/// A TCP relay on a free port forwarding to 127.0.0.1:`target`, one connection per accepted
+/// one. `stall()` stops it forwarding in both directions while every socket stays open (the
+/// peers see silence, no FIN); `resume()` forwards again. Dropping it closes everything.
+pub struct Relay {
+    pub port: u16,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub fn start(target: u16) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (st, sp, so) = (stalled.clone(), stop.clone(), sockets.clone());
+        let acceptor = thread::spawn(move || {
+            let mut pumps = Vec::new();
+            while !sp.load(SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                        let _ = client.set_nodelay(true);
+                        let _ = upstream.set_nodelay(true);
+                        so.lock().unwrap().extend([client.try_clone().unwrap(), upstream.try_clone().unwrap()]);
+                        for (from, to) in
+                            [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)]
+                        {
+                            let (st, sp) = (st.clone(), sp.clone());
+                            pumps.push(thread::spawn(move || Relay::pump(from, to, &st, &sp)));
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for p in pumps {
+                let _ = p.join();
+            }
+        });
+        Relay { port, stalled, stop, sockets, threads: vec![acceptor] }
+    }
+
+    fn pump(
+        mut from: TcpStream,
+        mut to: TcpStream,
+        stalled: &std::sync::atomic::AtomicBool,
+        stop: &std::sync::atomic::AtomicBool,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut buf = vec![0u8; 16384];
+        while !stop.load(SeqCst) {
+            if stalled.load(SeqCst) {
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => {
+                    let _ = to.shutdown(Shutdown::Write);
+                    return;
+                }
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        let _ = from.shutdown(Shutdown::Both);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+                Err(_) => {
+                    let _ = to.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops forwarding (both directions); sockets stay open and unread.
+    pub fn stall(&self) {
+        self.stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.stalled.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.sockets.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How a `FakeRedis` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FakeRedisMode {
+    /// Answers whatever it reads (and each new connection) with bytes that are not RESP.
+    Garbage,
+    /// Accepts and reads, never writes a byte.
+    Silent,
+}
+
+/// A TCP server on a given port that pretends to be Redis and is not. `stop()` (or drop)
+/// closes the listener and every accepted connection.
+pub struct FakeRedis {
+    pub port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Not RESP: the first byte (a TLS record type) is no RESP type marker.
+pub const REDIS_GARBAGE: &[u8] = b"\x16\x03\x01\x00\xff this is not redis \xfe\xff\r\n%%%\r\n";
+
+impl FakeRedis {
+    pub fn start_on(port: u16, mode: FakeRedisMode) -> FakeRedis {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "fake redis cannot bind port {port}: {e}");
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (sp, acc) = (stop.clone(), accepted.clone());
+        let thread = thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !sp.load(SeqCst) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        acc.fetch_add(1, SeqCst);
+                        s.set_nonblocking(false).unwrap();
+                        if mode == FakeRedisMode::Garbage {
+                            let _ = s.write_all(REDIS_GARBAGE);
+                        }
+                        let sp = sp.clone();
+                        conns.push(thread::spawn(move || {
+                            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                            let mut buf = [0u8; 4096];
+                            while !sp.load(SeqCst) {
+                                match s.read(&mut buf) {
+                                    Ok(0) => return,
+                                    Ok(_) => {
+                                        if mode == FakeRedisMode::Garbage && s.write_all(REDIS_GARBAGE).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+                                    Err(_) => return,
+                                }
+                            }
+                            let _ = s.shutdown(Shutdown::Both);
+                        }));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            drop(listener);
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        FakeRedis { port, stop, accepted, thread: Some(thread) }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every connection; returns once the port is free.
+    pub fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FakeRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Bytes in the kernel send queue of the IPv4 TCP sockets `local_port` → each of
+/// `remote_ports` (from one read of /proc/net/tcp); None where there is no such socket.
+pub fn tcp_send_queues(local_port: u16, remote_ports: &[u16]) -> Vec<Option<u64>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port_of = |addr: &str| addr.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    let mut out = vec![None; remote_ports.len()];
+    let local = format!(":{local_port:04X} ");
+    for line in table.lines().skip(1).filter(|l| l.contains(&local)) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || port_of(f[1]) != Some(local_port) {
+            continue;
+        }
+        if let Some(i) = remote_ports.iter().position(|p| port_of(f[2]) == Some(*p)) {
+            out[i] = f[4].split(':').next().and_then(|tx| u64::from_str_radix(tx, 16).ok());
+        }
+    }
+    out
 }

@@ -23,6 +23,13 @@ Examples (herald with HERALD_JWT_SECRET=s on 127.0.0.1:18090, Redis on :16390):
   # broadcast: 10,000 connections of one user (needs HERALD_MAX_CONNECTIONS_PER_USER=0), 10 msgs/s
   herald-load broadcast -n 10000 --user room --secret s --redis 127.0.0.1:16390 --rate 10
 
+  # the ceiling: a bare server that writes one pre-encoded frame to every socket, and a
+  # broadcast against it (its POST endpoint takes the raw body as the message)
+  herald-load ceiling-server --listen 127.0.0.1:18099 --threads 2 &
+  herald-load broadcast -n 10000 --url 'ws://127.0.0.1:18099/sub/{user}' --publish http \\
+      --publish-url 'http://127.0.0.1:18099/pub/{user}' --publish-body '{payload}' --rate 10 \\
+      --server-pid $!
+
   # nginx + Nchan: no token, per-user channel URL, raw-body HTTP publisher
   herald-load unicast -n 5000 --url 'ws://127.0.0.1:8082/sub/{user}' \\
       --publish http --publish-url 'http://127.0.0.1:8082/pub/{user}' --publish-body '{payload}'
@@ -41,8 +48,16 @@ seq per message, every connection must see each once. The JSON report goes to st
 pub struct Args {
     /// connect: open N connections, hold, close. unicast: N users, publish round-robin over
     /// them. broadcast: N connections of one user (--user) or one topic (--topic).
+    /// ceiling-server: not a client but the cost floor of a broadcast, a bare server to
+    /// measure against (see --listen).
     #[arg(value_enum)]
     pub mode: Mode,
+
+    /// ceiling-server: address to listen on (WebSocket upgrades on any GET path; a POST to
+    /// any path, e.g. /pub/room, is the message: its body framed once and written to every
+    /// upgraded socket). --threads event loops share the port.
+    #[arg(long, default_value = "127.0.0.1:18099")]
+    pub listen: String,
 
     /// WebSocket URL template; {token} is the minted JWT, {user} the user id.
     #[arg(long, default_value = "ws://127.0.0.1:8081/ws?token={token}")]
@@ -114,6 +129,12 @@ pub struct Args {
     /// unicast, broadcast: length of the measured window.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
+
+    /// unicast, broadcast: start publishing (the warmup) at this Unix time, in seconds (may
+    /// be fractional), instead of right after the connect phase: several generator
+    /// processes then share one window. A connect phase that ends later starts at once.
+    #[arg(long)]
+    pub start_at: Option<f64>,
 
     /// Publishing before the measured window (not counted).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -194,6 +215,7 @@ pub enum Mode {
     Connect,
     Unicast,
     Broadcast,
+    CeilingServer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -6,6 +6,7 @@
 //! (connect, warm up, measure, drain, close), samples /proc of the server and of itself
 //! at the phase boundaries, and prints one JSON report.
 
+mod ceiling;
 mod cli;
 mod publisher;
 mod report;
@@ -45,6 +46,9 @@ fn progress(args: &Args, line: impl FnOnce() -> String) {
 }
 
 fn run(args: &Args) -> Result<(), String> {
+    if args.mode == Mode::CeilingServer {
+        return ceiling::run(&args.listen, args.threads.clamp(1, 64));
+    }
     if args.connections == 0 {
         return Err("--connections must be at least 1".into());
     }
@@ -103,7 +107,7 @@ fn run(args: &Args) -> Result<(), String> {
         key_seed: ws::Rng::from_entropy().next_u64(),
     });
     let publish_plan = match args.mode {
-        Mode::Connect => None,
+        Mode::Connect | Mode::CeilingServer => None,
         Mode::Unicast | Mode::Broadcast => Some(publish_transport(args, &endpoint, secret)?),
     };
 
@@ -152,6 +156,7 @@ fn run(args: &Args) -> Result<(), String> {
             });
         }
     }
+    let connected_at_ns = realtime_ns();
     let server_connected = sys::sample_pids(&args.server_pid);
     let gen_connected = sys::sample_self();
     rep.connect_phase = Phase::new(server_start, server_connected, gen_start, gen_connected);
@@ -184,7 +189,20 @@ fn run(args: &Args) -> Result<(), String> {
             rep.hold_phase = Phase::new(server_connected, server_end, gen_connected, gen_end);
         }
         Some(transport) => {
-            let start_ns = realtime_ns() + 50_000_000;
+            let soonest = realtime_ns() + 50_000_000;
+            let start_ns = match args.start_at {
+                Some(at) if (at * 1e9) as u64 > soonest => {
+                    progress(args, || {
+                        format!("waiting {:.1}s for --start-at", ((at * 1e9) as u64 - soonest) as f64 / 1e9)
+                    });
+                    (at * 1e9) as u64
+                }
+                Some(_) => {
+                    progress(args, || "warning: the connect phase ended after --start-at; starting now".into());
+                    soonest
+                }
+                None => soonest,
+            };
             let window_start = start_ns + args.warmup.as_nanos() as u64;
             let window_end = window_start + args.duration.as_nanos() as u64;
             shared.window_start_ns.store(window_start, Relaxed);
@@ -258,7 +276,17 @@ fn run(args: &Args) -> Result<(), String> {
             Err(_) => return Err(format!("worker {i} panicked")),
         }
     }
-    let json = rep.finish(reports, pub_report);
+    let mut json = rep.finish(reports, pub_report);
+    if args.mode != Mode::Connect {
+        // Absolute times, so reports of several generator processes can be lined up.
+        let unix_s =
+            |ns: u64| if ns == u64::MAX { serde_json::Value::Null } else { serde_json::json!(ns as f64 / 1e9) };
+        json["window"] = serde_json::json!({
+            "connected_at_unix_s": connected_at_ns as f64 / 1e9,
+            "start_unix_s": unix_s(shared.window_start_ns.load(Relaxed)),
+            "end_unix_s": unix_s(shared.window_end_ns.load(Relaxed)),
+        });
+    }
     let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
     println!("{text}");
     if let Some(path) = &args.json_out {

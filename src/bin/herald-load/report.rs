@@ -123,6 +123,7 @@ impl Report {
         let mut connect_latency = new_histogram();
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();
         let mut closes: BTreeMap<String, u64> = BTreeMap::new();
+        c.min_window_msgs = u64::MAX;
         let mut first_attempt = u64::MAX;
         let mut last_established = 0;
         for w in &workers {
@@ -138,6 +139,10 @@ impl Report {
             c.unchecked_reordered += k.unchecked_reordered;
             c.other_messages += k.other_messages;
             c.pings += k.pings;
+            c.open_at_end += k.open_at_end;
+            c.silent_at_end += k.silent_at_end;
+            c.min_window_msgs = c.min_window_msgs.min(k.min_window_msgs);
+            c.max_silence_ns = c.max_silence_ns.max(k.max_silence_ns);
             if k.attempted > 0 {
                 first_attempt = first_attempt.min(k.first_attempt_ns);
             }
@@ -170,11 +175,11 @@ impl Report {
             _ => Value::Null,
         };
         let (steady, steady_seconds) = match self.mode {
-            Mode::Connect => (self.hold_phase, self.hold),
+            Mode::Connect | Mode::CeilingServer => (self.hold_phase, self.hold),
             _ => (self.window_phase, self.duration),
         };
         let deliveries = match self.mode {
-            Mode::Connect => 0,
+            Mode::Connect | Mode::CeilingServer => 0,
             _ => c.received_window,
         };
         let utilization = |cpu: Option<f64>| match cpu {
@@ -259,6 +264,14 @@ impl Report {
                 "duplicates_all_phases": c.duplicates_all,
                 "other_messages": c.other_messages,
             });
+            // Every connection still receiving: each open one got window messages, and none
+            // has been silent for long when the run ended.
+            out["per_connection"] = json!({
+                "open_at_end": c.open_at_end,
+                "received_none_in_window": c.silent_at_end,
+                "min_window_messages": if c.open_at_end > 0 { json!(c.min_window_msgs) } else { Value::Null },
+                "max_silence_at_end_s": round(c.max_silence_ns as f64 / 1e9, 3),
+            });
             out["deliveries_per_sec"] = json!(round(c.received_window as f64 / self.duration.max(1e-9), 1));
             out["latency_us"] = percentiles_us(&latency, true);
         }
@@ -299,6 +312,11 @@ pub fn summary(v: &Value) -> String {
             d["lost"],
             d["duplicates"],
             v["deliveries_per_sec"]
+        );
+        let pc = &v["per_connection"];
+        s += &format!(
+            "per connection: {} open at the end, {} received nothing in the window, min {} window messages, longest silence at the end {} s\n",
+            pc["open_at_end"], pc["received_none_in_window"], pc["min_window_messages"], pc["max_silence_at_end_s"]
         );
         s += &format!(
             "latency us: p50 {} p90 {} p99 {} p99.9 {} max {}\n",

@@ -40,6 +40,10 @@ struct Conn {
     /// Monotonic ns since `Shared::epoch` when the connect started.
     started_ns: u64,
     seq: SeqWindow,
+    /// Load messages stamped inside the measured window this connection received.
+    window_msgs: u32,
+    /// Realtime ns of its last new load message (any phase); 0: none yet.
+    last_rx_ns: u64,
     /// Bytes of an incomplete response head or frame.
     rbuf: Vec<u8>,
     /// Bytes the socket did not take yet.
@@ -63,6 +67,16 @@ pub struct Counts {
     /// Text frames that were not load messages.
     pub other_messages: u64,
     pub pings: u64,
+    /// Connections still open when the run ended (before the generator closed them).
+    pub open_at_end: u64,
+    /// ... of which received no load message stamped in the measured window.
+    pub silent_at_end: u64,
+    /// Fewest window messages any connection open at the end received (u64::MAX: none open).
+    pub min_window_msgs: u64,
+    /// Longest time, among connections open at the end, since their last load message (ns,
+    /// measured when the generator stops; a connection that never received counts from the
+    /// window start).
+    pub max_silence_ns: u64,
     /// Monotonic ns since the shared epoch.
     pub first_attempt_ns: u64,
     pub last_established_ns: u64,
@@ -132,6 +146,8 @@ impl Worker {
                 state: State::Idle,
                 started_ns: 0,
                 seq: SeqWindow::default(),
+                window_msgs: 0,
+                last_rx_ns: 0,
                 rbuf: Vec::new(),
                 wbuf: Vec::new(),
             })
@@ -227,6 +243,19 @@ impl Worker {
                     on_readable(conn, &mut buf, &mut sink);
                 }
             }
+        }
+        // Is every connection still receiving? Per-connection tallies before closing.
+        sink.counts.min_window_msgs = u64::MAX;
+        let end_rt = realtime_ns();
+        let window_start = shared.window_start_ns.load(Relaxed);
+        for conn in conns.iter().filter(|c| c.state == State::Open) {
+            sink.counts.open_at_end += 1;
+            if conn.window_msgs == 0 {
+                sink.counts.silent_at_end += 1;
+            }
+            sink.counts.min_window_msgs = sink.counts.min_window_msgs.min(u64::from(conn.window_msgs));
+            let since = if conn.last_rx_ns > 0 { conn.last_rx_ns } else { window_start.min(end_rt) };
+            sink.counts.max_silence_ns = sink.counts.max_silence_ns.max(end_rt.saturating_sub(since));
         }
         // Close frames where the socket takes them; then the sockets go.
         for (k, conn) in conns.iter_mut().enumerate() {
@@ -592,7 +621,9 @@ fn on_message(conn: &mut Conn, payload: &[u8], sink: &mut Sink<'_>) {
                 sink.counts.unchecked_reordered += 1;
             }
             sink.counts.received_all += 1;
+            conn.last_rx_ns = sink.now_rt;
             if in_window {
+                conn.window_msgs = conn.window_msgs.saturating_add(1);
                 sink.counts.received_window += 1;
                 sink.latency.saturating_record(sink.now_rt.saturating_sub(t).max(1));
             }
