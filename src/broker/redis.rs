@@ -200,7 +200,15 @@ pub fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, shared: 
         let outcome = match conn.as_mut() {
             None => Err("redis unavailable".to_string()),
             Some(c) => match &job {
-                Some(job) => publish(c, job).map(|receivers| receivers.max(0) as u64),
+                Some(job) => publish(c, job)
+                    .or_else(|first| {
+                        // The connection may have died since the last PING (a Redis restart):
+                        // one retry on a fresh connection before answering with an error.
+                        let fresh = connect(&client).map_err(|_| first)?;
+                        *c = fresh;
+                        publish(c, job)
+                    })
+                    .map(|receivers| receivers.max(0) as u64),
                 None => ping(c, health).map(|()| 0),
             }
             .map_err(|e| {

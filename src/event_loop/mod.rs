@@ -171,6 +171,9 @@ pub struct EventLoop {
     accept_paused_until: Option<Instant>,
     last_accept_warning: Option<Instant>,
     shutting_down: bool,
+    /// Most connections held since memory was last handed back, and when that was.
+    peak_connections: usize,
+    last_trim: Tick,
 }
 
 impl EventLoop {
@@ -210,6 +213,8 @@ impl EventLoop {
             accept_paused_until: None,
             last_accept_warning: None,
             shutting_down: false,
+            peak_connections: 0,
+            last_trim: 0,
         })
     }
 
@@ -883,6 +888,9 @@ impl EventLoop {
         }
         let mut conn = self.conns.remove(key as usize);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        if conn.timer_tick != NO_TIMER {
+            self.wheel.cancel(conn.timer_tick, (key, conn.id));
+        }
         if let Phase::Open(session) = conn.phase {
             // The client vanished; what was queued for it is lost.
             let lost = conn.queue.discard_unsent();
@@ -1054,11 +1062,36 @@ impl EventLoop {
             }
         };
         if at < conn.timer_tick {
+            if conn.timer_tick != NO_TIMER {
+                self.wheel.cancel(conn.timer_tick, (key, conn.id));
+            }
             conn.timer_tick = self.wheel.insert(at, (key, conn.id));
         }
     }
 
+    /// After most of a burst of connections has gone, returns the freed heap to the kernel:
+    /// glibc keeps freed chunks mapped, so without this a churn peak stays in RSS for good.
+    fn trim_after_churn(&mut self) {
+        let held = self.conns.len();
+        self.peak_connections = self.peak_connections.max(held);
+        let emptied = held == 0;
+        let due = self.now_tick >= self.last_trim + ticks(TRIM_EVERY);
+        if self.peak_connections >= TRIM_MIN_DROP && held * 2 < self.peak_connections && (emptied || due) {
+            // SAFETY: malloc_trim only releases free memory inside glibc's allocator, takes its
+            // own arena locks, and touches no memory Rust owns.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            self.peak_connections = held;
+            self.last_trim = self.now_tick;
+        } else if due {
+            self.peak_connections = held;
+            self.last_trim = self.now_tick;
+        }
+    }
+
     fn fire_timers(&mut self) {
+        self.trim_after_churn();
         let mut due = std::mem::take(&mut self.due);
         self.wheel.expire(self.now_tick, &mut due);
         for ((key, id), tick) in due.drain(..) {
@@ -1121,6 +1154,11 @@ impl EventLoop {
         }
     }
 }
+
+/// How often a loop considers handing freed memory back, and the smallest drop in
+/// connections that makes it worth a malloc_trim.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+const TRIM_MIN_DROP: usize = 1000;
 
 /// Focus-session messages one connection may relay per second; more are ignored (counted).
 const RELAYS_PER_SECOND: u16 = 20;

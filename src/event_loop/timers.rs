@@ -70,14 +70,34 @@ impl TimerWheel {
         self.len == 0
     }
 
+    /// Removes `entry` filed at `tick` (a connection that closed or moved its deadline), so
+    /// closed connections leave nothing behind under churn.
+    pub fn cancel(&mut self, tick: Tick, entry: Entry) {
+        if tick < self.next || tick >= self.next + SLOTS as Tick {
+            return;
+        }
+        let slot = &mut self.slots[(tick % SLOTS as Tick) as usize];
+        if let Some(position) = slot.iter().position(|e| *e == entry) {
+            slot.swap_remove(position);
+            self.len -= 1;
+            if slot.is_empty() {
+                // Churn spreads short-lived entries over the whole wheel; empty slots hold
+                // no memory.
+                *slot = Vec::new();
+            }
+        }
+    }
+
     /// Moves every entry due at or before `now` into `due`, with the tick it was filed at.
     pub fn expire(&mut self, now: Tick, due: &mut Vec<(Entry, Tick)>) {
         // After a long stall, one lap of the wheel visits every slot.
         let last = now.min(self.next + SLOTS as Tick - 1);
         while self.next <= last {
-            let slot = &mut self.slots[(self.next % SLOTS as Tick) as usize];
+            // Taken, not drained: a slot is next used a whole lap later, and keeping every
+            // slot's peak capacity would hold memory long after a burst of connections.
+            let slot = std::mem::take(&mut self.slots[(self.next % SLOTS as Tick) as usize]);
             self.len -= slot.len();
-            due.extend(slot.drain(..).map(|e| (e, self.next)));
+            due.extend(slot.into_iter().map(|e| (e, self.next)));
             self.next += 1;
         }
         self.next = self.next.max(now + 1);
@@ -125,6 +145,19 @@ mod tests {
         let mut due = Vec::new();
         wheel.expire(1_000_000, &mut due);
         assert_eq!(due.len(), 100);
+        assert!(wheel.is_empty());
+    }
+
+    #[test]
+    fn cancelled_entries_never_fire() {
+        let mut wheel = TimerWheel::default();
+        wheel.insert(5, (1, 1));
+        wheel.insert(5, (2, 2));
+        wheel.cancel(5, (1, 1));
+        wheel.cancel(5, (9, 9));
+        let mut due = Vec::new();
+        wheel.expire(10, &mut due);
+        assert_eq!(due, vec![((2, 2), 5)]);
         assert!(wheel.is_empty());
     }
 

@@ -165,7 +165,9 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
         } else if name.eq_ignore_ascii_case("host") {
             request.host = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("content-length") {
-            let Ok(n) = value.parse::<usize>() else {
+            // Digits only (RFC 9112 §6.3): usize::from_str would also take "+39".
+            let Some(n) = value.bytes().all(|b| b.is_ascii_digit()).then(|| value.parse::<usize>().ok()).flatten()
+            else {
                 return Parsed::Error(Status::BAD_REQUEST);
             };
             if content_length.is_some_and(|seen| seen != n) {
