@@ -157,6 +157,8 @@ pub fn strip_exclusion(raw: &[u8]) -> Option<(Vec<u8>, Exclusion)> {
     let mut stripped = Vec::with_capacity(start + 1);
     stripped.extend_from_slice(&raw[..start]);
     stripped.push(b'}');
+    // Only what herald itself embedded is cut: the remainder must still be a JSON object.
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&stripped).ok()?;
     Some((stripped, Exclusion { users, origin }))
 }
 
@@ -307,6 +309,8 @@ mod tests {
         let float = br#"{"type":"","":5e32}"#;
         let (back, _) = strip_exclusion(&embed_exclusion(float, &exclusion)).unwrap();
         assert_eq!(back, float.to_vec());
+        // Not an object once cut: left alone (fuzz/regressions/notification/strip-leaves-non-json).
+        assert!(strip_exclusion(b"\t\t}y,\"_herald\":{}}").is_none());
         assert_eq!(embed_exclusion(payload, &Exclusion::default()), payload.to_vec());
     }
 
