@@ -5,8 +5,7 @@
 //! user or topic) → [`event_loop`] (which connections, bounded queues, writev) → sockets.
 
 #![forbid(unsafe_op_in_unsafe_fn)]
-#![warn(missing_debug_implementations, rust_2018_idioms)]
-#![allow(missing_debug_implementations)]
+#![warn(rust_2018_idioms)]
 
 pub mod auth;
 pub mod broker;
