@@ -13,9 +13,8 @@ use tracing::{info, warn};
 use crate::auth::Verifier;
 use crate::config::{Config, JwtKey};
 use crate::event_loop::{self, EventLoop, LoopCmd};
-use crate::metrics::Metrics;
 use crate::router::{Router, RouterMsg};
-use crate::shared::{ConnectRate, PerUserCounts, Shared};
+use crate::shared::Shared;
 
 /// A started server, before it is told to stop.
 pub struct Running {
@@ -84,20 +83,7 @@ pub fn start(config: Config) -> Result<Running, String> {
         }
         None => (None, None),
     };
-    let shared = Arc::new(Shared {
-        metrics: Metrics::new(config.threads, config.redis_url.is_some()),
-        verifier,
-        router: router_tx,
-        publisher: publisher_tx,
-        loops: Default::default(),
-        websockets: Default::default(),
-        per_user: PerUserCounts::default(),
-        connect_rate: ConnectRate::default(),
-        shutting_down: Default::default(),
-        next_notification_id: Default::default(),
-        instance_id: crate::auth::random_u64(),
-        config,
-    });
+    let shared = Arc::new(Shared::new(config, verifier, router_tx, publisher_tx));
     let loops: Arc<[event_loop::LoopHandle]> = handles.into();
     let _ = shared.loops.set(loops.clone());
 

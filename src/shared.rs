@@ -41,6 +41,29 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// State for a server about to start: counters at zero, loops not yet attached.
+    pub fn new(
+        config: Config,
+        verifier: Verifier,
+        router: Sender<RouterMsg>,
+        publisher: Option<Sender<PublishJob>>,
+    ) -> Shared {
+        Shared {
+            metrics: Metrics::new(config.threads, config.redis_url.is_some()),
+            verifier,
+            router,
+            publisher,
+            loops: OnceLock::new(),
+            websockets: AtomicUsize::new(0),
+            per_user: PerUserCounts::default(),
+            connect_rate: ConnectRate::default(),
+            shutting_down: AtomicBool::new(false),
+            next_notification_id: Default::default(),
+            instance_id: crate::auth::random_u64(),
+            config,
+        }
+    }
+
     /// Reserves one WebSocket slot; `false` when the instance is full.
     pub fn try_reserve_websocket(&self) -> bool {
         let max = self.config.max_connections;

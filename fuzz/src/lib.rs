@@ -9,8 +9,7 @@ use std::sync::OnceLock;
 use base64::Engine as _;
 use herald::auth::Verifier;
 use herald::config::{Cli, Config, JwtKey};
-use herald::metrics::Metrics;
-use herald::shared::{ConnectRate, PerUserCounts, Shared};
+use herald::shared::Shared;
 
 /// HS256 secret of every fuzz `Shared` and of the checked-in seed tokens.
 pub const SECRET: &str = "herald-fuzz-secret";
@@ -61,20 +60,7 @@ pub fn shared() -> &'static Shared {
 pub fn build_shared(config: Config) -> Shared {
     let verifier = Verifier::new(&config.jwt_key).expect("fuzz key is valid");
     let (router_tx, _router_rx) = crossbeam_channel::unbounded();
-    Shared {
-        metrics: Metrics::new(config.threads, config.redis_url.is_some()),
-        verifier,
-        router: router_tx,
-        publisher: None,
-        loops: Default::default(),
-        websockets: Default::default(),
-        per_user: PerUserCounts::default(),
-        connect_rate: ConnectRate::default(),
-        shutting_down: Default::default(),
-        next_notification_id: Default::default(),
-        instance_id: 0x00f0_2202,
-        config,
-    }
+    Shared::new(config, verifier, router_tx, None)
 }
 
 /// An HS256 verifier with [`SECRET`] (what `shared().verifier` is, standalone).
