@@ -28,11 +28,17 @@ pub struct Identity {
 impl Identity {
     /// Whether this identity may receive `topic`.
     pub fn allows_topic(&self, topic: &str) -> bool {
-        self.topics.iter().any(|entry| match entry.strip_suffix('*') {
-            Some(prefix) => topic.starts_with(prefix),
-            None => entry == topic,
-        })
+        topic_allowed(&self.topics, topic)
     }
+}
+
+/// Whether a `topics` claim allows `topic`: an exact entry, or an entry ending in `*` that
+/// is a prefix of it.
+pub fn topic_allowed(grants: &[String], topic: &str) -> bool {
+    grants.iter().any(|entry| match entry.strip_suffix('*') {
+        Some(prefix) => topic.starts_with(prefix),
+        None => entry == topic,
+    })
 }
 
 #[derive(Deserialize)]

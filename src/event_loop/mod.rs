@@ -736,10 +736,7 @@ impl EventLoop {
 
     fn subscribe(&mut self, key: u32, topic: String, silent: bool) {
         let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) else { return };
-        let allowed = session.allowed_topics.iter().any(|entry| match entry.strip_suffix('*') {
-            Some(prefix) => topic.starts_with(prefix),
-            None => *entry == topic,
-        });
+        let allowed = crate::auth::topic_allowed(&session.allowed_topics, &topic);
         let reply = if !allowed {
             Some(serde_json::json!({"type": "error", "message": format!("not allowed to subscribe to {topic}")}))
         } else if session.topics.len() >= MAX_TOPICS_PER_CONNECTION && !session.topics.iter().any(|t| **t == *topic) {
@@ -809,12 +806,7 @@ impl EventLoop {
                     // takes now, then judge. (Errors are left for the flush to find: this
                     // loop must not remove connections while it walks the index.)
                     let now = *flush_time.get_or_insert_with(Instant::now);
-                    let counters = &mut self.counters;
-                    let _ = conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| {
-                        if let Some(born) = frame.born {
-                            counters.delivered(now.saturating_duration_since(born));
-                        }
-                    });
+                    let _ = write_queued(conn, &mut self.counters, now);
                     if conn.queue.push_notification(frame.clone(), limit).is_err() {
                         self.slow.push(key);
                         continue;
@@ -953,13 +945,7 @@ impl EventLoop {
             // Nothing to write, but a closing connection may still owe its FIN.
             Ok(Flushed::Empty)
         } else {
-            let now = Instant::now();
-            let counters = &mut self.counters;
-            conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| {
-                if let Some(born) = frame.born {
-                    counters.delivered(now.saturating_duration_since(born));
-                }
-            })
+            write_queued(conn, &mut self.counters, Instant::now())
         };
         match result {
             Err(_) => {
@@ -1153,6 +1139,16 @@ impl EventLoop {
             _ => {}
         }
     }
+}
+
+/// Writes a connection's queue (up to the per-wake-up budget), counting each notification
+/// whose last byte left as a delivery with its latency.
+fn write_queued(conn: &mut Conn, counters: &mut LocalCounters, now: Instant) -> io::Result<Flushed> {
+    conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| {
+        if let Some(born) = frame.born {
+            counters.delivered(now.saturating_duration_since(born));
+        }
+    })
 }
 
 /// How often a loop considers handing freed memory back, and the smallest drop in
