@@ -64,14 +64,22 @@ pub fn rfc3339_millis(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-/// Validates a published notification and encodes its frame, adding `timestamp` if absent.
-pub fn encode_notification(
-    raw: &[u8],
+/// A published message that passed validation: the bytes as published (trailing whitespace
+/// cut), and whether it already has a `timestamp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Valid<'a> {
+    pub raw: &'a [u8],
+    pub has_timestamp: bool,
+}
+
+/// Checks a published notification: at most `max_bytes` as published, a JSON object with a
+/// string `type`. herald's own additions (the timestamp) come after this check, so they can
+/// never be what makes a message too large.
+pub fn validate_notification<'a>(
+    raw: &'a [u8],
     max_bytes: usize,
     scratch: &mut JsonScratch,
-    wall_clock: SystemTime,
-    born: Instant,
-) -> Result<SharedFrame, Invalid> {
+) -> Result<Valid<'a>, Invalid> {
     let end = trimmed_end(raw);
     let raw = &raw[..end];
     if raw.len() > max_bytes {
@@ -86,6 +94,18 @@ pub fn encode_notification(
             Ok(object.get("timestamp").is_some())
         })
         .ok_or(Invalid::NotJson)??;
+    Ok(Valid { raw, has_timestamp })
+}
+
+/// Validates a published notification and encodes its frame, adding `timestamp` if absent.
+pub fn encode_notification(
+    raw: &[u8],
+    max_bytes: usize,
+    scratch: &mut JsonScratch,
+    wall_clock: SystemTime,
+    born: Instant,
+) -> Result<SharedFrame, Invalid> {
+    let Valid { raw, has_timestamp } = validate_notification(raw, max_bytes, scratch)?;
     if has_timestamp {
         return Ok(frame::notification(raw, born));
     }
@@ -180,6 +200,15 @@ impl PingStyle {
             PingStyle::Action => br#"{"action":"pong"}"#,
             PingStyle::Type => br#"{"type":"pong"}"#,
         }
+    }
+
+    /// The answer as a frame built once per process: a flood of pings allocates nothing.
+    pub fn answer_frame(self) -> SharedFrame {
+        static FRAMES: std::sync::OnceLock<[SharedFrame; 3]> = std::sync::OnceLock::new();
+        let frames = FRAMES.get_or_init(|| {
+            [PingStyle::Text, PingStyle::Action, PingStyle::Type].map(|style| frame::reply_text(style.answer()))
+        });
+        frames[self as usize].clone()
     }
 }
 

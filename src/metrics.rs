@@ -27,6 +27,12 @@ pub struct LocalCounters {
     pub accept_errors: u64,
     pub token_expired_closes: u64,
     pub idle_closes: u64,
+    /// Peers closed because their output stayed over its bound (they stopped reading).
+    pub output_stalled: u64,
+    /// Plain HTTP connections closed to make room for new ones at the cap.
+    pub http_evicted: u64,
+    /// Connections refused over HERALD_CONNECT_RATE_PER_IP.
+    pub rate_limited: u64,
     pub latency_buckets: [u64; BUCKETS],
     pub latency_sum_micros: u64,
 }
@@ -57,6 +63,9 @@ pub struct LoopMetrics {
     accept_errors: AtomicU64,
     token_expired_closes: AtomicU64,
     idle_closes: AtomicU64,
+    output_stalled: AtomicU64,
+    http_evicted: AtomicU64,
+    rate_limited: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS],
     latency_sum_micros: AtomicU64,
     /// Connections of any kind (HTTP included) in this loop's slab.
@@ -84,6 +93,9 @@ impl LoopMetrics {
         add(&self.accept_errors, &mut local.accept_errors);
         add(&self.token_expired_closes, &mut local.token_expired_closes);
         add(&self.idle_closes, &mut local.idle_closes);
+        add(&self.output_stalled, &mut local.output_stalled);
+        add(&self.http_evicted, &mut local.http_evicted);
+        add(&self.rate_limited, &mut local.rate_limited);
         for (shared, value) in self.latency_buckets.iter().zip(local.latency_buckets.iter_mut()) {
             add(shared, value);
         }
@@ -149,6 +161,9 @@ pub struct Snapshot {
     pub accept_errors: u64,
     pub token_expired_closes: u64,
     pub idle_closes: u64,
+    pub output_stalled: u64,
+    pub http_evicted: u64,
+    pub rate_limited: u64,
     pub slab_entries: u64,
     pub index_entries: u64,
     pub latency_buckets: [u64; BUCKETS],
@@ -193,6 +208,9 @@ impl Metrics {
             s.accept_errors += l.accept_errors.load(Relaxed);
             s.token_expired_closes += l.token_expired_closes.load(Relaxed);
             s.idle_closes += l.idle_closes.load(Relaxed);
+            s.output_stalled += l.output_stalled.load(Relaxed);
+            s.http_evicted += l.http_evicted.load(Relaxed);
+            s.rate_limited += l.rate_limited.load(Relaxed);
             s.slab_entries += l.slab_entries.load(Relaxed);
             s.index_entries += l.index_entries.load(Relaxed);
             for (total, b) in s.latency_buckets.iter_mut().zip(l.latency_buckets.iter()) {
@@ -232,6 +250,9 @@ impl Snapshot {
                 "accept": self.accept_errors,
                 "token_expired_closes": self.token_expired_closes,
                 "idle_closes": self.idle_closes,
+                "output_stalled": self.output_stalled,
+                "http_evicted": self.http_evicted,
+                "rate_limited": self.rate_limited,
             },
             "redis": { "reconnects": self.redis_reconnects },
             "internals": { "slab_entries": self.slab_entries, "index_entries": self.index_entries },
@@ -254,7 +275,7 @@ impl Snapshot {
         );
         metric("herald_users_unique", "gauge", "Distinct users with a connection.", self.unique_users.to_string());
         metric("herald_topics_unique", "gauge", "Distinct topics with a subscriber.", self.unique_topics.to_string());
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 17] = [
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),
             ("herald_messages_sent_total", "Notifications written to clients.", self.sent),
@@ -280,6 +301,13 @@ impl Snapshot {
                 self.token_expired_closes,
             ),
             ("herald_idle_closes_total", "Connections closed after the idle timeout.", self.idle_closes),
+            (
+                "herald_output_stalled_total",
+                "Peers closed because they left their output unread past the bound.",
+                self.output_stalled,
+            ),
+            ("herald_http_evicted_total", "Plain HTTP connections closed to make room at the cap.", self.http_evicted),
+            ("herald_rate_limited_total", "Connections refused over the per-IP connect rate.", self.rate_limited),
             ("herald_redis_reconnects_total", "Redis reconnections.", self.redis_reconnects),
         ];
         for (name, help, value) in counters {

@@ -38,6 +38,8 @@ pub struct Shared {
     pub instance_id: u64,
     /// Unique per instance, for seed-004 `notification_id`s.
     pub next_notification_id: std::sync::atomic::AtomicU64,
+    /// Most plain (not upgraded) connections one loop holds; see [`plain_connection_cap`].
+    pub plain_cap_per_loop: usize,
 }
 
 impl Shared {
@@ -60,6 +62,7 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             next_notification_id: Default::default(),
             instance_id: crate::auth::random_u64(),
+            plain_cap_per_loop: plain_connection_cap(open_file_limit()).div_ceil(config.threads),
             config,
         }
     }
@@ -77,6 +80,25 @@ impl Shared {
     pub fn loops(&self) -> &[LoopHandle] {
         self.loops.get().map_or(&[], |l| l)
     }
+}
+
+/// Descriptors kept back for what is not a client: listeners, pollers, wakers, Redis, logs.
+const RESERVED_FDS: usize = 64;
+
+/// Plain HTTP connections (health checks, publishes, upgrades in progress) an instance holds at
+/// most: a quarter of its descriptors, so unauthenticated sockets can never take the ones
+/// WebSockets need. At the cap the oldest plain connection makes room for a new one.
+pub fn plain_connection_cap(open_files: usize) -> usize {
+    (open_files.saturating_sub(RESERVED_FDS) / 4).clamp(16, 16_384)
+}
+
+/// The process's soft limit on open files.
+pub fn open_file_limit() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the `rlimit` struct we pass by pointer, which lives on this
+    // stack frame for the duration of the call.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    if ok { usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX) } else { 1024 }
 }
 
 const SHARDS: usize = 16;

@@ -9,8 +9,9 @@
 //! Invariants: no panics; the reader's buffering stays within its design bound (see
 //! `BUFFER_BOUND`); text events are valid UTF-8 within the limit; events stop at a close;
 //! the queue mirrors a model (order, notification bound, torn-head handling of
-//! `discard_unsent`, `on_sent` once per frame in order); the socket receives exactly the
-//! queued frames' bytes, and every frame in it is a well-formed server frame.
+//! `discard_unsent`, Pongs coalesced at the tail, the unsent byte count, `on_sent` once per
+//! frame in order); the socket receives exactly the queued frames' bytes, and every frame in
+//! it is a well-formed server frame.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -110,6 +111,18 @@ impl Harness {
         self.check_len();
     }
 
+    /// A Pong replaces a Pong still waiting, untouched, at the tail (RFC 6455 §5.5.3).
+    fn pong(&mut self, frame: SharedFrame) {
+        self.queue.push_pong(frame.clone());
+        let head_started = self.socket.out.len() > self.model.completed.len();
+        let tail_untouched = self.model.frames.len() > 1 || !head_started;
+        match self.model.frames.back_mut() {
+            Some(tail) if tail_untouched && tail.born.is_none() && tail.bytes[0] == 0x8A => *tail = frame,
+            _ => self.model.frames.push_back(frame),
+        }
+        self.check_len();
+    }
+
     /// Returns false when the queue was full (slow consumer: the loop closes the connection).
     fn notify(&mut self, frame: SharedFrame) -> bool {
         let full = self.model.notifications() >= self.limit;
@@ -125,7 +138,10 @@ impl Harness {
                 let torn = self.socket.out.len() > self.model.completed.len();
                 let keep = usize::from(torn);
                 let dropped = self.model.frames.iter().skip(keep).filter(|f| f.born.is_some()).count();
-                assert_eq!(self.queue.discard_unsent(), dropped, "discard_unsent miscounted");
+                let dropped_bytes: usize = self.model.frames.iter().skip(keep).map(|f| f.bytes.len()).sum();
+                let discarded = self.queue.discard_unsent();
+                assert_eq!(discarded.notifications, dropped, "discard_unsent miscounted");
+                assert_eq!(discarded.bytes, dropped_bytes, "discard_unsent miscounted bytes");
                 self.model.frames.truncate(keep);
                 self.check_len();
                 self.reply(frame::close(1008, "slow consumer"));
@@ -137,6 +153,9 @@ impl Harness {
     fn check_len(&self) {
         assert_eq!(self.queue.len(), self.model.frames.len());
         assert_eq!(self.queue.is_empty(), self.model.frames.is_empty());
+        let head_written = self.socket.out.len() - self.model.completed.len();
+        let unsent = self.model.frames.iter().map(|f| f.bytes.len()).sum::<usize>() - head_written;
+        assert_eq!(self.queue.bytes(), unsent, "queued byte count drifted");
     }
 
     fn flush(&mut self, budget: usize) {
@@ -241,13 +260,14 @@ fuzz_target!(|data: &[u8]| {
         for event in events {
             match event {
                 Ok(text) => match message::parse_client_message(&text, &mut scratch) {
-                    ClientMessage::Ping(style) => h.reply(frame::reply_text(style.answer())),
+                    ClientMessage::Ping(style) => h.reply(style.answer_frame()),
                     ClientMessage::Subscribe(topic) | ClientMessage::Unsubscribe(topic) => {
                         let reply = serde_json::json!({ "type": "subscribed", "topic": topic }).to_string();
                         h.reply(frame::reply_text(reply.as_bytes()));
                     }
                     _ => {}
                 },
+                Err(control) if control.bytes[0] == 0x8A => h.pong(control),
                 Err(control) => {
                     let is_close = control.bytes[0] == 0x88;
                     h.reply(control);

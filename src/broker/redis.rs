@@ -26,6 +26,9 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 /// Router backlog above which the subscriber pauses reading, so a burst backs up into Redis
 /// (which bounds it with client-output-buffer-limit) instead of into herald's memory.
 const ROUTER_BACKLOG_LIMIT: usize = 200_000;
+/// Most bytes herald's own wrapping (a relay's envelope: session and sender ids) adds to a
+/// message it built from bounded input.
+const HERALD_ENVELOPE: usize = 2048;
 
 /// Capped exponential backoff with jitter, so a fleet of instances does not reconnect in step.
 struct Backoff {
@@ -119,19 +122,15 @@ fn route(shared: &Shared, scratch: &mut JsonScratch, ids: &mut Interner, channel
         return;
     };
     // The size limit applies to what the publisher wrote; an exclusion herald itself embedded
-    // is metadata, stripped here before validation.
+    // is metadata, stripped here before validation. A message that carried one was built by
+    // herald (a relay, a seed-004 event) from input it had already bounded, and its envelope
+    // is herald's own addition: that must never be what makes it too large.
     let stripped = message::strip_exclusion(payload);
-    let (payload, exclusion) = match &stripped {
-        Some((bytes, exclusion)) => (bytes.as_slice(), exclusion.clone()),
-        None => (payload, Default::default()),
+    let (payload, exclusion, limit) = match &stripped {
+        Some((bytes, exclusion)) => (bytes.as_slice(), exclusion.clone(), config.max_message_bytes + HERALD_ENVELOPE),
+        None => (payload, Default::default(), config.max_message_bytes),
     };
-    let frame = match message::encode_notification(
-        payload,
-        config.max_message_bytes,
-        scratch,
-        SystemTime::now(),
-        Instant::now(),
-    ) {
+    let frame = match message::encode_notification(payload, limit, scratch, SystemTime::now(), Instant::now()) {
         Ok(frame) => frame,
         Err(why) => {
             metrics.dropped_invalid.fetch_add(1, Relaxed);

@@ -42,9 +42,26 @@ pub struct Conn {
     /// Sequence number of the last delivery queued here, so a message addressed to several
     /// targets reaches a connection once.
     pub delivery_seq: u32,
+    /// Accepted and not (yet) upgraded: counts against the loop's cap on plain HTTP
+    /// connections, so unauthenticated sockets cannot take every file descriptor.
+    pub plain: bool,
 }
 
+/// Output bytes above which herald stops reading a peer until it has read what it was sent:
+/// replies (HTTP responses, pongs, errors) answer input, so this bounds what any input can
+/// make herald hold for one connection.
+pub const OUTPUT_PAUSE_BYTES: usize = 64 * 1024;
+/// HTTP responses queued and unsent above which pipelined requests wait.
+pub const MAX_PIPELINED: usize = 16;
+
 impl Conn {
+    /// Reading waits while the peer has not taken enough of what it was sent. Derived from the
+    /// queue alone, so there is no flag to keep in step.
+    pub fn input_paused(&self) -> bool {
+        self.queue.bytes() >= OUTPUT_PAUSE_BYTES
+            || (matches!(self.phase, Phase::Request { .. }) && self.queue.len() >= MAX_PIPELINED)
+    }
+
     /// Interest follows from state: readable always, writable only while output is blocked.
     pub fn interest(&self) -> Interest {
         if self.write_blocked { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE }
@@ -59,10 +76,11 @@ impl Conn {
 }
 
 pub enum Phase {
-    /// Reading an HTTP request (also between keep-alive requests).
-    Request { buf: Vec<u8>, deadline: Tick },
+    /// Reading an HTTP request (also between keep-alive requests). `served` counts the
+    /// requests answered on this connection so far.
+    Request { buf: Vec<u8>, deadline: Tick, served: u16 },
     /// A request was handed to the broker; reading pauses until the answer arrives.
-    Awaiting { buf: Vec<u8>, keep_alive: bool, deadline: Tick, respond: crate::http::publish::Responder },
+    Awaiting { buf: Vec<u8>, keep_alive: bool, deadline: Tick, served: u16, respond: crate::http::publish::Responder },
     /// An upgraded WebSocket.
     Open(Box<Session>),
     /// Last bytes queued; after they are written the write side is shut, and the
@@ -74,7 +92,9 @@ pub enum Phase {
 pub struct Session {
     pub user: Arc<str>,
     pub dialect: &'static Dialect,
-    /// Topics this connection receives (fixed by the path, or subscribed at runtime).
+    /// Topics this connection receives. On a topic path (`personal` false) the first entry is
+    /// the path's own topic, set at the upgrade and never removed: relays go there and only
+    /// there. Later entries are runtime subscriptions.
     pub topics: Vec<Arc<str>>,
     /// The token's `topics` claim, for runtime subscriptions.
     pub allowed_topics: Box<[String]>,
@@ -91,6 +111,13 @@ pub struct Session {
     pub reader: FrameReader,
 }
 
+impl Session {
+    /// The topic a topic path was opened for, fixed for the connection's life.
+    pub fn path_topic(&self) -> Option<&Arc<str>> {
+        if self.personal { None } else { self.topics.first() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,7 +126,7 @@ mod tests {
     fn connection_state_stays_small() {
         // Memory per idle connection decides how many fit on a host; see README "Performance".
         eprintln!("Conn {} Session {} Phase {}", size_of::<Conn>(), size_of::<Session>(), size_of::<Phase>());
-        assert!(size_of::<Conn>() <= 144, "Conn grew to {} bytes", size_of::<Conn>());
+        assert!(size_of::<Conn>() <= 152, "Conn grew to {} bytes", size_of::<Conn>());
         assert!(size_of::<Session>() <= 120, "Session grew to {} bytes", size_of::<Session>());
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! The queue holds pointers (`Arc<Frame>`), so 256 queued notifications cost 256 pointers,
 //! not 256 copies; it starts empty and grows on demand. Notifications count against the
-//! bound; replies (pong, close, HTTP) do not, since each answers something the client sent
-//! and the inbound side bounds those.
+//! notification bound (HERALD_SEND_QUEUE). Every frame, replies included, counts in
+//! [`SendQueue::bytes`]: the event loop stops reading a peer whose output is over its byte
+//! bound, so what a peer sends can never make herald queue more than that for it.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -36,6 +37,15 @@ pub struct SendQueue {
     head_written: u32,
     /// Notifications in `frames` (replies are not counted).
     notifications: u32,
+    /// Bytes in `frames` not yet written. Invariant: zero if `frames` is empty.
+    unsent: u32,
+}
+
+/// What [`SendQueue::discard_unsent`] dropped.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Discarded {
+    pub notifications: usize,
+    pub bytes: usize,
 }
 
 impl SendQueue {
@@ -47,31 +57,59 @@ impl SendQueue {
         self.frames.len()
     }
 
+    /// Bytes queued and not yet written.
+    pub fn bytes(&self) -> usize {
+        self.unsent as usize
+    }
+
+    fn push(&mut self, frame: SharedFrame) {
+        self.unsent = self.unsent.saturating_add(frame.bytes.len().try_into().unwrap_or(u32::MAX));
+        self.frames.push_back(frame);
+    }
+
     /// Queues a notification unless `limit` notifications are already waiting.
     pub fn push_notification(&mut self, frame: SharedFrame, limit: usize) -> Result<(), Full> {
         if self.notifications as usize >= limit {
             return Err(Full);
         }
         self.notifications += 1;
-        self.frames.push_back(frame);
+        self.push(frame);
         Ok(())
     }
 
     /// Queues a reply (control frame or HTTP response), outside the notification bound.
     pub fn push_reply(&mut self, frame: SharedFrame) {
-        self.frames.push_back(frame);
+        self.push(frame);
+    }
+
+    /// Queues a Pong, replacing a Pong still waiting at the tail: RFC 6455 §5.5.3 lets an
+    /// endpoint answer only the most recent of several Pings, so a Ping flood costs one frame.
+    pub fn push_pong(&mut self, pong: SharedFrame) {
+        let tail_unstarted = self.frames.len() > 1 || self.head_written == 0;
+        if let Some(tail) = self.frames.back_mut().filter(|t| tail_unstarted && is_pong(t)) {
+            let old = tail.bytes.len() as u32;
+            *tail = pong;
+            self.unsent = self.unsent - old + tail.bytes.len() as u32;
+            return;
+        }
+        self.push(pong);
     }
 
     /// Drops every frame not yet started (a partly written head stays, or the peer would see a
-    /// torn frame). Returns how many notifications were dropped.
-    pub fn discard_unsent(&mut self) -> usize {
+    /// torn frame).
+    pub fn discard_unsent(&mut self) -> Discarded {
         let keep = usize::from(self.head_written > 0);
-        let dropped = self.frames.drain(keep..).filter(|f| f.born.is_some()).count();
-        self.notifications -= dropped as u32;
+        let mut discarded = Discarded::default();
+        for frame in self.frames.drain(keep..) {
+            discarded.bytes += frame.bytes.len();
+            discarded.notifications += usize::from(frame.born.is_some());
+        }
+        self.notifications -= discarded.notifications as u32;
+        self.unsent = self.frames.front().map_or(0, |head| (head.bytes.len() as u32) - self.head_written);
         if self.frames.capacity() > 16 {
             self.frames.shrink_to_fit();
         }
-        dropped
+        discarded
     }
 
     /// Writes queued frames until the queue is empty, the socket would block, or `budget`
@@ -102,6 +140,7 @@ impl SendQueue {
                 Err(e) => return Err(e),
             };
             written_total += written;
+            self.unsent -= written as u32;
             while written > 0 {
                 let Some(head) = self.frames.front() else { break };
                 let left = head.bytes.len() - self.head_written as usize;
@@ -125,6 +164,10 @@ impl SendQueue {
         }
         Ok(Flushed::Empty)
     }
+}
+
+fn is_pong(frame: &Frame) -> bool {
+    frame.born.is_none() && frame.bytes.first() == Some(&(0x80 | 0xA))
 }
 
 #[cfg(test)]
@@ -192,8 +235,9 @@ mod tests {
         assert_eq!(queue.push_notification(n.clone(), 2), Err(Full));
         let mut sink = Trickle { out: Vec::new(), chunk: 3, cap: 3 };
         let _ = queue.flush(&mut sink, 1 << 20, |_| {});
-        assert_eq!(queue.discard_unsent(), 1);
+        assert_eq!(queue.discard_unsent().notifications, 1);
         assert_eq!(queue.len(), 1);
+        assert_eq!(queue.bytes(), n.bytes.len() - 3);
         queue.push_notification(n, 2).unwrap();
     }
 
@@ -206,5 +250,42 @@ mod tests {
         let mut sink = Trickle { out: Vec::new(), chunk: 150, cap: 1 << 20 };
         assert_eq!(queue.flush(&mut sink, 300, |_| {}).unwrap(), Flushed::Budget);
         assert!(sink.out.len() >= 300 && sink.out.len() < 1020);
+    }
+
+    #[test]
+    fn bytes_follow_pushes_and_writes() {
+        let mut queue = SendQueue::default();
+        let n = frame::notification(b"{\"type\":\"a\"}", Instant::now());
+        queue.push_notification(n.clone(), 8).unwrap();
+        queue.push_reply(frame::reply_text(b"pong"));
+        assert_eq!(queue.bytes(), n.bytes.len() + 6);
+        let mut sink = Trickle { out: Vec::new(), chunk: 5, cap: 5 };
+        let _ = queue.flush(&mut sink, 1 << 20, |_| {});
+        assert_eq!(queue.bytes(), n.bytes.len() + 6 - 5);
+        sink.cap = 1000;
+        assert_eq!(queue.flush(&mut sink, 1 << 20, |_| {}).unwrap(), Flushed::Empty);
+        assert_eq!(queue.bytes(), 0);
+    }
+
+    #[test]
+    fn only_the_latest_pong_waits() {
+        let mut queue = SendQueue::default();
+        queue.push_pong(frame::pong(b"1"));
+        queue.push_pong(frame::pong(b"22"));
+        assert_eq!(queue.len(), 1, "an unsent pong is replaced");
+        assert_eq!(queue.bytes(), 4);
+        queue.push_reply(frame::reply_text(b"x"));
+        queue.push_pong(frame::pong(b"3"));
+        assert_eq!(queue.len(), 3, "a pong behind other output is queued");
+        // A pong that is partly written is never replaced.
+        let mut single = SendQueue::default();
+        single.push_pong(frame::pong(b"abc"));
+        let mut sink = Trickle { out: Vec::new(), chunk: 2, cap: 2 };
+        let _ = single.flush(&mut sink, 1 << 20, |_| {});
+        single.push_pong(frame::pong(b"d"));
+        assert_eq!(single.len(), 2);
+        sink.cap = 100;
+        let _ = single.flush(&mut sink, 1 << 20, |_| {});
+        assert_eq!(sink.out, [&frame::pong(b"abc").bytes[..], &frame::pong(b"d").bytes[..]].concat());
     }
 }

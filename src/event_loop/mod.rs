@@ -25,13 +25,14 @@ use crate::conn::send_queue::Flushed;
 use crate::conn::{Conn, NO_TIMER, Phase, Session, Tick};
 use crate::dialect::Stream;
 use crate::frame::{self, SharedFrame, code};
-use crate::http::publish::{PendingPublish, Responder};
+use crate::http::publish::{PendingPublish, PublishRoute, Responder};
 use crate::http::routes::{self, Outcome};
 use crate::http::{self, Parsed, Response, Status};
 use crate::message::{self, ClientMessage, JsonScratch};
 use crate::metrics::LocalCounters;
-use crate::router::{DeliverTo, Exclusion, RouterMsg, Target};
+use crate::router::{DeliverTo, Exclusion, Publication, RouterMsg, Target};
 use crate::shared::Shared;
+use std::collections::VecDeque;
 use timers::{Clock, TimerWheel, ticks};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -49,6 +50,11 @@ const COMMANDS_PER_PASS: usize = 8192;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How long accepting pauses after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Requests answered on one keep-alive connection before it is closed (as nginx's
+/// `keepalive_requests`): a connection cannot be held forever by a trickle of requests.
+const MAX_KEEPALIVE_REQUESTS: u16 = 1000;
+/// Bytes of replies freed since the last `malloc_trim` that make another one worthwhile.
+const TRIM_RELEASED_BYTES: usize = 32 * 1024 * 1024;
 
 /// Identifies a connection across threads (slab key + id, since keys are reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +132,8 @@ pub fn prepare() -> io::Result<(Poll, LoopHandle, Receiver<LoopCmd>)> {
 /// Something a client's message asks for, applied after its frames are parsed.
 enum Action {
     Reply(SharedFrame),
+    /// Answers a Ping; replaces a Pong still waiting to be written.
+    Pong(SharedFrame),
     /// The client sent a close frame: answer it and close.
     CloseReply(u16),
     Subscribe {
@@ -174,6 +182,13 @@ pub struct EventLoop {
     /// Most connections held since memory was last handed back, and when that was.
     peak_connections: usize,
     last_trim: Tick,
+    /// Bytes of replies written or discarded since the last trim: memory freed back to malloc.
+    released_bytes: usize,
+    /// Plain (not upgraded) connections in accept order, oldest first; entries for
+    /// connections that upgraded or closed since are skipped when met.
+    plain_order: VecDeque<(u32, u32)>,
+    /// Live plain connections on this loop; at the cap the oldest is evicted.
+    plain_count: usize,
 }
 
 impl EventLoop {
@@ -215,6 +230,9 @@ impl EventLoop {
             shutting_down: false,
             peak_connections: 0,
             last_trim: 0,
+            released_bytes: 0,
+            plain_order: VecDeque::new(),
+            plain_count: 0,
         })
     }
 
@@ -261,7 +279,7 @@ impl EventLoop {
                 self.accept();
             }
             for key in std::mem::take(&mut self.reread) {
-                self.on_readable(key);
+                self.resume_input(key);
             }
             self.drain_commands();
             self.fire_timers();
@@ -281,6 +299,10 @@ impl EventLoop {
         if let Some(at) = self.accept_paused_until {
             let wait = at.saturating_duration_since(Instant::now());
             timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+        }
+        if self.released_bytes >= TRIM_RELEASED_BYTES {
+            // Wake up to hand freed memory back even if nothing else happens.
+            timeout = Some(timeout.map_or(TRIM_MIN_GAP, |t| t.min(TRIM_MIN_GAP)));
         }
         timeout
     }
@@ -325,6 +347,9 @@ impl EventLoop {
         if self.shutting_down {
             return;
         }
+        if self.plain_count >= self.shared.plain_cap_per_loop {
+            self.evict_oldest_plain();
+        }
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
@@ -337,17 +362,67 @@ impl EventLoop {
             stream,
             id: self.next_conn_id,
             peer,
-            phase: Phase::Request { buf: Vec::new(), deadline },
+            phase: Phase::Request { buf: Vec::new(), deadline, served: 0 },
             queue: Default::default(),
             registered: Interest::READABLE,
             write_blocked: false,
             dirty: false,
             timer_tick: NO_TIMER,
             delivery_seq: 0,
+            plain: true,
         });
+        self.plain_count += 1;
+        self.plain_order.push_back((key as u32, self.next_conn_id));
         self.arm(key as u32);
+        let config = &self.shared.config;
+        if !self.shared.connect_rate.admit(peer, config.connect_rate_per_ip, self.now) {
+            // Every connection counts against the per-IP rate, not only upgrades: a plain
+            // socket costs a descriptor just the same.
+            self.counters.rate_limited += 1;
+            let refusal = Response::error(Status::TOO_MANY_REQUESTS, "too many connections from this address");
+            self.respond(key as u32, refusal, false, true);
+            return;
+        }
         // Data may already be waiting (edge-triggered: no event will announce it again).
         self.on_readable(key as u32);
+    }
+
+    /// Closes the oldest plain connection on this loop to make room for a new one. Its
+    /// descriptor is worth more to the next client than to a socket that has had its turn.
+    fn evict_oldest_plain(&mut self) {
+        while let Some((key, id)) = self.plain_order.pop_front() {
+            if self.conns.get(key as usize).is_some_and(|c| c.id == id && c.plain) {
+                self.counters.http_evicted += 1;
+                if let Some(conn) = self.conns.get(key as usize) {
+                    let _ = socket2::SockRef::from(&conn.stream).set_linger(Some(Duration::ZERO));
+                }
+                self.remove(key);
+                return;
+            }
+        }
+    }
+
+    /// Marks a connection as no longer plain (upgraded or removed).
+    fn leave_plain(&mut self, key: u32) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        if conn.plain {
+            conn.plain = false;
+            self.plain_count -= 1;
+            // Stale entries are skipped lazily; compact when they outnumber live ones.
+            if self.plain_order.len() > 2 * self.plain_count + 64 {
+                let conns = &self.conns;
+                self.plain_order.retain(|(k, id)| conns.get(*k as usize).is_some_and(|c| c.id == *id && c.plain));
+            }
+        }
+    }
+
+    /// Reads again after output drained below the bound (or after a fairness cut): first the
+    /// requests already buffered, then the socket.
+    fn resume_input(&mut self, key: u32) {
+        if self.conns.get(key as usize).is_some_and(|c| matches!(c.phase, Phase::Request { .. })) {
+            self.serve_requests(key);
+        }
+        self.on_readable(key);
     }
 
     // ---- reading ----
@@ -356,7 +431,8 @@ impl EventLoop {
         let mut reads = 0;
         loop {
             let Some(conn) = self.conns.get_mut(key as usize) else { return };
-            if matches!(conn.phase, Phase::Awaiting { .. }) {
+            if matches!(conn.phase, Phase::Awaiting { .. }) || conn.input_paused() {
+                // Backpressure: the flush that drains the output resumes reading.
                 return;
             }
             if reads == READS_PER_EVENT {
@@ -415,7 +491,10 @@ impl EventLoop {
     fn serve_requests(&mut self, key: u32) {
         loop {
             let Some(conn) = self.conns.get_mut(key as usize) else { return };
-            let Phase::Request { buf, .. } = &mut conn.phase else { return };
+            if conn.input_paused() {
+                return;
+            }
+            let Phase::Request { buf, served, .. } = &mut conn.phase else { return };
             if buf.is_empty() {
                 return;
             }
@@ -428,6 +507,8 @@ impl EventLoop {
                 Parsed::Complete { request, consumed } => (request, consumed),
             };
             buf.drain(..consumed);
+            *served = served.saturating_add(1);
+            let last_allowed = *served >= MAX_KEEPALIVE_REQUESTS;
             let peer = conn.peer;
             let head_only = request.method() == http::Method::Head;
             let is_ws_path = crate::dialect::for_path(&request.path).is_some();
@@ -436,7 +517,7 @@ impl EventLoop {
                     if is_ws_path {
                         self.counters.rejected_upgrades += 1;
                     }
-                    let close = response.close || !request.keep_alive || self.shutting_down;
+                    let close = response.close || !request.keep_alive || self.shutting_down || last_allowed;
                     self.respond(key, response, head_only, close);
                     if close {
                         return;
@@ -447,11 +528,11 @@ impl EventLoop {
                     return;
                 }
                 Outcome::Publish(pending) => {
-                    self.start_publish(key, *pending, request.keep_alive);
+                    self.start_publish(key, *pending, request.keep_alive && !last_allowed);
                     return;
                 }
                 Outcome::Disconnect(user) => {
-                    self.start_disconnect(key, user, request.keep_alive);
+                    self.start_disconnect(key, user, request.keep_alive && !last_allowed);
                     return;
                 }
             }
@@ -463,8 +544,10 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         response.close = close;
         conn.queue.push_reply(frame::raw(response.render(head_only)));
-        if let (false, Phase::Request { deadline, .. }) = (close, &mut conn.phase) {
-            // Keep-alive: the next request gets a fresh handshake deadline.
+        let paused = conn.input_paused();
+        if let (false, false, Phase::Request { deadline, .. }) = (close, paused, &mut conn.phase) {
+            // Keep-alive: the next request gets a fresh handshake deadline, but not while the
+            // peer leaves its answers unread: then the old deadline stands and ends it.
             *deadline = self.now_tick + ticks(self.shared.config.handshake_timeout);
         }
         self.mark_dirty(key);
@@ -488,10 +571,10 @@ impl EventLoop {
     /// Pauses the connection's requests until another thread answers; returns its ref.
     fn await_answer(&mut self, key: u32, keep_alive: bool, respond: Responder) -> Option<ConnRef> {
         let conn = self.conns.get_mut(key as usize)?;
-        let Phase::Request { buf, .. } = &mut conn.phase else { return None };
-        let buf = std::mem::take(buf);
+        let Phase::Request { buf, served, .. } = &mut conn.phase else { return None };
+        let (buf, served) = (std::mem::take(buf), *served);
         let deadline = self.now_tick + ticks(self.shared.config.handshake_timeout);
-        conn.phase = Phase::Awaiting { buf, keep_alive, deadline, respond };
+        conn.phase = Phase::Awaiting { buf, keep_alive, deadline, served, respond };
         Some(ConnRef { key, id: conn.id })
     }
 
@@ -536,28 +619,28 @@ impl EventLoop {
     fn start_publish(&mut self, key: u32, pending: PendingPublish, keep_alive: bool) {
         let Some(conn) = self.await_answer(key, keep_alive, pending.respond) else { return };
         let reply = (self.id, conn);
-        match (pending.redis_messages, &self.shared.publisher) {
-            (Some(messages), Some(publisher)) => {
+        match (pending.route, &self.shared.publisher) {
+            (PublishRoute::Redis(messages), Some(publisher)) => {
                 let job = crate::broker::PublishJob { messages, reply: Some(reply) };
                 if publisher.send(job).is_err() {
                     self.finish_publish(key, Err("redis publisher stopped".into()));
                 }
             }
-            _ => {
-                let mut publication = pending.publication;
+            (PublishRoute::Router(mut publication), _) => {
                 publication.reply = Some(reply);
                 if self.shared.router.send(RouterMsg::Publish(publication)).is_err() {
                     self.finish_publish(key, Err("router stopped".into()));
                 }
             }
+            (PublishRoute::Redis(_), None) => self.finish_publish(key, Err("no redis publisher".into())),
         }
     }
 
     fn finish_publish(&mut self, key: u32, result: Result<u64, String>) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
-        let Phase::Awaiting { buf, keep_alive, respond, .. } = &mut conn.phase else { return };
-        let (buf, keep_alive, respond) = (std::mem::take(buf), *keep_alive, *respond);
-        conn.phase = Phase::Request { buf, deadline: self.now_tick };
+        let Phase::Awaiting { buf, keep_alive, respond, served, .. } = &mut conn.phase else { return };
+        let (buf, keep_alive, respond, served) = (std::mem::take(buf), *keep_alive, *respond, *served);
+        conn.phase = Phase::Request { buf, deadline: self.now_tick, served };
         let response = match result {
             Ok(count) => respond.render(count),
             Err(error) => Response::api_error(Status::SERVICE_UNAVAILABLE, &error),
@@ -576,6 +659,7 @@ impl EventLoop {
         let early_frames = std::mem::take(buf);
         conn.queue.push_reply(frame::raw(upgrade.response));
         self.mark_dirty(key);
+        self.leave_plain(key);
         let identity = match upgrade.identity {
             Ok(identity) => identity,
             Err(close_code) => {
@@ -641,7 +725,7 @@ impl EventLoop {
         let dialect = session.dialect;
         let result = session.reader.feed(input, max, |event| match event {
             Inbound::Ping(payload) => {
-                actions.push(Action::Reply(frame::pong(payload)));
+                actions.push(Action::Pong(frame::pong(payload)));
                 Flow::Continue
             }
             Inbound::Pong => Flow::Continue,
@@ -651,7 +735,7 @@ impl EventLoop {
             }
             Inbound::Text(text) => {
                 match message::parse_client_message(text, json) {
-                    ClientMessage::Ping(style) => actions.push(Action::Reply(frame::reply_text(style.answer()))),
+                    ClientMessage::Ping(style) => actions.push(Action::Reply(style.answer_frame())),
                     ClientMessage::Ack => counters.acked += 1,
                     ClientMessage::Subscribe(topic) => actions.push(Action::Subscribe { topic, silent: false }),
                     ClientMessage::Unsubscribe(topic) => actions.push(Action::Unsubscribe { topic, silent: false }),
@@ -682,6 +766,12 @@ impl EventLoop {
     fn apply(&mut self, key: u32, action: Action) {
         match action {
             Action::Reply(reply) => self.queue_reply(key, reply),
+            Action::Pong(pong) => {
+                if let Some(conn) = self.conns.get_mut(key as usize).filter(|c| matches!(c.phase, Phase::Open(_))) {
+                    conn.queue.push_pong(pong);
+                    self.mark_dirty(key);
+                }
+            }
             Action::CloseReply(code) => {
                 // Echo the client's code (RFC 6455 §5.5.1); 1005-style absence becomes 1000.
                 self.close_with(key, code, "");
@@ -702,7 +792,8 @@ impl EventLoop {
             session.relay_window = window;
             session.relays_in_window = 0;
         }
-        let Some(topic) = session.topics.first().cloned() else { return };
+        // Only ever the path's own session: never a topic the member merely may read.
+        let Some(topic) = session.path_topic().cloned() else { return };
         if session.relays_in_window >= RELAYS_PER_SECOND {
             self.counters.ignored_client_messages += 1;
             return;
@@ -714,24 +805,23 @@ impl EventLoop {
             serde_json::Value::from(session_id),
             crate::http::publish::id_as_json(&session.user),
         );
-        // The wrapper adds a fixed envelope to an object the inbound limit already bounded.
-        let limit = self.shared.config.max_message_bytes + 256;
+        // The object itself was bounded by the inbound limit; the wrapper is herald's own
+        // addition and must never be what makes it too large.
+        let limit = self.shared.config.max_message_bytes + (update.len() - data.len());
+        let exclusion = Exclusion { users: None, origin: Some((self.shared.instance_id, self.id, conn_ref)) };
+        let targets = vec![Target::Topic(topic)];
+        if let Some(publisher) = &self.shared.publisher {
+            // Published as built; every instance stamps it (and knows herald built it).
+            let messages = crate::http::publish::redis_messages(&self.shared, &targets, update.as_bytes(), &exclusion);
+            let _ = publisher.send(crate::broker::PublishJob { messages, reply: None });
+            return;
+        }
         let now = std::time::SystemTime::now();
         let Ok(frame) = message::encode_notification(update.as_bytes(), limit, &mut self.json, now, self.now) else {
             self.counters.ignored_client_messages += 1;
             return;
         };
-        let exclusion = Exclusion { users: None, origin: Some((self.shared.instance_id, self.id, conn_ref)) };
-        let pending =
-            crate::http::publish::package(&self.shared, vec![Target::Topic(topic)], frame, exclusion, Responder::Sent);
-        match (pending.redis_messages, &self.shared.publisher) {
-            (Some(messages), Some(publisher)) => {
-                let _ = publisher.send(crate::broker::PublishJob { messages, reply: None });
-            }
-            _ => {
-                let _ = self.shared.router.send(RouterMsg::Publish(pending.publication));
-            }
-        }
+        let _ = self.shared.router.send(RouterMsg::Publish(Publication { targets, frame, exclusion, reply: None }));
     }
 
     fn subscribe(&mut self, key: u32, topic: String, silent: bool) {
@@ -756,7 +846,13 @@ impl EventLoop {
 
     fn unsubscribe(&mut self, key: u32, topic: String, silent: bool) {
         let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) else { return };
+        if session.path_topic().is_some_and(|t| **t == *topic) {
+            let reply = serde_json::json!({"type": "error", "message": format!("{topic} is this path's own topic")});
+            self.queue_reply(key, frame::reply_text(reply.to_string().as_bytes()));
+            return;
+        }
         if let Some(i) = session.topics.iter().position(|t| **t == *topic) {
+            // Never index 0 on a topic path (refused above), so the path topic stays first.
             let removed = session.topics.swap_remove(i);
             self.index_remove(&Target::Topic(removed), key);
         }
@@ -806,7 +902,7 @@ impl EventLoop {
                     // takes now, then judge. (Errors are left for the flush to find: this
                     // loop must not remove connections while it walks the index.)
                     let now = *flush_time.get_or_insert_with(Instant::now);
-                    let _ = write_queued(conn, &mut self.counters, now);
+                    let _ = write_queued(conn, &mut self.counters, &mut self.released_bytes, now);
                     if conn.queue.push_notification(frame.clone(), limit).is_err() {
                         self.slow.push(key);
                         continue;
@@ -829,7 +925,8 @@ impl EventLoop {
             return;
         }
         let dropped = conn.queue.discard_unsent();
-        self.counters.failed += dropped as u64 + 1;
+        self.released_bytes += dropped.bytes;
+        self.counters.failed += dropped.notifications as u64 + 1;
         self.counters.slow_consumers += 1;
         debug!("closing a slow consumer");
         self.close_with(key, code::POLICY_VIOLATION, "slow consumer");
@@ -878,7 +975,9 @@ impl EventLoop {
         if !self.conns.contains(key as usize) {
             return;
         }
+        self.leave_plain(key);
         let mut conn = self.conns.remove(key as usize);
+        self.released_bytes += conn.queue.bytes();
         let _ = self.poll.registry().deregister(&mut conn.stream);
         if conn.timer_tick != NO_TIMER {
             self.wheel.cancel(conn.timer_tick, (key, conn.id));
@@ -886,7 +985,7 @@ impl EventLoop {
         if let Phase::Open(session) = conn.phase {
             // The client vanished; what was queued for it is lost.
             let lost = conn.queue.discard_unsent();
-            self.counters.failed += lost as u64;
+            self.counters.failed += lost.notifications as u64;
             self.detach(key, &session);
         }
     }
@@ -941,12 +1040,17 @@ impl EventLoop {
 
     fn flush(&mut self, key: u32) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let was_paused = conn.input_paused();
         let result = if conn.queue.is_empty() {
             // Nothing to write, but a closing connection may still owe its FIN.
             Ok(Flushed::Empty)
         } else {
-            write_queued(conn, &mut self.counters, Instant::now())
+            write_queued(conn, &mut self.counters, &mut self.released_bytes, Instant::now())
         };
+        if was_paused && !conn.input_paused() && !matches!(conn.phase, Phase::Closing { .. }) {
+            // The peer took enough of its output: read (and serve) what it sent meanwhile.
+            self.reread.push(key);
+        }
         match result {
             Err(_) => {
                 self.remove(key);
@@ -1062,7 +1166,13 @@ impl EventLoop {
         self.peak_connections = self.peak_connections.max(held);
         let emptied = held == 0;
         let due = self.now_tick >= self.last_trim + ticks(TRIM_EVERY);
-        if self.peak_connections >= TRIM_MIN_DROP && held * 2 < self.peak_connections && (emptied || due) {
+        let churned = self.peak_connections >= TRIM_MIN_DROP && held * 2 < self.peak_connections && (emptied || due);
+        let replies_freed =
+            self.released_bytes >= TRIM_RELEASED_BYTES && self.now_tick >= self.last_trim + ticks(TRIM_MIN_GAP);
+        if replies_freed {
+            self.released_bytes = 0;
+        }
+        if churned || replies_freed {
             // SAFETY: malloc_trim only releases free memory inside glibc's allocator, takes its
             // own arena locks, and touches no memory Rust owns.
             unsafe {
@@ -1099,7 +1209,17 @@ impl EventLoop {
             (ticks(config.ping_interval), ticks(config.idle_timeout), ticks(config.heartbeat_interval));
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         match &mut conn.phase {
-            Phase::Request { deadline, .. } if now >= *deadline => self.reject(key, Status::REQUEST_TIMEOUT),
+            Phase::Request { deadline, .. } if now >= *deadline => {
+                if conn.input_paused() {
+                    // Its answers have sat unread since the deadline was last renewed: no 408
+                    // could reach it either.
+                    self.counters.output_stalled += 1;
+                    let _ = socket2::SockRef::from(&conn.stream).set_linger(Some(Duration::ZERO));
+                    self.remove(key);
+                } else {
+                    self.reject(key, Status::REQUEST_TIMEOUT);
+                }
+            }
             Phase::Awaiting { deadline, .. } if now >= *deadline => {
                 self.finish_publish(key, Err("publish timed out".into()));
             }
@@ -1118,8 +1238,14 @@ impl EventLoop {
                     self.counters.token_expired_closes += 1;
                     self.close_with(key, code, "token expired");
                 } else if now >= session.last_received + idle_after {
-                    self.counters.idle_closes += 1;
-                    self.close_with(key, code::GOING_AWAY, "idle timeout");
+                    if conn.input_paused() {
+                        // Silent only because herald stopped reading it: its output sat unread.
+                        self.counters.output_stalled += 1;
+                        self.close_with(key, code::POLICY_VIOLATION, "slow consumer");
+                    } else {
+                        self.counters.idle_closes += 1;
+                        self.close_with(key, code::GOING_AWAY, "idle timeout");
+                    }
                 } else {
                     if now >= session.last_ping + ping_every {
                         session.last_ping = now;
@@ -1143,17 +1269,24 @@ impl EventLoop {
 
 /// Writes a connection's queue (up to the per-wake-up budget), counting each notification
 /// whose last byte left as a delivery with its latency.
-fn write_queued(conn: &mut Conn, counters: &mut LocalCounters, now: Instant) -> io::Result<Flushed> {
-    conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| {
-        if let Some(born) = frame.born {
-            counters.delivered(now.saturating_duration_since(born));
-        }
+fn write_queued(
+    conn: &mut Conn,
+    counters: &mut LocalCounters,
+    released_bytes: &mut usize,
+    now: Instant,
+) -> io::Result<Flushed> {
+    conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| match frame.born {
+        Some(born) => counters.delivered(now.saturating_duration_since(born)),
+        // Replies belong to this connection alone: writing one frees it.
+        None => *released_bytes += frame.bytes.len(),
     })
 }
 
 /// How often a loop considers handing freed memory back, and the smallest drop in
 /// connections that makes it worth a malloc_trim.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// Shortest gap between two trims for freed replies.
+const TRIM_MIN_GAP: Duration = Duration::from_secs(1);
 const TRIM_MIN_DROP: usize = 1000;
 
 /// Focus-session messages one connection may relay per second; more are ignored (counted).

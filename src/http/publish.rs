@@ -15,7 +15,6 @@ use serde_json::{Value, json, value::RawValue};
 use super::routes::Outcome;
 use super::{Request, Response, Status};
 use crate::auth::MAX_USER_ID_BYTES;
-use crate::frame::{self, SharedFrame};
 use crate::message::{self, JsonScratch};
 use crate::router::{Exclusion, Publication, Target};
 use crate::shared::Shared;
@@ -51,11 +50,17 @@ impl Responder {
 
 /// A validated publication waiting for the broker.
 pub struct PendingPublish {
-    /// Embedded mode: goes to the router.
-    pub publication: Publication,
-    /// Redis mode: (channel, payload) pairs for the publisher thread.
-    pub redis_messages: Option<Vec<(String, Arc<[u8]>)>>,
+    pub route: PublishRoute,
     pub respond: Responder,
+}
+
+/// Where a publication goes.
+pub enum PublishRoute {
+    /// Embedded mode: framed here, straight to the router.
+    Router(Publication),
+    /// Redis mode: (channel, payload) pairs for the publisher thread. Payloads are the
+    /// messages as published (not stamped): every instance stamps and frames what it receives.
+    Redis(Vec<(String, Arc<[u8]>)>),
 }
 
 /// Who is calling.
@@ -136,7 +141,9 @@ fn sort_dedup(targets: &mut Vec<Target>) {
     targets.dedup();
 }
 
-/// Validates `message`, frames it, and packages it for whichever broker runs.
+/// Validates `message` and packages it for whichever broker runs: framed for the router
+/// (embedded), or as published for Redis. What herald will not deliver is refused here, so
+/// `sent:true` is never answered for a message some instance would drop.
 fn prepare(
     shared: &Shared,
     scratch: &mut JsonScratch,
@@ -146,42 +153,42 @@ fn prepare(
     respond: Responder,
 ) -> Result<PendingPublish, Response> {
     sort_dedup(&mut targets);
-    let frame = message::encode_notification(
-        message,
-        shared.config.max_message_bytes,
-        scratch,
-        SystemTime::now(),
-        Instant::now(),
-    )
-    .map_err(|why| bad_request(why.describe()))?;
+    let refuse = |why: message::Invalid| match why {
+        message::Invalid::TooLarge => Response::api_error(Status::PAYLOAD_TOO_LARGE, why.describe()),
+        _ => bad_request(why.describe()),
+    };
+    let max = shared.config.max_message_bytes;
+    let route = if shared.publisher.is_some() {
+        let valid = message::validate_notification(message, max, scratch).map_err(refuse)?;
+        PublishRoute::Redis(redis_messages(shared, &targets, valid.raw, &exclusion))
+    } else {
+        let frame =
+            message::encode_notification(message, max, scratch, SystemTime::now(), Instant::now()).map_err(refuse)?;
+        PublishRoute::Router(Publication { targets, frame, exclusion, reply: None })
+    };
     shared.metrics.received_from_http.fetch_add(1, Relaxed);
-    Ok(package(shared, targets, frame, exclusion, respond))
+    Ok(PendingPublish { route, respond })
 }
 
-/// Packages a framed message: for the router itself (embedded), or for Redis (the payload,
-/// with any exclusion embedded so that every instance honours it).
-pub fn package(
+/// One (channel, payload) pair per target, with any exclusion embedded in the payload so that
+/// every instance honours it.
+pub fn redis_messages(
     shared: &Shared,
-    targets: Vec<Target>,
-    frame: SharedFrame,
-    exclusion: Exclusion,
-    respond: Responder,
-) -> PendingPublish {
-    let redis_messages = shared.publisher.as_ref().map(|_| {
-        let payload = &frame.bytes[frame::header_len_of(&frame.bytes)..];
-        let payload: Arc<[u8]> = Arc::from(crate::message::embed_exclusion(payload, &exclusion));
-        targets
-            .iter()
-            .map(|t| {
-                let channel = match t {
-                    Target::User(u) => format!("{}{u}", shared.config.user_channel_prefix),
-                    Target::Topic(topic) => format!("{}{topic}", shared.config.topic_channel_prefix),
-                };
-                (channel, payload.clone())
-            })
-            .collect()
-    });
-    PendingPublish { publication: Publication { targets, frame, exclusion, reply: None }, redis_messages, respond }
+    targets: &[Target],
+    payload: &[u8],
+    exclusion: &Exclusion,
+) -> Vec<(String, Arc<[u8]>)> {
+    let payload: Arc<[u8]> = Arc::from(message::embed_exclusion(payload, exclusion));
+    targets
+        .iter()
+        .map(|t| {
+            let channel = match t {
+                Target::User(u) => format!("{}{u}", shared.config.user_channel_prefix),
+                Target::Topic(topic) => format!("{}{topic}", shared.config.topic_channel_prefix),
+            };
+            (channel, payload.clone())
+        })
+        .collect()
 }
 
 fn finish(result: Result<PendingPublish, Response>) -> Outcome {

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use super::publish::{self, PendingPublish};
 use super::{Method, Request, Response, Status};
@@ -37,9 +37,9 @@ pub struct Upgrade {
 const EVENTS: &str = "/api/v1/realtime/events/";
 
 /// Routes one request.
-pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn handle(req: &Request, _peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
     if let Some((dialect, stream)) = dialect::for_path(&req.path) {
-        return upgrade(req, dialect, stream, peer, shared);
+        return upgrade(req, dialect, stream, shared);
     }
     let respond = Outcome::Respond;
     match (req.method(), req.path.as_str()) {
@@ -62,7 +62,7 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
     }
 }
 
-fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, peer: IpAddr, shared: &Shared) -> Outcome {
+fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Shared) -> Outcome {
     let config = &shared.config;
     let refuse = Outcome::Respond;
     if !(req.upgrade_websocket && req.connection_upgrade) || req.method() != Method::Get {
@@ -86,9 +86,6 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, peer: IpAdd
         if !allowed.contains(&origin) {
             return refuse(Response::error(Status::FORBIDDEN, "origin not allowed").closing());
         }
-    }
-    if !shared.connect_rate.admit(peer, config.connect_rate_per_ip, Instant::now()) {
-        return refuse(Response::error(Status::TOO_MANY_REQUESTS, "too many connections from this address").closing());
     }
     let response = switching_protocols(key);
     let token = req.query_param("token").filter(|t| !t.is_empty()).or_else(|| req.bearer().map(str::to_owned));

@@ -927,7 +927,9 @@ pub fn read_http_response(stream: &mut TcpStream, timeout: Duration) -> Option<H
     read_http_response_buf(stream, timeout, &mut Vec::new())
 }
 
-fn read_http_response_buf(stream: &mut TcpStream, timeout: Duration, buf: &mut Vec<u8>) -> Option<HttpResponse> {
+/// Reads one response from `stream`, keeping bytes that follow it in `buf` for the next call
+/// (pipelined responses).
+pub fn read_http_response_buf(stream: &mut TcpStream, timeout: Duration, buf: &mut Vec<u8>) -> Option<HttpResponse> {
     let deadline = Instant::now() + timeout;
     let mut eof = false;
     loop {
@@ -948,7 +950,9 @@ fn read_http_response_buf(stream: &mut TcpStream, timeout: Duration, buf: &mut V
             }
             if let Some(cl) = cl {
                 if buf.len() >= he + cl {
-                    return Some(HttpResponse { status, headers, body: buf[he..he + cl].to_vec() });
+                    let body = buf[he..he + cl].to_vec();
+                    buf.drain(..he + cl);
+                    return Some(HttpResponse { status, headers, body });
                 }
             } else if chunked {
                 if let Some(body) = dechunk(&buf[he..]) {
@@ -1207,6 +1211,28 @@ impl RawWs {
     /// Hand-made upgrade to /ws?token=TOKEN; asserts 101.
     pub fn connect(port: u16, token: &str) -> RawWs {
         Self::connect_with(port, token, |_| {})
+    }
+
+    /// Like `connect`, over a socket whose receive buffer is set to `rcvbuf` bytes before the
+    /// TCP handshake (set after it, the window already negotiated stays large): a client that
+    /// can hold almost nothing it does not read.
+    pub fn connect_small_window(port: u16, token: &str, rcvbuf: usize) -> RawWs {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into()).expect("connect to herald");
+        let stream: TcpStream = socket.into();
+        Self::upgrade_on(stream, port, token)
+    }
+
+    fn upgrade_on(mut stream: TcpStream, port: u16, token: &str) -> RawWs {
+        stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let path = format!("/ws?token={token}");
+        stream.write_all(upgrade_request(port, &path, &[]).as_bytes()).expect("write upgrade");
+        let mut buf = Vec::new();
+        let resp = read_http_response_buf(&mut stream, Duration::from_secs(5), &mut buf).expect("upgrade response");
+        assert_eq!(resp.status, 101, "upgrade status, body {:?}", resp.text());
+        RawWs { stream, buf }
     }
 
     /// Like `connect`, with a hook to set socket options before the upgrade is sent.
