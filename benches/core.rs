@@ -11,10 +11,11 @@ use herald::auth::{Verifier, mint};
 use herald::config::JwtKey;
 use herald::conn::inbound::{Flow, FrameReader};
 use herald::conn::send_queue::SendQueue;
-use herald::event_loop::{self, LoopCmd};
 use herald::frame;
+use herald::ids::{Exclusion, Target};
+use herald::mailbox::{self, LoopCmd};
 use herald::message::{self, JsonScratch};
-use herald::router::{Publication, Router, RouterMsg, Target};
+use herald::route::{RouteTable, Sender};
 
 const NOTIFICATION: &[u8] =
     br#"{"type":"notification","payload":{"title":"New Order","message":"You have a new order #12345","icon":"order","link":"/orders/12345"}}"#;
@@ -102,33 +103,31 @@ fn send_queue(c: &mut Criterion) {
     group.finish();
 }
 
-fn router(c: &mut Criterion) {
-    let mut group = c.benchmark_group("router");
+fn route(c: &mut Criterion) {
+    let mut group = c.benchmark_group("route");
     for loops in [1usize, 4, 16] {
         let mut handles = Vec::new();
         let mut inboxes = Vec::new();
         let mut polls = Vec::new();
         for _ in 0..loops {
-            let (poll, handle, inbox) = event_loop::prepare().expect("poller");
+            let (poll, handle, inbox) = mailbox::prepare().expect("poller");
             polls.push(poll);
             handles.push(handle);
             inboxes.push(inbox);
         }
-        let mut router = Router::new(handles.into());
+        let table = RouteTable::default();
         let user = Target::User(Arc::from("user123"));
         for loop_id in 0..loops {
-            router.handle(RouterMsg::Join { loop_id, target: user.clone() });
+            table.join(loop_id, &user);
         }
         let frame = frame::notification(NOTIFICATION, Instant::now());
+        let targets = [user.clone()];
+        let none = Exclusion::default();
+        let from = Sender::Thread { patience: std::time::Duration::from_millis(100) };
         group.throughput(Throughput::Elements(loops as u64));
         group.bench_with_input(BenchmarkId::new("fan_out_to_loops", loops), &loops, |b, _| {
             b.iter(|| {
-                router.handle(RouterMsg::Publish(Publication {
-                    targets: vec![user.clone()],
-                    frame: frame.clone(),
-                    exclusion: Default::default(),
-                    reply: None,
-                }));
+                black_box(table.dispatch(&handles, from, &targets, &frame, &none));
                 for inbox in &inboxes {
                     while let Ok(cmd) = inbox.try_recv() {
                         black_box(matches!(cmd, LoopCmd::Deliver { .. }));
@@ -140,5 +139,5 @@ fn router(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, frames, validation, jwt, inbound, send_queue, router);
+criterion_group!(benches, frames, validation, jwt, inbound, send_queue, route);
 criterion_main!(benches);

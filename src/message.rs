@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use simd_json::prelude::*;
 
-use crate::event_loop::ConnRef;
-use crate::router::Exclusion;
+use crate::ids::{ConnRef, Exclusion, Origin};
 
 use crate::frame::{self, SharedFrame};
 
@@ -105,9 +104,14 @@ pub fn encode_notification(
     wall_clock: SystemTime,
     born: Instant,
 ) -> Result<SharedFrame, Invalid> {
-    let Valid { raw, has_timestamp } = validate_notification(raw, max_bytes, scratch)?;
+    Ok(frame_valid(validate_notification(raw, max_bytes, scratch)?, wall_clock, born))
+}
+
+/// Encodes a validated notification's frame, adding `timestamp` if it has none.
+pub fn frame_valid(valid: Valid<'_>, wall_clock: SystemTime, born: Instant) -> SharedFrame {
+    let Valid { raw, has_timestamp } = valid;
     if has_timestamp {
-        return Ok(frame::notification(raw, born));
+        return frame::notification(raw, born);
     }
     // The object is valid and non-empty (it has "type"), so its last byte is `}` and a
     // member can be appended right before it.
@@ -117,7 +121,7 @@ pub fn encode_notification(
     payload.extend_from_slice(b",\"timestamp\":\"");
     payload.extend_from_slice(stamp.as_bytes());
     payload.extend_from_slice(b"\"}");
-    Ok(frame::notification(&payload, born))
+    frame::notification(&payload, born)
 }
 
 fn trimmed_end(raw: &[u8]) -> usize {
@@ -137,9 +141,8 @@ pub fn embed_exclusion(payload: &[u8], exclusion: &Exclusion) -> Vec<u8> {
     if let Some(users) = &exclusion.users {
         meta.insert("exclude_users".into(), users.iter().map(|u| serde_json::Value::from(&**u)).collect());
     }
-    if let Some((instance, loop_id, conn)) = exclusion.origin {
-        let (key, id) = conn.to_parts();
-        meta.insert("origin".into(), format!("{instance:x}:{loop_id}:{key}:{id}").into());
+    if let Some(Origin { instance, loop_id, conn }) = exclusion.origin {
+        meta.insert("origin".into(), format!("{instance:x}:{loop_id}:{}:{}", conn.key, conn.id).into());
     }
     let mut out = Vec::with_capacity(payload.len() + 64);
     out.extend_from_slice(&payload[..payload.len() - 1]);
@@ -172,7 +175,7 @@ pub fn strip_exclusion(raw: &[u8]) -> Option<(Vec<u8>, Exclusion)> {
         let loop_id = parts.next()?.parse().ok()?;
         let key = parts.next()?.parse().ok()?;
         let id = parts.next()?.parse().ok()?;
-        Some((instance, loop_id, ConnRef::from_parts(key, id)))
+        Some(Origin { instance, loop_id, conn: ConnRef { key, id } })
     });
     let mut stripped = Vec::with_capacity(start + 1);
     stripped.extend_from_slice(&raw[..start]);
@@ -326,7 +329,7 @@ mod tests {
     fn exclusions_survive_the_trip_through_redis() {
         let exclusion = Exclusion {
             users: Some(vec![Arc::from("u1"), Arc::from("7")].into()),
-            origin: Some((0xabc, 1, ConnRef::from_parts(5, 9))),
+            origin: Some(Origin { instance: 0xabc, loop_id: 1, conn: ConnRef { key: 5, id: 9 } }),
         };
         let payload = br#"{"type":"x","timestamp":"t"}"#;
         let carried = embed_exclusion(payload, &exclusion);

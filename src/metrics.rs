@@ -135,8 +135,8 @@ pub struct Metrics {
     pub received_from_http: AtomicU64,
     pub dropped_invalid: AtomicU64,
     pub redis_reconnects: AtomicU64,
-    pub unique_users: AtomicU64,
-    pub unique_topics: AtomicU64,
+    /// Deliveries a loop missed because its inbox was full (see `mailbox`).
+    pub dropped_overload: AtomicU64,
     pub redis: RedisHealth,
 }
 
@@ -150,6 +150,7 @@ pub struct Snapshot {
     pub received_from_redis: u64,
     pub received_from_http: u64,
     pub dropped_invalid: u64,
+    pub dropped_overload: u64,
     pub redis_reconnects: u64,
     pub sent: u64,
     pub failed: u64,
@@ -179,17 +180,26 @@ impl Metrics {
             received_from_http: AtomicU64::new(0),
             dropped_invalid: AtomicU64::new(0),
             redis_reconnects: AtomicU64::new(0),
-            unique_users: AtomicU64::new(0),
-            unique_topics: AtomicU64::new(0),
+            dropped_overload: AtomicU64::new(0),
             redis: RedisHealth { configured: redis_configured, ..RedisHealth::default() },
         }
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    /// Counts deliveries lost to full loop inboxes.
+    pub fn count_overload(&self, dropped: u32) {
+        if dropped != 0 {
+            self.dropped_overload.fetch_add(u64::from(dropped), Relaxed);
+        }
+    }
+
+    /// Reads every counter; `unique_users` and `unique_topics` are the caller's (they live in
+    /// admission and the route table).
+    pub fn snapshot(&self, unique_users: u64, unique_topics: u64) -> Snapshot {
         let mut s = Snapshot {
             uptime_seconds: self.started.elapsed().as_secs(),
-            unique_users: self.unique_users.load(Relaxed),
-            unique_topics: self.unique_topics.load(Relaxed),
+            unique_users,
+            unique_topics,
+            dropped_overload: self.dropped_overload.load(Relaxed),
             received_from_redis: self.received_from_redis.load(Relaxed),
             received_from_http: self.received_from_http.load(Relaxed),
             dropped_invalid: self.dropped_invalid.load(Relaxed),
@@ -240,6 +250,7 @@ impl Snapshot {
                 "sent_to_clients": self.sent,
                 "failed": self.failed,
                 "dropped_invalid": self.dropped_invalid,
+                "dropped_overload": self.dropped_overload,
                 "slow_consumers": self.slow_consumers,
                 "acked": self.acked,
                 "ignored_client_messages": self.ignored_client_messages,
@@ -275,12 +286,17 @@ impl Snapshot {
         );
         metric("herald_users_unique", "gauge", "Distinct users with a connection.", self.unique_users.to_string());
         metric("herald_topics_unique", "gauge", "Distinct topics with a subscriber.", self.unique_topics.to_string());
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 18] = [
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),
             ("herald_messages_sent_total", "Notifications written to clients.", self.sent),
             ("herald_messages_failed_total", "Deliveries that failed (slow consumers, closed sockets).", self.failed),
             ("herald_messages_dropped_invalid_total", "Published messages dropped as invalid.", self.dropped_invalid),
+            (
+                "herald_messages_dropped_overload_total",
+                "Deliveries an event loop missed because its inbox was full.",
+                self.dropped_overload,
+            ),
             ("herald_slow_consumers_total", "Connections closed as slow consumers.", self.slow_consumers),
             ("herald_messages_acked_total", "Client acknowledgements.", self.acked),
             ("herald_client_messages_ignored_total", "Client messages not understood.", self.ignored_client_messages),
@@ -375,7 +391,7 @@ mod tests {
         local.delivered(Duration::from_millis(3));
         local.delivered(Duration::from_secs(10));
         m.loops[0].absorb(&mut local);
-        let text = m.snapshot().to_prometheus();
+        let text = m.snapshot(0, 0).to_prometheus();
         assert!(text.contains("herald_delivery_latency_seconds_bucket{le=\"0.0001\"} 1\n"));
         assert!(text.contains("herald_delivery_latency_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("herald_delivery_latency_seconds_bucket{le=\"+Inf\"} 3\n"));

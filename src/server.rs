@@ -1,5 +1,5 @@
-//! Starts herald: listeners, event loops, the router, the Redis threads; then waits for
-//! SIGTERM/SIGINT and shuts down gracefully (a second signal exits at once).
+//! Starts herald: listeners, event loops, the broker's threads; then waits for SIGTERM/SIGINT
+//! and shuts down gracefully (a second signal exits at once).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,9 +11,11 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use tracing::{info, warn};
 
 use crate::auth::Verifier;
+use crate::broker::{Broker, Routing, redis};
 use crate::config::{Config, JwtKey};
-use crate::event_loop::{self, EventLoop, LoopCmd};
-use crate::router::{Router, RouterMsg};
+use crate::event_loop::EventLoop;
+use crate::mailbox::{self, LoopCmd, Loops};
+use crate::metrics::Metrics;
 use crate::shared::Shared;
 
 /// A started server, before it is told to stop.
@@ -56,10 +58,6 @@ fn raise_fd_limit() {
 pub fn start(config: Config) -> Result<Running, String> {
     raise_fd_limit();
     let verifier = Verifier::new(&config.jwt_key)?;
-    let redis_client = match &config.redis_url {
-        Some(url) => Some(crate::broker::redis::client(url)?),
-        None => None,
-    };
     let first = bind(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = first.local_addr().map_err(|e| e.to_string())?;
     let mut listeners = vec![first];
@@ -70,31 +68,29 @@ pub fn start(config: Config) -> Result<Running, String> {
     let mut handles = Vec::new();
     let mut inboxes = Vec::new();
     for _ in 0..config.threads {
-        let (poll, handle, inbox) = event_loop::prepare().map_err(|e| format!("cannot create a poller: {e}"))?;
+        let (poll, handle, inbox) = mailbox::prepare().map_err(|e| format!("cannot create a poller: {e}"))?;
         polls.push(poll);
         handles.push(handle);
         inboxes.push(inbox);
     }
-    let (router_tx, router_rx) = crossbeam_channel::unbounded();
-    let (publisher_tx, publisher_rx) = match redis_client {
-        Some(_) => {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            (Some(tx), Some(rx))
+    let metrics = Arc::new(Metrics::new(config.threads, config.redis_url.is_some()));
+    let routing = Arc::new(Routing::default());
+    let loops: Loops = handles.into();
+    routing.attach(loops);
+    let broker = match &config.redis_url {
+        None => Broker::Embedded,
+        Some(url) => {
+            let settings = redis::Settings {
+                user_prefix: config.user_channel_prefix.clone(),
+                topic_prefix: config.topic_channel_prefix.clone(),
+                max_message_bytes: config.max_message_bytes,
+            };
+            let ctx =
+                redis::Context { settings: Arc::new(settings), routing: routing.clone(), metrics: metrics.clone() };
+            Broker::Redis(redis::RedisBroker::start(url, ctx)?)
         }
-        None => (None, None),
     };
-    let shared = Arc::new(Shared::new(config, verifier, router_tx, publisher_tx));
-    let loops: Arc<[event_loop::LoopHandle]> = handles.into();
-    let _ = shared.loops.set(loops.clone());
-
-    let router_shared = shared.clone();
-    spawn("herald-router", move || Router::new(loops).run(router_rx, &router_shared.metrics))?;
-    if let (Some(client), Some(jobs)) = (redis_client, publisher_rx) {
-        let (sub_client, sub_shared) = (client.clone(), shared.clone());
-        spawn("herald-redis-sub", move || crate::broker::redis::run_subscriber(sub_client, sub_shared))?;
-        let pub_shared = shared.clone();
-        spawn("herald-redis-pub", move || crate::broker::redis::run_publisher(client, jobs, pub_shared))?;
-    }
+    let shared = Arc::new(Shared::new(config, verifier, metrics, routing, broker));
     let mut loop_threads = Vec::new();
     for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
         let event_loop = EventLoop::new(id, shared.clone(), poll, listener, inbox)
@@ -116,16 +112,15 @@ impl Running {
     /// waits for the loops, at most `grace`. Returns whether everything closed in time.
     pub fn shutdown(self, grace: Duration) -> bool {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = Instant::now().checked_add(grace);
         for handle in self.shared.loops() {
-            handle.send(LoopCmd::Shutdown);
+            // The one command that must get through: wait for room as long as the grace lasts.
+            let _ = handle.send_waiting(LoopCmd::Shutdown, grace);
         }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && !self.loop_threads.iter().all(|t| t.is_finished()) {
+        while deadline.is_none_or(|d| Instant::now() < d) && !self.loop_threads.iter().all(|t| t.is_finished()) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let clean = self.loop_threads.iter().all(|t| t.is_finished());
-        let _ = self.shared.router.send(RouterMsg::Stop);
-        clean
+        self.loop_threads.iter().all(|t| t.is_finished())
     }
 }
 

@@ -436,3 +436,122 @@ fn root_serves_a_demo_page() {
     let body = r.text();
     assert!(body.contains("/ws") && body.contains("/publish"), "demo page should connect to /ws and publish:\n{body}");
 }
+
+// ----------------------------------------------------------------------------- users on any path
+
+#[test]
+fn health_counts_users_connected_only_on_topic_paths() {
+    let h = herald().start();
+    let claims = json!({"sub": "tenant-user", "exp": now_secs() + 600, "topics": ["tenant:t1"]});
+    let (resp, _topic_only) =
+        raw_upgrade_response(h.port, &format!("/ws/tenant/t1?token={}", token_claims(claims)), &[]);
+    assert_eq!(resp.status, 101);
+    h.wait_active_connections(1, T);
+    h.wait_unique_users(1, Duration::from_secs(2));
+    let _personal = h.ws(&token("tenant-user"));
+    let _other = h.ws(&token("someone-else"));
+    h.wait_active_connections(3, T);
+    h.wait_unique_users(2, Duration::from_secs(2));
+}
+
+// ----------------------------------------------------------------------------- /publish/batch
+
+fn post_batch(h: &Herald, body: &[u8]) -> HttpResponse {
+    let bearer = format!("Bearer {API_KEY}");
+    h.http("POST", "/publish/batch", &[("Authorization", &bearer), ("Content-Type", "application/json")], body)
+}
+
+#[test]
+fn publish_batch_delivers_every_item_and_answers_sent_in_order() {
+    let h = herald().api_key().start();
+    let mut u1 = h.ws(&token("b1"));
+    let mut u2 = h.ws(&token("b2"));
+    let items: Vec<Value> = vec![
+        json!({"user_id": "b1", "message": notification("one")}),
+        json!({"user_id": "nobody", "message": notification("lost")}),
+        json!({"user_ids": ["b1", "b2"], "message": notification("both")}),
+        json!({"user_id": "b2", "message": notification("two")}),
+    ];
+    let r = post_batch(&h, json!({ "items": items }).to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"status": "success", "sent": [true, false, true, true]}));
+    assert_eq!(recv_json(&mut u1, T)["payload"]["title"], "one");
+    assert_eq!(recv_json(&mut u1, T)["payload"]["title"], "both");
+    assert_eq!(recv_json(&mut u2, T)["payload"]["title"], "both");
+    assert_eq!(recv_json(&mut u2, T)["payload"]["title"], "two");
+    assert_no_message(&mut u1, Duration::from_millis(200));
+}
+
+#[test]
+fn a_bad_batch_item_fails_the_whole_batch_naming_its_index() {
+    let h = herald().api_key().start();
+    let mut u1 = h.ws(&token("c1"));
+    let items = json!({"items": [
+        {"user_id": "c1", "message": notification("fine")},
+        {"user_id": "c1", "message": {"no": "type"}},
+    ]});
+    let r = post_batch(&h, items.to_string().as_bytes());
+    assert_eq!(r.status, 400, "{}", r.text());
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.starts_with("item 1: "), "{error}");
+    assert_no_message(&mut u1, Duration::from_millis(300));
+
+    let oversized = json!({"items": [{"user_id": "c1", "message": {"type": "x", "p": "z".repeat(600)}}]});
+    let r = post_batch(&h, oversized.to_string().as_bytes());
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.json()["error"].as_str().unwrap_or_default().starts_with("item 0: "), "{}", r.text());
+
+    for bad in [json!({"items": []}), json!({"items": "x"}), json!({}), json!([1])] {
+        let r = post_batch(&h, bad.to_string().as_bytes());
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    let too_many: Vec<Value> = (0..1001).map(|_| json!({"user_id": "c1", "message": notification("x")})).collect();
+    let r = post_batch(&h, json!({ "items": too_many }).to_string().as_bytes());
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_no_message(&mut u1, Duration::from_millis(300));
+
+    // A plain user token may publish to itself only, in a batch as anywhere.
+    let mine = json!({"items": [{"user_id": "c1", "message": notification("self")}, {"user_id": "c2", "message": notification("other")}]});
+    let bearer = format!("Bearer {}", token("c1"));
+    let r = h.http("POST", "/publish/batch", &[("Authorization", &bearer)], mine.to_string().as_bytes());
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("item 1"), "{}", r.text());
+}
+
+#[test]
+fn publish_batch_accepts_a_thousand_items_up_to_a_mebibyte() {
+    let h = herald().api_key().start();
+    let mut ws = h.ws(&token("many"));
+    let pad = "p".repeat(100);
+    let items: Vec<Value> =
+        (0..1000).map(|i| json!({"user_id": "many", "message": {"type": "n", "i": i, "pad": pad}})).collect();
+    let body = json!({ "items": items }).to_string();
+    assert!(body.len() > 64 * 1024, "the batch must exceed the single-publish body limit");
+    let r = post_batch(&h, body.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sent"].as_array().map(|a| a.len()), Some(1000));
+    for i in 0..1000 {
+        assert_eq!(recv_json(&mut ws, T)["i"], i, "in item order");
+    }
+    let huge = vec![b' '; 1024 * 1024 + 1];
+    let r = post_batch(&h, &huge);
+    assert_eq!(r.status, 413, "{}", r.text());
+}
+
+#[test]
+fn publish_batch_through_redis_answers_each_item() {
+    let redis = Redis::start();
+    let h = herald().api_key().redis(&redis).start();
+    redis.wait_subscribers(1, Duration::from_secs(10));
+    let mut ws = h.ws(&token("r1"));
+    let items = json!({"items": [
+        {"user_id": "r1", "message": notification("a")},
+        {"topic": "nobody-listens", "message": notification("b")},
+        {"user_id": "r1", "message": notification("c")},
+    ]});
+    let r = post_batch(&h, items.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sent"], json!([true, true, true]), "pattern mode: every instance receives everything");
+    assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "a");
+    assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "c");
+}

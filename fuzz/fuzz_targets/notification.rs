@@ -19,9 +19,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use herald::event_loop::ConnRef;
+use herald::ids::{ConnRef, Exclusion, Origin};
 use herald::message::{self, Invalid, JsonScratch};
-use herald::router::Exclusion;
 use herald_fuzz::{Bytes, decode_server_frames, has_big_integer, is_json, reference_json, strict};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
@@ -121,7 +120,11 @@ fuzz_target!(|data: &[u8]| {
         list.truncate(1 + (shape as usize >> 4) % 2);
         list.into()
     });
-    let origin = (shape & 2 == 2).then(|| (b.u32() as u64 * 0x1_0000_0001, (shape >> 2) as usize, ConnRef::from_parts(b.u32(), b.u32())));
+    let origin = (shape & 2 == 2).then(|| Origin {
+        instance: b.u32() as u64 * 0x1_0000_0001,
+        loop_id: (shape >> 2) as usize,
+        conn: ConnRef { key: b.u32(), id: b.u32() },
+    });
     let exclusion = Exclusion { users, origin };
     let carried = message::embed_exclusion(payload, &exclusion);
     if exclusion.is_empty() {

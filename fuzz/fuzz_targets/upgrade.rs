@@ -9,7 +9,6 @@
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::Ordering;
 
 use herald::dialect::{self, AuthFailure, Stream};
 use herald::http::routes::{self, Outcome};
@@ -78,8 +77,9 @@ fuzz_target!(|data: &[u8]| {
     let shared = shared();
     let mut scratch = JsonScratch::default();
     let peer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, data.len() as u8));
-    let before = shared.websockets.load(Ordering::SeqCst);
+    let before = shared.admission.websockets();
     assert_eq!(before, 0, "admission counter leaked between runs");
+    assert_eq!(shared.admission.unique_users(), 0, "per-user counts leaked between runs");
     let outcome = routes::handle(&request, peer, shared, &mut scratch);
     let route = dialect::for_path(&request.path);
     match outcome {
@@ -115,10 +115,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(identity.allows_topic(topic), "topic {topic:?} not allowed by {:?}", identity.topics);
                     }
                     // The connection closes again: give back what admission took.
-                    shared.release_websocket();
-                    if shared.config.max_connections_per_user != 0 {
-                        shared.per_user.release(&identity.user);
-                    }
+                    shared.admission.release(&identity.user);
                 }
                 Err(code) => {
                     assert_eq!(dialect.auth_failure, AuthFailure::CloseAfterOpen(*code));
@@ -139,5 +136,6 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(request.method(), Method::Post);
         }
     }
-    assert_eq!(shared.websockets.load(Ordering::SeqCst), 0, "admission counter leaked");
+    assert_eq!(shared.admission.websockets(), 0, "admission counter leaked");
+    assert_eq!(shared.admission.unique_users(), 0, "per-user counts leaked");
 });

@@ -33,8 +33,8 @@ pub fn config(args: &[&str]) -> Config {
     Cli::try_parse_from(full).expect("fuzz config arguments parse").server.into_config().expect("fuzz config is valid")
 }
 
-/// A `Shared` as `server::start` builds it, minus threads and sockets. The router channel's
-/// receiver is dropped: nothing `routes::handle` does should need a live router.
+/// A `Shared` as `server::start` builds it (embedded broker), minus threads and sockets: no
+/// loops are attached, so nothing `routes::handle` does can reach a connection.
 pub fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
@@ -59,8 +59,9 @@ pub fn shared() -> &'static Shared {
 
 pub fn build_shared(config: Config) -> Shared {
     let verifier = Verifier::new(&config.jwt_key).expect("fuzz key is valid");
-    let (router_tx, _router_rx) = crossbeam_channel::unbounded();
-    Shared::new(config, verifier, router_tx, None)
+    let metrics = std::sync::Arc::new(herald::metrics::Metrics::new(config.threads, false));
+    let routing = std::sync::Arc::new(herald::broker::Routing::default());
+    Shared::new(config, verifier, metrics, routing, herald::broker::Broker::Embedded)
 }
 
 /// An HS256 verifier with [`SECRET`] (what `shared().verifier` is, standalone).

@@ -1,21 +1,144 @@
-//! Where notifications come from and, for HTTP publishes, where they go.
+//! The broker seam: live publishing (and, behind the same type, subscriptions, fleet control
+//! and history as they arrive). Event loops and the HTTP layer hand it validated
+//! notifications and get back either "routed, this many receivers" or "pending, the answer
+//! will come to your `ReplyTo`"; they never see a Redis command.
 //!
-//! Embedded mode needs no code of its own: the router is the broker, and HTTP handlers hand
-//! it [`crate::router::Publication`]s directly. Redis mode ([`redis`]) runs a subscriber
-//! thread that feeds the router and a publisher thread that takes [`PublishJob`]s from
-//! HTTP handlers, so no event loop ever waits on Redis.
+//! * [`Broker::Embedded`]: the calling loop stamps and frames the message once and routes it
+//!   through the route table itself: straight to each owning loop, inline for its own share.
+//! * [`Broker::Redis`]: the message goes to Redis as published; every instance's reader
+//!   stamps and frames what it receives, once, and routes it the same way.
 
 pub mod redis;
 
 use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
 
-use crate::event_loop::ConnRef;
+use crate::frame::SharedFrame;
+use crate::ids::{DeliverTo, Exclusion, ReplyTo, Target};
+use crate::mailbox::Loops;
+use crate::message::{self, Valid};
+use crate::metrics::Metrics;
+use crate::route::{RouteTable, Sender};
 
-/// Channels to PUBLISH to, on behalf of one HTTP request.
-#[derive(Debug)]
-pub struct PublishJob {
-    /// (channel, payload) pairs; payloads are validated and already carry their timestamp.
-    pub messages: Vec<(String, Arc<[u8]>)>,
-    /// Which loop and connection wait for the answer (none for relayed client messages).
-    pub reply: Option<(usize, ConnRef)>,
+/// A validated notification on its way out.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub targets: Vec<Target>,
+    /// The message as published: validated, trailing whitespace cut.
+    pub message: Box<[u8]>,
+    pub has_timestamp: bool,
+    pub exclusion: Exclusion,
 }
+
+impl Outgoing {
+    pub fn new(targets: Vec<Target>, valid: Valid<'_>, exclusion: Exclusion) -> Outgoing {
+        Outgoing { targets, message: valid.raw.into(), has_timestamp: valid.has_timestamp, exclusion }
+    }
+}
+
+/// What the routing parts of herald share: the route table and every loop's mailbox.
+#[derive(Default)]
+pub struct Routing {
+    pub table: RouteTable,
+    loops: OnceLock<Loops>,
+}
+
+impl Routing {
+    /// Attaches the loops once they exist.
+    pub fn attach(&self, loops: Loops) {
+        let _ = self.loops.set(loops);
+    }
+
+    pub fn loops(&self) -> &[crate::mailbox::LoopHandle] {
+        self.loops.get().map_or(&[], |l| l)
+    }
+}
+
+/// A delivery the calling loop performs itself: its own share of a message.
+#[derive(Debug)]
+pub struct Local {
+    pub to: DeliverTo,
+    pub frame: SharedFrame,
+    pub exclusion: Exclusion,
+}
+
+/// The outcome of a publish.
+#[derive(Debug)]
+pub enum Published {
+    /// Routed now. Per item, the receivers reached (loops holding a target); `local` is the
+    /// calling loop's own share, to deliver before it does anything else.
+    Routed { receivers: Box<[u64]>, local: Vec<Local> },
+    /// Handed to Redis: the answer goes to the `ReplyTo` given.
+    Pending,
+    /// It could not be published (reason for the client).
+    Failed(String),
+}
+
+pub enum Broker {
+    Embedded,
+    Redis(redis::RedisBroker),
+}
+
+impl Broker {
+    pub fn is_redis(&self) -> bool {
+        matches!(self, Broker::Redis(_))
+    }
+
+    /// Publishes `items`. `from` is the calling loop (its share comes back as `Local`);
+    /// `reply`, when set, is where a pending answer goes.
+    pub fn publish(
+        &self,
+        routing: &Routing,
+        metrics: &Metrics,
+        items: Vec<Outgoing>,
+        from: Sender,
+        reply: Option<ReplyTo>,
+    ) -> Published {
+        match self {
+            Broker::Embedded => {
+                let now = (SystemTime::now(), Instant::now());
+                let mut receivers = Vec::with_capacity(items.len());
+                let mut local = Vec::new();
+                for item in items {
+                    let frame = message::frame_valid(
+                        Valid { raw: &item.message, has_timestamp: item.has_timestamp },
+                        now.0,
+                        now.1,
+                    );
+                    let out = routing.table.dispatch(routing.loops(), from, &item.targets, &frame, &item.exclusion);
+                    metrics.count_overload(out.dropped);
+                    receivers.push(u64::from(out.reached.count_ones()));
+                    if let Some(to) = out.local {
+                        local.push(Local { to, frame, exclusion: item.exclusion });
+                    }
+                }
+                Published::Routed { receivers: receivers.into(), local }
+            }
+            Broker::Redis(redis) => match redis.publish(items, reply) {
+                Ok(()) => Published::Pending,
+                Err(why) => Published::Failed(why),
+            },
+        }
+    }
+}
+
+/// The channel a target's notifications travel on in Redis.
+pub fn channel_of(target: &Target, user_prefix: &str, topic_prefix: &str) -> String {
+    match target {
+        Target::User(u) => format!("{user_prefix}{u}"),
+        Target::Topic(t) => format!("{topic_prefix}{t}"),
+    }
+}
+
+/// The target a Redis channel stands for, if it has one of herald's prefixes.
+pub fn target_of<'a>(channel: &'a str, user_prefix: &str, topic_prefix: &str) -> Option<(bool, &'a str)> {
+    if let Some(user) = channel.strip_prefix(user_prefix) {
+        Some((true, user))
+    } else {
+        channel.strip_prefix(topic_prefix).map(|topic| (false, topic))
+    }
+}
+
+/// Shared handle type for the parts Redis threads need.
+pub type SharedRouting = Arc<Routing>;

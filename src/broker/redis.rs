@@ -1,4 +1,5 @@
-//! Redis: the subscriber that feeds the router, and the publisher HTTP publishes go through.
+//! Redis: the subscriber that routes what Redis sends, and the publisher HTTP publishes go
+//! through.
 //!
 //! Both threads reconnect by themselves with capped exponential backoff; the subscriber
 //! re-issues its PSUBSCRIBEs on every connection, so delivery resumes without anyone's help.
@@ -9,23 +10,25 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tracing::{info, warn};
 
-use super::PublishJob;
-use crate::event_loop::LoopCmd;
+use super::{Outgoing, Routing};
+use crate::ids::{Answer, ReplyTo, Target};
+use crate::mailbox::LoopCmd;
 use crate::message::{self, JsonScratch};
-use crate::router::{Publication, RouterMsg, Target};
-use crate::shared::Shared;
+use crate::metrics::Metrics;
+use crate::route;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 const PING_EVERY: Duration = Duration::from_secs(1);
-/// Router backlog above which the subscriber pauses reading, so a burst backs up into Redis
-/// (which bounds it with client-output-buffer-limit) instead of into herald's memory.
-const ROUTER_BACKLOG_LIMIT: usize = 200_000;
+/// How long the reader waits for room in a loop's inbox before that loop misses a message:
+/// meanwhile a burst backs up into Redis (which bounds it with client-output-buffer-limit)
+/// instead of into herald's memory.
+const LOOP_PATIENCE: Duration = Duration::from_millis(500);
 /// Most bytes herald's own wrapping (a relay's envelope: session and sender ids) adds to a
 /// message it built from bounded input.
 const HERALD_ENVELOPE: usize = 2048;
@@ -70,22 +73,91 @@ pub fn client(url: &str) -> Result<redis::Client, String> {
     redis::Client::open(url).map_err(|e| format!("HERALD_REDIS_URL is not usable: {e}"))
 }
 
+/// What the Redis threads need to know of the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub user_prefix: String,
+    pub topic_prefix: String,
+    pub max_message_bytes: usize,
+}
+
+/// What the Redis threads share with the rest of herald.
+#[derive(Clone)]
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub routing: Arc<Routing>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The event loops' handle on Redis: publishing goes through the publisher thread.
+pub struct RedisBroker {
+    jobs: Sender<PublishJob>,
+    settings: Arc<Settings>,
+}
+
+/// PUBLISH commands on behalf of one request: `counts[i]` consecutive messages belong to
+/// item `i`, whose receivers are summed for the answer.
+#[derive(Debug)]
+pub struct PublishJob {
+    messages: Vec<(String, Arc<[u8]>)>,
+    counts: Vec<u32>,
+    reply: Option<ReplyTo>,
+}
+
+impl RedisBroker {
+    /// Starts the subscriber and publisher threads.
+    pub fn start(url: &str, ctx: Context) -> Result<RedisBroker, String> {
+        let client = client(url)?;
+        let (jobs, inbox) = crossbeam_channel::unbounded();
+        let settings = ctx.settings.clone();
+        let (sub_client, sub_ctx) = (client.clone(), ctx.clone());
+        spawn("herald-redis-sub", move || run_subscriber(sub_client, sub_ctx))?;
+        spawn("herald-redis-pub", move || run_publisher(client, inbox, ctx))?;
+        Ok(RedisBroker { jobs, settings })
+    }
+
+    /// Queues `items` for the publisher; the answer goes to `reply`.
+    pub fn publish(&self, items: Vec<Outgoing>, reply: Option<ReplyTo>) -> Result<(), String> {
+        let mut messages = Vec::new();
+        let mut counts = Vec::with_capacity(items.len());
+        for item in items {
+            // Published as it came, with any exclusion embedded so that every instance
+            // honours it; each receiving instance stamps and frames it once.
+            let payload: Arc<[u8]> = Arc::from(message::embed_exclusion(&item.message, &item.exclusion));
+            counts.push(item.targets.len() as u32);
+            for target in &item.targets {
+                let channel = super::channel_of(target, &self.settings.user_prefix, &self.settings.topic_prefix);
+                messages.push((channel, payload.clone()));
+            }
+        }
+        self.jobs.send(PublishJob { messages, counts, reply }).map_err(|_| "redis publisher stopped".to_string())
+    }
+}
+
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(body)
+        .map(|_| ())
+        .map_err(|e| format!("cannot start thread {name}: {e}"))
+}
+
 /// Subscriber thread body: never returns while the process runs.
-pub fn run_subscriber(client: redis::Client, shared: Arc<Shared>) {
+fn run_subscriber(client: redis::Client, ctx: Context) {
     let mut backoff = Backoff::new();
     let mut scratch = JsonScratch::default();
     let mut ids = Interner::default();
-    let health = &shared.metrics.redis;
+    let health = &ctx.metrics.redis;
     let mut connected_before = false;
     loop {
         let session =
             client.get_connection_with_timeout(CONNECT_TIMEOUT).and_then(|mut conn| -> redis::RedisResult<()> {
                 let mut pubsub = conn.as_pubsub();
-                pubsub.psubscribe(pattern_for(&shared.config.user_channel_prefix))?;
-                pubsub.psubscribe(pattern_for(&shared.config.topic_channel_prefix))?;
+                pubsub.psubscribe(pattern_for(&ctx.settings.user_prefix))?;
+                pubsub.psubscribe(pattern_for(&ctx.settings.topic_prefix))?;
                 health.subscriber_up.store(true, Relaxed);
                 if connected_before {
-                    shared.metrics.redis_reconnects.fetch_add(1, Relaxed);
+                    ctx.metrics.redis_reconnects.fetch_add(1, Relaxed);
                     info!("redis subscriber reconnected and resubscribed");
                 } else {
                     info!("redis subscriber connected");
@@ -94,10 +166,7 @@ pub fn run_subscriber(client: redis::Client, shared: Arc<Shared>) {
                 backoff.reset();
                 loop {
                     let msg = pubsub.get_message()?;
-                    route(&shared, &mut scratch, &mut ids, msg.get_channel_name(), msg.get_payload_bytes());
-                    while shared.router.len() > ROUTER_BACKLOG_LIMIT {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+                    route(&ctx, &mut scratch, &mut ids, msg.get_channel_name(), msg.get_payload_bytes());
                 }
             });
         health.subscriber_up.store(false, Relaxed);
@@ -109,17 +178,15 @@ pub fn run_subscriber(client: redis::Client, shared: Arc<Shared>) {
     }
 }
 
-/// Hands one Redis message to the router, or drops it as invalid.
-fn route(shared: &Shared, scratch: &mut JsonScratch, ids: &mut Interner, channel: &str, payload: &[u8]) {
-    let config = &shared.config;
-    let metrics = &shared.metrics;
+/// Routes one Redis message to the loops holding its target, or drops it as invalid.
+fn route(ctx: &Context, scratch: &mut JsonScratch, ids: &mut Interner, channel: &str, payload: &[u8]) {
+    let config = &ctx.settings;
+    let metrics = &ctx.metrics;
     metrics.received_from_redis.fetch_add(1, Relaxed);
-    let target = if let Some(user) = channel.strip_prefix(config.user_channel_prefix.as_str()) {
-        Target::User(ids.intern(user))
-    } else if let Some(topic) = channel.strip_prefix(config.topic_channel_prefix.as_str()) {
-        Target::Topic(ids.intern(topic))
-    } else {
-        return;
+    let target = match super::target_of(channel, &config.user_prefix, &config.topic_prefix) {
+        Some((true, user)) => Target::User(ids.intern(user)),
+        Some((false, topic)) => Target::Topic(ids.intern(topic)),
+        None => return,
     };
     // The size limit applies to what the publisher wrote; an exclusion herald itself embedded
     // is metadata, stripped here before validation. A message that carried one was built by
@@ -138,8 +205,9 @@ fn route(shared: &Shared, scratch: &mut JsonScratch, ids: &mut Interner, channel
             return;
         }
     };
-    let _ =
-        shared.router.send(RouterMsg::Publish(Publication { targets: vec![target], frame, exclusion, reply: None }));
+    let from = route::Sender::Thread { patience: LOOP_PATIENCE };
+    let out = ctx.routing.table.dispatch(ctx.routing.loops(), from, &[target], &frame, &exclusion);
+    metrics.count_overload(out.dropped);
 }
 
 /// Reuses one `Arc<str>` per user id, so a busy user's messages allocate no id.
@@ -166,8 +234,8 @@ impl Interner {
 
 /// Publisher thread body: PUBLISHes jobs from HTTP handlers, PINGs while idle. Returns when
 /// every job sender is gone.
-pub fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, shared: Arc<Shared>) {
-    let health = &shared.metrics.redis;
+fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, ctx: Context) {
+    let health = &ctx.metrics.redis;
     let mut conn: Option<redis::Connection> = None;
     let mut retry_at = Instant::now();
     let mut backoff = Duration::ZERO;
@@ -207,8 +275,8 @@ pub fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, shared: 
                         *c = fresh;
                         publish(c, job)
                     })
-                    .map(|receivers| receivers.max(0) as u64),
-                None => ping(c, health).map(|()| 0),
+                    .map(Some),
+                None => ping(c, health).map(|()| None),
             }
             .map_err(|e| {
                 health.set_error(&e);
@@ -222,9 +290,14 @@ pub fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, shared: 
                 conn = None;
             }
         }
-        if let Some((loop_id, conn)) = job.and_then(|job| job.reply) {
-            if let Some(handle) = shared.loops().get(loop_id) {
-                handle.send(LoopCmd::Answer { conn, result: outcome });
+        if let Some(reply) = job.as_ref().and_then(|job| job.reply) {
+            let answer = match outcome {
+                Ok(Some(receivers)) => Answer::Published(receivers.into()),
+                Ok(None) => continue,
+                Err(why) => Answer::Failed(why),
+            };
+            if let Some(handle) = ctx.routing.loops().get(reply.loop_id) {
+                let _ = handle.send_waiting(LoopCmd::Answer { conn: reply.conn, answer }, LOOP_PATIENCE);
             }
         }
     }
@@ -237,14 +310,15 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
     Ok(conn)
 }
 
-/// Sends every message of the job in one pipeline; returns the total receiver count.
-fn publish(conn: &mut redis::Connection, job: &PublishJob) -> redis::RedisResult<i64> {
+/// Sends every message of the job in one pipeline; returns the receivers of each item.
+fn publish(conn: &mut redis::Connection, job: &PublishJob) -> redis::RedisResult<Vec<u64>> {
     let mut pipe = redis::pipe();
     for (channel, payload) in &job.messages {
         pipe.cmd("PUBLISH").arg(channel).arg(&payload[..]);
     }
     let counts: Vec<i64> = pipe.query(conn)?;
-    Ok(counts.iter().sum())
+    let mut counts = counts.into_iter();
+    Ok(job.counts.iter().map(|&n| counts.by_ref().take(n as usize).map(|c| c.max(0) as u64).sum()).collect())
 }
 
 fn ping(conn: &mut redis::Connection, health: &crate::metrics::RedisHealth) -> redis::RedisResult<()> {

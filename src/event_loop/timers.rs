@@ -32,13 +32,15 @@ impl Clock {
 
     /// When `tick` begins.
     pub fn instant_of(&self, tick: Tick) -> Instant {
-        self.start + TICK * tick as u32
+        let offset = TICK.saturating_mul(u32::try_from(tick).unwrap_or(u32::MAX));
+        self.start.checked_add(offset).unwrap_or(self.start)
     }
 }
 
-/// Whole ticks in `d`, rounded up so a deadline never fires early.
+/// Whole ticks in `d`, rounded up so a deadline never fires early; saturating, so an
+/// enormous duration means "never" rather than a wrapped-around "soon".
 pub fn ticks(d: Duration) -> Tick {
-    d.as_millis().div_ceil(TICK.as_millis()) as Tick
+    Tick::try_from(d.as_millis().div_ceil(TICK.as_millis())).unwrap_or(Tick::MAX)
 }
 
 /// An entry: slab key and connection id.
@@ -166,5 +168,6 @@ mod tests {
         assert_eq!(ticks(Duration::from_millis(1)), 1);
         assert_eq!(ticks(Duration::from_millis(100)), 1);
         assert_eq!(ticks(Duration::from_millis(101)), 2);
+        assert_eq!(ticks(Duration::MAX), Tick::MAX);
     }
 }

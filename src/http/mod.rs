@@ -11,6 +11,13 @@ use std::fmt::Write as _;
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Largest request body accepted (publish calls); more gets 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest body of `POST /publish/batch` (up to 1,000 items).
+pub const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
+
+/// The body limit of a request to `path`.
+pub fn max_body_for(path: &str) -> usize {
+    if path == "/publish/batch" { MAX_BATCH_BODY_BYTES } else { MAX_BODY_BYTES }
+}
 const MAX_HEADERS: usize = 48;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +188,7 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
         }
     }
     let body_len = content_length.unwrap_or(0);
-    if body_len > MAX_BODY_BYTES {
+    if body_len > max_body_for(&request.path) {
         return Parsed::Error(Status::PAYLOAD_TOO_LARGE);
     }
     if buf.len() < head_len + body_len {
@@ -246,6 +253,19 @@ impl Response {
 
     pub fn text(status: Status, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
         Response { status, content_type, extra_headers: Vec::new(), body: body.into(), close: false }
+    }
+
+    /// The same refusal with `context` before its message (`{"error":"item 3: …"}`).
+    pub fn prefixed(self, context: &str) -> Response {
+        let error = serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned));
+        match error {
+            Some(error) => {
+                Response { body: Response::api_error(self.status, &format!("{context}: {error}")).body, ..self }
+            }
+            None => self,
+        }
     }
 
     pub fn closing(mut self) -> Response {

@@ -1,13 +1,13 @@
-//! The publishing API: `/publish` (herald's own), `/notify` (seed 001), the seed-004
-//! `/api/v1/realtime/events/*`, and `/api/disconnect`.
+//! The publishing API: `/publish` and `/publish/batch` (herald's own), `/notify` (seed 001),
+//! the seed-004 `/api/v1/realtime/events/*`, and `/api/disconnect`.
 //!
-//! Each handler authenticates the caller, validates the body, builds the notification the
-//! seed promises, and returns a [`PendingPublish`]: the event loop hands it to the broker and
-//! renders the answer with `respond` once the broker says whether anyone was addressed.
+//! Each handler authenticates the caller, validates the body and builds the notifications the
+//! seed promises, and returns a [`PublishRequest`]: validated [`Outgoing`] items for the
+//! broker, and how to render the broker's [`Answer`]. Nothing here knows which broker runs.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
@@ -15,15 +15,21 @@ use serde_json::{Value, json, value::RawValue};
 use super::routes::Outcome;
 use super::{Request, Response, Status};
 use crate::auth::MAX_USER_ID_BYTES;
+use crate::broker::Outgoing;
+use crate::ids::{Answer, Exclusion, Target};
 use crate::message::{self, JsonScratch};
-use crate::router::{Exclusion, Publication, Target};
 use crate::shared::Shared;
 
-/// How to answer once the broker reports whether anyone was addressed.
+/// Most items in one `/publish/batch`.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
+/// How to answer once the broker reports what was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Responder {
     /// `{"status":"success","sent":…}` (`/publish`, `/notify`).
     Sent,
+    /// `{"status":"success","sent":[…]}` in item order (`/publish/batch`).
+    SentEach,
     /// Seed 004's task event: `{"status":"notifications sent","recipient_count":N}`.
     TaskRecipients(u32),
     /// Seed 004's workspace event: `{"status":"workspace notification sent"}`.
@@ -35,11 +41,30 @@ pub enum Responder {
 }
 
 impl Responder {
-    /// `count`: loops or Redis receivers addressed (publishes), connections closed (disconnect).
-    pub fn render(self, count: u64) -> Response {
+    pub fn render(self, answer: &Answer) -> Response {
+        let receivers: &[u64] = match answer {
+            Answer::Published(receivers) => receivers,
+            Answer::Closed(_) => &[],
+            Answer::Failed(why) => return Response::api_error(Status::SERVICE_UNAVAILABLE, why),
+        };
         let body = match self {
-            Responder::Sent => format!("{{\"status\":\"success\",\"sent\":{}}}", count > 0),
-            Responder::Closed => format!("{{\"status\":\"success\",\"closed\":{count}}}"),
+            Responder::Sent => format!("{{\"status\":\"success\",\"sent\":{}}}", receivers.iter().any(|&r| r > 0)),
+            Responder::SentEach => {
+                let mut body = String::with_capacity(32 + 6 * receivers.len());
+                body.push_str("{\"status\":\"success\",\"sent\":[");
+                for (i, r) in receivers.iter().enumerate() {
+                    if i > 0 {
+                        body.push(',');
+                    }
+                    body.push_str(if *r > 0 { "true" } else { "false" });
+                }
+                body.push_str("]}");
+                body
+            }
+            Responder::Closed => {
+                let closed = if let Answer::Closed(n) = answer { *n } else { 0 };
+                format!("{{\"status\":\"success\",\"closed\":{closed}}}")
+            }
             Responder::TaskRecipients(n) => format!("{{\"status\":\"notifications sent\",\"recipient_count\":{n}}}"),
             Responder::WorkspaceSent => r#"{"status":"workspace notification sent"}"#.to_string(),
             Responder::SystemSent => r#"{"status":"system notification sent"}"#.to_string(),
@@ -48,19 +73,10 @@ impl Responder {
     }
 }
 
-/// A validated publication waiting for the broker.
-pub struct PendingPublish {
-    pub route: PublishRoute,
+/// Validated notifications waiting for the broker, and how to answer.
+pub struct PublishRequest {
+    pub items: Vec<Outgoing>,
     pub respond: Responder,
-}
-
-/// Where a publication goes.
-pub enum PublishRoute {
-    /// Embedded mode: framed here, straight to the router.
-    Router(Publication),
-    /// Redis mode: (channel, payload) pairs for the publisher thread. Payloads are the
-    /// messages as published (not stamped): every instance stamps and frames what it receives.
-    Redis(Vec<(String, Arc<[u8]>)>),
 }
 
 /// Who is calling.
@@ -141,64 +157,37 @@ fn sort_dedup(targets: &mut Vec<Target>) {
     targets.dedup();
 }
 
-/// Validates `message` and packages it for whichever broker runs: framed for the router
-/// (embedded), or as published for Redis. What herald will not deliver is refused here, so
-/// `sent:true` is never answered for a message some instance would drop.
+/// Validates `message` for `targets`. What herald will not deliver is refused here (an
+/// oversized message is 413), so `sent:true` is never answered for a message some instance
+/// would drop.
 fn prepare(
     shared: &Shared,
     scratch: &mut JsonScratch,
     mut targets: Vec<Target>,
     message: &[u8],
     exclusion: Exclusion,
-    respond: Responder,
-) -> Result<PendingPublish, Response> {
+) -> Result<Outgoing, Response> {
     sort_dedup(&mut targets);
-    let refuse = |why: message::Invalid| match why {
-        message::Invalid::TooLarge => Response::api_error(Status::PAYLOAD_TOO_LARGE, why.describe()),
-        _ => bad_request(why.describe()),
-    };
-    let max = shared.config.max_message_bytes;
-    let route = if shared.publisher.is_some() {
-        let valid = message::validate_notification(message, max, scratch).map_err(refuse)?;
-        PublishRoute::Redis(redis_messages(shared, &targets, valid.raw, &exclusion))
-    } else {
-        let frame =
-            message::encode_notification(message, max, scratch, SystemTime::now(), Instant::now()).map_err(refuse)?;
-        PublishRoute::Router(Publication { targets, frame, exclusion, reply: None })
-    };
-    shared.metrics.received_from_http.fetch_add(1, Relaxed);
-    Ok(PendingPublish { route, respond })
+    let valid =
+        message::validate_notification(message, shared.config.max_message_bytes, scratch).map_err(|why| match why {
+            message::Invalid::TooLarge => Response::api_error(Status::PAYLOAD_TOO_LARGE, why.describe()),
+            _ => bad_request(why.describe()),
+        })?;
+    Ok(Outgoing::new(targets, valid, exclusion))
 }
 
-/// One (channel, payload) pair per target, with any exclusion embedded in the payload so that
-/// every instance honours it.
-pub fn redis_messages(
-    shared: &Shared,
-    targets: &[Target],
-    payload: &[u8],
-    exclusion: &Exclusion,
-) -> Vec<(String, Arc<[u8]>)> {
-    let payload: Arc<[u8]> = Arc::from(message::embed_exclusion(payload, exclusion));
-    targets
-        .iter()
-        .map(|t| {
-            let channel = match t {
-                Target::User(u) => format!("{}{u}", shared.config.user_channel_prefix),
-                Target::Topic(topic) => format!("{}{topic}", shared.config.topic_channel_prefix),
-            };
-            (channel, payload.clone())
-        })
-        .collect()
-}
-
-fn finish(result: Result<PendingPublish, Response>) -> Outcome {
+fn finish(result: Result<(Vec<Outgoing>, Responder), Response>, shared: &Shared) -> Outcome {
     match result {
-        Ok(pending) => Outcome::Publish(Box::new(pending)),
+        Ok((items, respond)) => {
+            shared.metrics.received_from_http.fetch_add(items.len() as u64, Relaxed);
+            Outcome::Publish(Box::new(PublishRequest { items, respond }))
+        }
         Err(response) => Outcome::Respond(response),
     }
 }
 
-/// `POST /publish` body. `message` stays raw so its bytes reach clients unchanged.
+/// `POST /publish` body (also one `/publish/batch` item). `message` stays raw so its bytes
+/// reach clients unchanged.
 #[derive(Deserialize)]
 struct PublishBody<'a> {
     user_id: Option<Value>,
@@ -208,35 +197,73 @@ struct PublishBody<'a> {
     message: Option<&'a RawValue>,
 }
 
+/// `{"items":[…]}` of `/publish/batch`.
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    items: Option<Vec<PublishBody<'a>>>,
+}
+
+/// Validates one `/publish` body for `caller`.
+fn publish_item(
+    body: PublishBody<'_>,
+    caller: &Caller,
+    shared: &Shared,
+    scratch: &mut JsonScratch,
+) -> Result<Outgoing, Response> {
+    let mut targets = Vec::new();
+    if let Some(user) = &body.user_id {
+        let user = id_from_json(user).ok_or_else(|| bad_request("user_id must be a string or integer"))?;
+        targets.push(Target::User(Arc::from(user)));
+    }
+    for user in body.user_ids.iter().flatten() {
+        let user = id_from_json(user).ok_or_else(|| bad_request("user_ids must hold strings or integers"))?;
+        targets.push(Target::User(Arc::from(user)));
+    }
+    if let Some(topic) = &body.topic {
+        let topic =
+            topic.as_str().filter(|t| !t.is_empty()).ok_or_else(|| bad_request("topic must be a non-empty string"))?;
+        targets.push(Target::Topic(Arc::from(topic)));
+    }
+    if targets.is_empty() {
+        return Err(bad_request("missing user_id, user_ids or topic"));
+    }
+    let message = body.message.ok_or_else(|| bad_request("missing message"))?;
+    permitted(caller, &targets)?;
+    prepare(shared, scratch, targets, message.get().as_bytes(), Exclusion::default())
+}
+
 /// `POST /publish` `{"user_id"|"user_ids"|"topic", "message":{…}}`.
 pub fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
-    finish((|| {
+    let result = (|| {
         let caller = caller(req, shared)?;
         let body: PublishBody<'_> = serde_json::from_slice(&req.body)
             .map_err(|_| bad_request("body must be a JSON object with user_id, user_ids or topic, and message"))?;
-        let mut targets = Vec::new();
-        if let Some(user) = &body.user_id {
-            let user = id_from_json(user).ok_or_else(|| bad_request("user_id must be a string or integer"))?;
-            targets.push(Target::User(Arc::from(user)));
+        Ok((vec![publish_item(body, &caller, shared, scratch)?], Responder::Sent))
+    })();
+    finish(result, shared)
+}
+
+/// `POST /publish/batch` `{"items":[<a /publish body>, …]}`: every item is validated before
+/// any is published (all or nothing); a bad item fails the batch, naming its index.
+pub fn publish_batch(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+    let result = (|| {
+        let caller = caller(req, shared)?;
+        let body: BatchBody<'_> = serde_json::from_slice(&req.body)
+            .map_err(|_| bad_request("body must be a JSON object with an items array of /publish bodies"))?;
+        let bodies = body.items.ok_or_else(|| bad_request("missing items"))?;
+        if bodies.is_empty() || bodies.len() > MAX_BATCH_ITEMS {
+            return Err(bad_request(&format!("items must hold 1 to {MAX_BATCH_ITEMS} entries")));
         }
-        for user in body.user_ids.iter().flatten() {
-            let user = id_from_json(user).ok_or_else(|| bad_request("user_ids must hold strings or integers"))?;
-            targets.push(Target::User(Arc::from(user)));
+        let mut items = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.into_iter().enumerate() {
+            let item = publish_item(body, &caller, shared, scratch)
+                .map_err(|refusal| refusal.prefixed(&format!("item {i}")))?;
+            items.push(item);
         }
-        if let Some(topic) = &body.topic {
-            let topic = topic
-                .as_str()
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| bad_request("topic must be a non-empty string"))?;
-            targets.push(Target::Topic(Arc::from(topic)));
-        }
-        if targets.is_empty() {
-            return Err(bad_request("missing user_id, user_ids or topic"));
-        }
-        let message = body.message.ok_or_else(|| bad_request("missing message"))?;
-        permitted(&caller, &targets)?;
-        prepare(shared, scratch, targets, message.get().as_bytes(), Exclusion::default(), Responder::Sent)
-    })())
+        Ok((items, Responder::SentEach))
+    })();
+    finish(result, shared)
 }
 
 #[derive(Deserialize)]
@@ -250,7 +277,7 @@ struct NotifyBody {
 
 /// `POST /notify` (seed 001): `{"user_id","title","message","type"}`.
 pub fn notify(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
-    finish((|| {
+    let result = (|| {
         let caller = caller(req, shared)?;
         let body: NotifyBody =
             serde_json::from_slice(&req.body).map_err(|_| bad_request("body must be a JSON object"))?;
@@ -265,8 +292,10 @@ pub fn notify(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outc
         let targets = vec![Target::User(Arc::from(user))];
         permitted(&caller, &targets)?;
         let message = json!({"channel": "notifications", "title": title, "message": text, "type": kind});
-        prepare(shared, scratch, targets, message.to_string().as_bytes(), Exclusion::default(), Responder::Sent)
-    })())
+        let item = prepare(shared, scratch, targets, message.to_string().as_bytes(), Exclusion::default())?;
+        Ok((vec![item], Responder::Sent))
+    })();
+    finish(result, shared)
 }
 
 /// The seed-004 notification object.
@@ -339,7 +368,7 @@ fn default_user(caller: &Caller, field: &str) -> Result<Arc<str>, Response> {
 
 /// `POST /api/v1/realtime/events/{task|workspace|system}` (seed 004).
 pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
-    finish((|| {
+    let result = (|| {
         let caller = caller(req, shared)?;
         match kind {
             "task" => {
@@ -376,7 +405,7 @@ pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScrat
                     },
                 );
                 let respond = Responder::TaskRecipients(recipients as u32);
-                prepare(shared, scratch, targets, message.as_bytes(), Exclusion::default(), respond)
+                Ok((vec![prepare(shared, scratch, targets, message.as_bytes(), Exclusion::default())?], respond))
             }
             "workspace" => {
                 let event: WorkspaceEvent = parse(&req.body)?;
@@ -402,7 +431,7 @@ pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScrat
                 let exclusion =
                     Exclusion { users: (!excluded.is_empty()).then(|| excluded.into()), ..Exclusion::default() };
                 let respond = Responder::WorkspaceSent;
-                prepare(shared, scratch, targets, message.as_bytes(), exclusion, respond)
+                Ok((vec![prepare(shared, scratch, targets, message.as_bytes(), exclusion)?], respond))
             }
             "system" => {
                 let event: SystemEvent = parse(&req.body)?;
@@ -424,11 +453,12 @@ pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScrat
                     },
                 );
                 let respond = Responder::SystemSent;
-                prepare(shared, scratch, targets, message.as_bytes(), Exclusion::default(), respond)
+                Ok((vec![prepare(shared, scratch, targets, message.as_bytes(), Exclusion::default())?], respond))
             }
             _ => Err(Response::error(Status::NOT_FOUND, "not found")),
         }
-    })())
+    })();
+    finish(result, shared)
 }
 
 /// `POST /api/disconnect` `{"user_id"}`: the user to disconnect, once authorized.

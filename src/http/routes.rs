@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
-use super::publish::{self, PendingPublish};
+use super::publish::{self, PublishRequest};
 use super::{Method, Request, Response, Status};
+use crate::admission::Refusal;
 use crate::auth::Identity;
 use crate::dialect::{self, AuthFailure, Dialect, Stream};
 use crate::message::{self, JsonScratch};
@@ -18,8 +19,8 @@ use crate::shared::Shared;
 pub enum Outcome {
     Respond(Response),
     Upgrade(Box<Upgrade>),
-    /// Hand the publication to the broker and answer when it reports back.
-    Publish(Box<PendingPublish>),
+    /// Hand the notifications to the broker; answer with what it reached.
+    Publish(Box<PublishRequest>),
     /// Close every connection of this user on every loop, then answer with the count.
     Disconnect(Arc<str>),
 }
@@ -49,13 +50,14 @@ pub fn handle(req: &Request, _peer: IpAddr, shared: &Shared, scratch: &mut JsonS
             respond(Response::text(Status::OK, "text/html; charset=utf-8", super::demo::PAGE))
         }
         (Method::Post, "/publish") => publish::publish(req, shared, scratch),
+        (Method::Post, "/publish/batch") => publish::publish_batch(req, shared, scratch),
         (Method::Post, "/notify") => publish::notify(req, shared, scratch),
         (Method::Post, "/api/disconnect") => match publish::disconnect_target(req, shared) {
             Ok(user) => Outcome::Disconnect(user),
             Err(response) => respond(response),
         },
         (Method::Post, path) if path.starts_with(EVENTS) => publish::event(&path[EVENTS.len()..], req, shared, scratch),
-        (_, "/" | "/health" | "/metrics" | "/publish" | "/notify" | "/api/disconnect") => {
+        (_, "/" | "/health" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect") => {
             respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed"))
         }
         _ => respond(Response::error(Status::NOT_FOUND, "not found")),
@@ -112,13 +114,14 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
     if shared.shutting_down.load(Relaxed) {
         return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "shutting down").closing());
     }
-    if !shared.try_reserve_websocket() {
-        return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "connection limit reached").closing());
-    }
-    let cap = config.max_connections_per_user;
-    if cap != 0 && !shared.per_user.try_acquire(&identity.user, cap) {
-        shared.release_websocket();
-        return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "per-user connection limit reached").closing());
+    match shared.admission.reserve(&identity.user) {
+        Ok(()) => {}
+        Err(Refusal::InstanceFull) => {
+            return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "connection limit reached").closing());
+        }
+        Err(Refusal::UserFull) => {
+            return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "per-user connection limit reached").closing());
+        }
     }
     Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Ok(identity), response }))
 }
@@ -141,8 +144,13 @@ fn now_rfc3339() -> String {
     message::rfc3339_millis(SystemTime::now())
 }
 
+/// Every counter, with the gauges that live outside the metrics.
+fn snapshot(shared: &Shared) -> metrics::Snapshot {
+    shared.metrics.snapshot(shared.admission.unique_users(), shared.routing.table.topic_count())
+}
+
 fn health(shared: &Shared) -> Response {
-    let snapshot = shared.metrics.snapshot();
+    let snapshot = snapshot(shared);
     let redis = &shared.metrics.redis;
     let (healthy, redis_json) = if !redis.configured {
         (true, serde_json::json!({ "status": "embedded" }))
@@ -168,7 +176,7 @@ fn health(shared: &Shared) -> Response {
 }
 
 fn metrics(req: &Request, shared: &Shared) -> Response {
-    let snapshot = shared.metrics.snapshot();
+    let snapshot = snapshot(shared);
     if metrics::prefers_prometheus(req.accept.as_deref()) {
         Response::text(Status::OK, "text/plain; version=0.0.4; charset=utf-8", snapshot.to_prometheus())
     } else {

@@ -1,0 +1,224 @@
+//! Who may open a WebSocket: the instance's connection limit, the per-user cap, and the
+//! per-IP connect rate. One type reserves and releases, so the counts cannot drift apart.
+//!
+//! This is the only mutable state threads share, and it is touched once per connection,
+//! never per message. Per-user counts are keyed by a keyed 64-bit hash of the user id: 16
+//! bytes an entry whatever the id's length, and the same map answers "how many distinct users
+//! hold a connection here" on any path.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+const SHARDS: usize = 16;
+
+/// Why an upgrade was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// HERALD_MAX_CONNECTIONS reached.
+    InstanceFull,
+    /// HERALD_MAX_CONNECTIONS_PER_USER reached for this user.
+    UserFull,
+}
+
+/// The key is already a hash.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Counts = HashMap<u64, u32, BuildHasherDefault<Prehashed>>;
+
+pub struct Admission {
+    max_websockets: usize,
+    per_user_cap: u32,
+    connect_rate_per_ip: u32,
+    /// Open WebSockets, instance wide.
+    websockets: AtomicUsize,
+    users: [Mutex<Counts>; SHARDS],
+    /// Users with at least one open WebSocket here.
+    unique_users: AtomicU64,
+    rates: ConnectRate,
+    hasher: RandomState,
+}
+
+impl Admission {
+    pub fn new(max_websockets: usize, per_user_cap: u32, connect_rate_per_ip: u32) -> Admission {
+        Admission {
+            max_websockets,
+            per_user_cap,
+            connect_rate_per_ip,
+            websockets: AtomicUsize::new(0),
+            users: Default::default(),
+            unique_users: AtomicU64::new(0),
+            rates: ConnectRate::default(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn key(&self, user: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(user.as_bytes());
+        h.finish()
+    }
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Counts> {
+        self.users[(key >> 60) as usize % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves one WebSocket for `user`. Every success must be paired with one [`release`].
+    ///
+    /// [`release`]: Admission::release
+    pub fn reserve(&self, user: &str) -> Result<(), Refusal> {
+        let max = self.max_websockets;
+        self.websockets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map_err(|_| Refusal::InstanceFull)?;
+        let key = self.key(user);
+        let mut counts = self.shard(key);
+        let count = counts.entry(key).or_insert(0);
+        if self.per_user_cap != 0 && *count >= self.per_user_cap {
+            if *count == 0 {
+                counts.remove(&key);
+            }
+            drop(counts);
+            self.websockets.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::UserFull);
+        }
+        if *count == 0 {
+            self.unique_users.fetch_add(1, Ordering::Relaxed);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Gives back what [`Admission::reserve`] took for `user`.
+    pub fn release(&self, user: &str) {
+        let key = self.key(user);
+        let mut counts = self.shard(key);
+        if let Some(count) = counts.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&key);
+                self.unique_users.fetch_sub(1, Ordering::Relaxed);
+            }
+            drop(counts);
+            self.websockets.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Open WebSockets of `user` on this instance.
+    pub fn connections_of(&self, user: &str) -> u32 {
+        let key = self.key(user);
+        self.shard(key).get(&key).copied().unwrap_or(0)
+    }
+
+    /// Distinct users with an open WebSocket on this instance, on any path.
+    pub fn unique_users(&self) -> u64 {
+        self.unique_users.load(Ordering::Relaxed)
+    }
+
+    pub fn websockets(&self) -> usize {
+        self.websockets.load(Ordering::Acquire)
+    }
+
+    /// Takes one token of `ip`'s connect rate; `false` means over the rate.
+    pub fn admit_connection(&self, ip: IpAddr, now: Instant) -> bool {
+        self.rates.admit(ip, self.connect_rate_per_ip, now)
+    }
+}
+
+fn shard_of<K: std::hash::Hash + ?Sized>(key: &K) -> usize {
+    // A fixed hasher: the shard only needs to be stable within the process.
+    let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    (hasher.hash_one(key) as usize) % SHARDS
+}
+
+/// Token buckets of new connections per client IP (HERALD_CONNECT_RATE_PER_IP).
+#[derive(Default)]
+struct ConnectRate {
+    shards: [Mutex<HashMap<IpAddr, (f64, Instant)>>; SHARDS],
+}
+
+impl ConnectRate {
+    /// Takes one token for `ip`; `false` means over the rate. Burst is twice the rate.
+    fn admit(&self, ip: IpAddr, per_second: u32, now: Instant) -> bool {
+        if per_second == 0 {
+            return true;
+        }
+        let rate = f64::from(per_second);
+        let burst = 2.0 * rate;
+        let mut map = self.shards[shard_of(&ip)].lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 100_000 {
+            // Forget buckets that have refilled; they hold no information.
+            map.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = map.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn reserve_and_release_keep_every_count_in_step() {
+        let admission = Admission::new(3, 2, 0);
+        assert_eq!(admission.reserve("u"), Ok(()));
+        assert_eq!(admission.reserve("u"), Ok(()));
+        assert_eq!(admission.reserve("u"), Err(Refusal::UserFull));
+        assert_eq!(admission.websockets(), 2, "a refusal gives its slot back");
+        assert_eq!(admission.reserve("v"), Ok(()));
+        assert_eq!(admission.reserve("w"), Err(Refusal::InstanceFull));
+        assert_eq!((admission.unique_users(), admission.connections_of("u")), (2, 2));
+        admission.release("u");
+        admission.release("u");
+        admission.release("u");
+        assert_eq!(admission.websockets(), 1, "a release without a reservation changes nothing");
+        assert_eq!((admission.unique_users(), admission.connections_of("u")), (1, 0));
+    }
+
+    #[test]
+    fn no_per_user_cap_still_counts_users() {
+        let admission = Admission::new(10, 0, 0);
+        for _ in 0..5 {
+            admission.reserve("many").unwrap();
+        }
+        assert_eq!((admission.unique_users(), admission.connections_of("many")), (1, 5));
+    }
+
+    #[test]
+    fn connect_rate_allows_a_burst_then_refills() {
+        let admission = Admission::new(10, 0, 2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        let admitted = (0..10).filter(|_| admission.admit_connection(ip, t0)).count();
+        assert_eq!(admitted, 4);
+        assert!(admission.admit_connection(ip, t0 + Duration::from_millis(600)));
+        assert!(admission.admit_connection("10.0.0.2".parse().unwrap(), t0));
+    }
+}

@@ -1,0 +1,71 @@
+//! Notifications into send queues: each recipient's queue gets a pointer to the shared frame.
+//! A connection whose queue is full while its socket is full too is a slow consumer: it is
+//! closed once the delivery is done, and no one else waits for it.
+
+use std::time::Instant;
+
+use tracing::debug;
+
+use super::EventLoop;
+use super::output::write_queued;
+use crate::conn::Phase;
+use crate::frame::{SharedFrame, code};
+use crate::ids::{ConnRef, DeliverTo, Exclusion};
+
+impl EventLoop {
+    pub(super) fn deliver(&mut self, to: &DeliverTo, frame: &SharedFrame, exclusion: &Exclusion) {
+        let excluded_conn =
+            exclusion.origin.filter(|o| o.instance == self.shared.instance_id && o.loop_id == self.id).map(|o| o.conn);
+        self.delivery_seq = self.delivery_seq.wrapping_add(1);
+        let seq = self.delivery_seq;
+        let limit = self.shared.config.send_queue;
+        let now_tick = self.now_tick;
+        let mut flush_time: Option<Instant> = None;
+        for target in to.as_slice() {
+            for key in self.index.connections(target) {
+                let Some(conn) = self.conns.get_mut(key as usize) else { continue };
+                if conn.delivery_seq == seq || excluded_conn == Some(ConnRef { key, id: conn.id }) {
+                    continue;
+                }
+                conn.delivery_seq = seq;
+                let Phase::Open(session) = &mut conn.phase else { continue };
+                if exclusion.users.as_ref().is_some_and(|users| users.contains(&session.user)) {
+                    continue;
+                }
+                session.last_data_sent = now_tick;
+                if conn.queue.push_notification(frame.clone(), limit).is_err() {
+                    // A full queue is only slow if the socket is full too: a burst larger
+                    // than the queue must reach a client that reads. Write what the kernel
+                    // takes now, then judge. (Errors are left for the flush to find: this
+                    // loop must not remove connections while it walks the index.)
+                    let now = *flush_time.get_or_insert_with(Instant::now);
+                    let _ = write_queued(conn, &mut self.counters, &mut self.released_bytes, now);
+                    if conn.queue.push_notification(frame.clone(), limit).is_err() {
+                        self.slow.push(key);
+                        continue;
+                    }
+                }
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(key);
+                }
+            }
+        }
+        for key in std::mem::take(&mut self.slow) {
+            self.close_slow_consumer(key);
+        }
+    }
+
+    fn close_slow_consumer(&mut self, key: u32) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        if !matches!(conn.phase, Phase::Open(_)) {
+            return;
+        }
+        let dropped = conn.queue.discard_unsent();
+        self.released_bytes += dropped.bytes;
+        self.counters.failed += dropped.notifications as u64 + 1;
+        self.counters.slow_consumers += 1;
+        debug!("closing a slow consumer");
+        self.close_with(key, code::POLICY_VIOLATION, "slow consumer");
+    }
+}

@@ -1,0 +1,106 @@
+//! Writing: every dirty connection is flushed with writev before the loop polls again, up to a
+//! byte budget per pass; WRITABLE interest is registered only for what the kernel would not take.
+
+use std::io;
+use std::net::Shutdown;
+use std::time::Instant;
+
+use mio::Token;
+
+use super::EventLoop;
+use crate::conn::send_queue::Flushed;
+use crate::conn::{Conn, Phase};
+use crate::metrics::LocalCounters;
+
+/// Bytes written to one connection per pass before others get their turn.
+const WRITE_BUDGET: usize = 256 * 1024;
+
+impl EventLoop {
+    pub(super) fn mark_dirty(&mut self, key: u32) {
+        if let Some(conn) = self.conns.get_mut(key as usize) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    pub(super) fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            if let Some(conn) = self.conns.get_mut(key as usize) {
+                conn.dirty = false;
+                self.flush(key);
+            }
+        }
+        // Reuse the allocation unless flushing re-filled the list.
+        if self.dirty.is_empty() {
+            let mut dirty = dirty;
+            dirty.clear();
+            self.dirty = dirty;
+        }
+    }
+
+    pub(super) fn flush(&mut self, key: u32) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let was_paused = conn.input_paused();
+        let result = if conn.queue.is_empty() {
+            // Nothing to write, but a closing connection may still owe its FIN.
+            Ok(Flushed::Empty)
+        } else {
+            write_queued(conn, &mut self.counters, &mut self.released_bytes, Instant::now())
+        };
+        if was_paused && !conn.input_paused() && !matches!(conn.phase, Phase::Closing { .. }) {
+            // The peer took enough of its output: read (and serve) what it sent meanwhile.
+            self.reread.push(key);
+        }
+        match result {
+            Err(_) => {
+                self.remove(key);
+                return;
+            }
+            Ok(Flushed::Empty) => {
+                conn.write_blocked = false;
+                if let Phase::Closing { fin_sent, .. } = &mut conn.phase {
+                    if !*fin_sent {
+                        *fin_sent = true;
+                        // FIN after the last byte; reading on until the peer's EOF keeps the
+                        // kernel from answering its late bytes with a reset that would
+                        // destroy our close frame before it was read.
+                        let _ = conn.stream.shutdown(Shutdown::Write);
+                    }
+                }
+            }
+            Ok(Flushed::WouldBlock) => conn.write_blocked = true,
+            Ok(Flushed::Budget) => {
+                conn.write_blocked = false;
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(key);
+                }
+            }
+        }
+        let wanted = conn.interest();
+        if wanted != conn.registered {
+            conn.registered = wanted;
+            if self.poll.registry().reregister(&mut conn.stream, Token(key as usize), wanted).is_err() {
+                self.remove(key);
+            }
+        }
+    }
+}
+
+/// Writes a connection's queue (up to the per-pass budget), counting each notification whose
+/// last byte left as a delivery with its latency, and each reply's bytes as memory released.
+pub(super) fn write_queued(
+    conn: &mut Conn,
+    counters: &mut LocalCounters,
+    released_bytes: &mut usize,
+    now: Instant,
+) -> io::Result<Flushed> {
+    conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| match frame.born {
+        Some(born) => counters.delivered(now.saturating_duration_since(born)),
+        // Replies belong to this connection alone: writing one frees it.
+        None => *released_bytes += frame.bytes.len(),
+    })
+}

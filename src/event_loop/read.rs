@@ -1,0 +1,78 @@
+//! Reading sockets. Reading waits while a connection's output is over its bound (or a request
+//! of its is parked): the flush that drains the output puts it back on the reread list.
+
+use std::io::{self, Read};
+
+use super::{EventLoop, READ_CHUNK};
+use crate::conn::Phase;
+use crate::http::{self, Status};
+
+/// Reads from one connection per readiness event before others get their turn.
+const READS_PER_EVENT: usize = 8;
+
+impl EventLoop {
+    pub(super) fn on_readable(&mut self, key: u32) {
+        let mut reads = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(key as usize) else { return };
+            if conn.input_paused() {
+                // Backpressure: whatever drains the output (or answers the request) resumes.
+                return;
+            }
+            if reads == READS_PER_EVENT {
+                self.reread.push(key);
+                return;
+            }
+            reads += 1;
+            let n = match conn.stream.read(&mut self.read_buf) {
+                Ok(0) => {
+                    self.on_eof(key);
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.remove(key);
+                    return;
+                }
+            };
+            match &mut conn.phase {
+                Phase::Http(http) => {
+                    if http.buf.len() + n > http::MAX_HEAD_BYTES + http::MAX_BATCH_BODY_BYTES + READ_CHUNK {
+                        self.reject(key, Status::HEADERS_TOO_LARGE);
+                        return;
+                    }
+                    http.buf.extend_from_slice(&self.read_buf[..n]);
+                    self.serve_requests(key);
+                }
+                Phase::Open(_) => {
+                    let mut input = std::mem::take(&mut self.read_buf);
+                    self.on_frames(key, &mut input[..n]);
+                    self.read_buf = input;
+                }
+                // Bytes after our close are discarded; we only wait for the peer's EOF.
+                Phase::Closing { .. } => {}
+            }
+        }
+    }
+
+    /// Reads again after output drained below its bound, an answer arrived, or a fairness cut:
+    /// first the requests already buffered, then the socket.
+    pub(super) fn resume_input(&mut self, key: u32) {
+        if self.conns.get(key as usize).is_some_and(|c| matches!(c.phase, Phase::Http(_))) {
+            self.serve_requests(key);
+        }
+        self.on_readable(key);
+    }
+
+    fn on_eof(&mut self, key: u32) {
+        let Some(conn) = self.conns.get(key as usize) else { return };
+        match conn.phase {
+            // A client that half-closed after sending its last request still gets its answers.
+            Phase::Http(_) if !conn.queue.is_empty() => self.set_phase_closing(key),
+            Phase::Closing { fin_sent: false, .. } => {}
+            _ => self.remove(key),
+        }
+    }
+}

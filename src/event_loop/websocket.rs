@@ -1,0 +1,263 @@
+//! WebSocket sessions: the upgrade, then what clients send (pings, subscriptions, relays).
+//! Frames are parsed into actions first and applied after, so the parser's borrow of the
+//! session never overlaps the loop's other work.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use tracing::debug;
+
+use super::EventLoop;
+use crate::broker::{Outgoing, Published};
+use crate::conn::inbound::{Flow, Inbound, Violation};
+use crate::conn::{Membership, NO_NODE, Phase, Session};
+use crate::dialect::Stream;
+use crate::frame::{self, SharedFrame, code};
+use crate::http::routes::Upgrade;
+use crate::ids::{ConnRef, Exclusion, Origin, Target};
+use crate::message::{self, ClientMessage};
+use crate::route::Sender;
+
+/// Most topics one connection may hold.
+pub const MAX_TOPICS_PER_CONNECTION: usize = 128;
+
+/// Something a client's message asks for, applied after its frames are parsed.
+enum Action {
+    Reply(SharedFrame),
+    /// Answers a Ping; replaces a Pong still waiting to be written.
+    Pong(SharedFrame),
+    /// The client sent a close frame: answer it and close.
+    CloseReply(u16),
+    Subscribe {
+        topic: String,
+        silent: bool,
+    },
+    Unsubscribe {
+        topic: String,
+        silent: bool,
+    },
+    /// A focus-session member's JSON object, for the session's other members.
+    Relay(String),
+}
+
+impl EventLoop {
+    /// Completes an upgrade: the 101 is queued, the session indexed (and the route table told)
+    /// before the 101 can be flushed, so anything published after the client sees it arrives.
+    pub(super) fn open(&mut self, key: u32, upgrade: Upgrade) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let Phase::Http(state) = &mut conn.phase else { return };
+        let early_frames = std::mem::take(&mut state.buf);
+        conn.queue.push_reply(frame::raw(upgrade.response));
+        self.mark_dirty(key);
+        self.leave_plain(key);
+        let identity = match upgrade.identity {
+            Ok(identity) => identity,
+            Err(close_code) => {
+                self.counters.rejected_upgrades += 1;
+                self.close_with(key, close_code, "unauthorized");
+                return;
+            }
+        };
+        let expires = super::deadlines::expiry_tick(identity.exp, SystemTime::now(), self.now_tick);
+        let now = self.now_tick;
+        let mut session = Box::new(Session {
+            user: identity.user,
+            dialect: upgrade.dialect,
+            user_node: NO_NODE,
+            topics: Vec::new(),
+            allowed_topics: identity.topics.into_boxed_slice(),
+            expires,
+            last_received: now,
+            last_ping: now,
+            last_data_sent: now,
+            relay_window: 0,
+            relays_in_window: 0,
+            reader: Default::default(),
+        });
+        match upgrade.stream {
+            // A topic path receives that topic only, not the user's personal stream.
+            Stream::Topic(topic) => {
+                let topic: Arc<str> = Arc::from(topic);
+                let node = self.index_add(&Target::Topic(topic.clone()), key);
+                session.topics.push(Membership { topic, node });
+            }
+            Stream::Personal => session.user_node = self.index_add(&Target::User(session.user.clone()), key),
+        }
+        let greets = session.dialect.greets;
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        conn.phase = Phase::Open(session);
+        self.shared.metrics.loops[self.id].connections.fetch_add(1, Ordering::Relaxed);
+        if greets {
+            let greeting =
+                format!("{{\"type\":\"connected\",\"timestamp\":\"{}\"}}", message::rfc3339_millis(SystemTime::now()));
+            self.queue_reply(key, frame::reply_text(greeting.as_bytes()));
+        }
+        self.arm(key);
+        if !early_frames.is_empty() {
+            let mut input = early_frames;
+            self.on_frames(key, &mut input);
+        }
+    }
+
+    pub(super) fn on_frames(&mut self, key: u32, input: &mut [u8]) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let Phase::Open(session) = &mut conn.phase else { return };
+        session.last_received = self.now_tick;
+        let max = self.shared.config.max_message_bytes;
+        let json = &mut self.json;
+        let counters = &mut self.counters;
+        let dialect = session.dialect;
+        let mut actions = Vec::new();
+        let result = session.reader.feed(input, max, |event| match event {
+            Inbound::Ping(payload) => {
+                actions.push(Action::Pong(frame::pong(payload)));
+                Flow::Continue
+            }
+            Inbound::Pong => Flow::Continue,
+            Inbound::Close(code) => {
+                actions.push(Action::CloseReply(code.unwrap_or(code::NORMAL)));
+                Flow::Stop
+            }
+            Inbound::Text(text) => {
+                match message::parse_client_message(text, json) {
+                    ClientMessage::Ping(style) => actions.push(Action::Reply(style.answer_frame())),
+                    ClientMessage::Ack => counters.acked += 1,
+                    ClientMessage::Subscribe(topic) => actions.push(Action::Subscribe { topic, silent: false }),
+                    ClientMessage::Unsubscribe(topic) => actions.push(Action::Unsubscribe { topic, silent: false }),
+                    ClientMessage::SubscribeProject(id) if dialect.project_subscriptions => {
+                        actions.push(Action::Subscribe { topic: format!("project:{id}"), silent: true })
+                    }
+                    ClientMessage::UnsubscribeProject(id) if dialect.project_subscriptions => {
+                        actions.push(Action::Unsubscribe { topic: format!("project:{id}"), silent: true })
+                    }
+                    ClientMessage::OtherObject if dialect.relays => actions.push(Action::Relay(text.to_owned())),
+                    _ => counters.ignored_client_messages += 1,
+                }
+                Flow::Continue
+            }
+        });
+        for action in actions {
+            self.apply(key, action);
+        }
+        if let Err(Violation { code, reason }) = result {
+            self.counters.protocol_errors += 1;
+            debug!(code, reason, "closing a connection for a protocol violation");
+            self.close_with(key, code, reason);
+        }
+    }
+
+    fn apply(&mut self, key: u32, action: Action) {
+        match action {
+            Action::Reply(reply) => self.queue_reply(key, reply),
+            Action::Pong(pong) => {
+                if let Some(conn) = self.conns.get_mut(key as usize).filter(|c| matches!(c.phase, Phase::Open(_))) {
+                    conn.queue.push_pong(pong);
+                    self.mark_dirty(key);
+                }
+            }
+            // Echo the client's code (RFC 6455 §5.5.1); an absent code becomes 1000.
+            Action::CloseReply(code) => self.close_with(key, code, ""),
+            Action::Subscribe { topic, silent } => self.subscribe(key, topic, silent),
+            Action::Unsubscribe { topic, silent } => self.unsubscribe(key, topic, silent),
+            Action::Relay(data) => self.relay(key, &data),
+        }
+    }
+
+    /// Sends a focus-session member's object to the other members, on every instance.
+    fn relay(&mut self, key: u32, data: &str) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        let origin = Origin { instance: self.shared.instance_id, loop_id: self.id, conn: ConnRef { key, id: conn.id } };
+        let Phase::Open(session) = &mut conn.phase else { return };
+        // Only ever the path's own session: never a topic the member merely may read.
+        let Some(topic) = session.path_topic().cloned() else { return };
+        if !session.take_relay(self.now_tick, &self.timeouts) {
+            self.counters.ignored_client_messages += 1;
+            return;
+        }
+        let session_id = topic.strip_prefix("focus-session:").unwrap_or(&topic);
+        let update = format!(
+            "{{\"type\":\"focus_session_update\",\"session_id\":{},\"sender_id\":{},\"data\":{data}}}",
+            serde_json::Value::from(session_id),
+            crate::http::publish::id_as_json(&session.user),
+        );
+        // Built by herald around an object the inbound limit already bounded: valid, and its
+        // envelope must never be what makes it too large.
+        let valid = message::Valid { raw: update.as_bytes(), has_timestamp: false };
+        let exclusion = Exclusion { users: None, origin: Some(origin) };
+        let item = Outgoing::new(vec![Target::Topic(topic)], valid, exclusion);
+        let shared = self.shared.clone();
+        let from = Sender::Loop { here: self.id };
+        if let Published::Routed { local, .. } =
+            shared.broker.publish(&shared.routing, &shared.metrics, vec![item], from, None)
+        {
+            self.deliver_local(local);
+        }
+    }
+
+    fn subscribe(&mut self, key: u32, topic: String, silent: bool) {
+        let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) else { return };
+        let held = session.topics.iter().any(|m| *m.topic == *topic);
+        let reply = if !crate::auth::topic_allowed(&session.allowed_topics, &topic) {
+            Some(serde_json::json!({"type": "error", "message": format!("not allowed to subscribe to {topic}")}))
+        } else if !held && session.topics.len() >= MAX_TOPICS_PER_CONNECTION {
+            Some(serde_json::json!({"type": "error", "message": "too many topics on this connection"}))
+        } else {
+            if !held {
+                let name: Arc<str> = Arc::from(topic.as_str());
+                let node = self.index_add(&Target::Topic(name.clone()), key);
+                if let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) {
+                    session.topics.push(Membership { topic: name, node });
+                }
+            }
+            (!silent).then(|| serde_json::json!({"type": "subscribed", "topic": topic}))
+        };
+        if let Some(reply) = reply {
+            self.queue_reply(key, frame::reply_text(reply.to_string().as_bytes()));
+        }
+    }
+
+    fn unsubscribe(&mut self, key: u32, topic: String, silent: bool) {
+        let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) else { return };
+        if session.path_topic().is_some_and(|t| **t == *topic) {
+            let reply = serde_json::json!({"type": "error", "message": format!("{topic} is this path's own topic")});
+            self.queue_reply(key, frame::reply_text(reply.to_string().as_bytes()));
+            return;
+        }
+        if let Some(i) = session.topics.iter().position(|m| *m.topic == *topic) {
+            // Never index 0 on a topic path (refused above), so the path topic stays first.
+            let removed = session.topics.swap_remove(i);
+            self.index_remove(&Target::Topic(removed.topic), removed.node);
+        }
+        if !silent {
+            let reply = serde_json::json!({"type": "unsubscribed", "topic": topic});
+            self.queue_reply(key, frame::reply_text(reply.to_string().as_bytes()));
+        }
+    }
+
+    pub(super) fn queue_reply(&mut self, key: u32, reply: SharedFrame) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        if matches!(conn.phase, Phase::Closing { .. }) {
+            return;
+        }
+        conn.queue.push_reply(reply);
+        self.mark_dirty(key);
+    }
+
+    /// Indexes connection `key` under `target`; tells the route table when this loop is new to
+    /// it. Returns the membership's node.
+    pub(super) fn index_add(&mut self, target: &Target, key: u32) -> u32 {
+        let (node, first_here) = self.index.add(target, key);
+        if first_here {
+            self.shared.routing.table.join(self.id, target);
+        }
+        node
+    }
+
+    /// Removes a membership; tells the route table when this loop no longer holds the target.
+    pub(super) fn index_remove(&mut self, target: &Target, node: u32) {
+        if self.index.remove(target, node) {
+            self.shared.routing.table.leave(self.id, target);
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The route table: which event loops hold at least one connection of each user and topic.
+//!
+//! Written only when a loop's first connection of a target arrives or its last one leaves;
+//! read by whoever routes a message (the Redis reader, or the loop that parsed an HTTP
+//! publish), which then sends the shared frame straight to each owning loop. There is no
+//! router thread between a publisher and the loops.
+//!
+//! Targets are keyed by a 64-bit keyed hash (random keys per process), so an entry costs 16
+//! bytes whatever the id's length. A collision could only send a loop a message it then finds
+//! no connection for: each loop's own index matches exact targets, so delivery never depends on
+//! the hash.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::frame::SharedFrame;
+use crate::ids::{DeliverTo, Exclusion, LoopId, Target};
+use crate::mailbox::{LoopCmd, LoopHandle, Overloaded};
+
+/// Bit `i` set = loop `i` holds at least one connection of the target.
+pub type LoopMask = u64;
+
+/// Most event-loop threads a mask can describe.
+pub const MAX_LOOPS: usize = 64;
+
+const SHARDS: usize = 32;
+
+/// The key is already a hash: use it as is.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are ever hashed here.
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Shard = HashMap<u64, LoopMask, BuildHasherDefault<Prehashed>>;
+
+pub struct RouteTable {
+    shards: Box<[RwLock<Shard>]>,
+    hasher: RandomState,
+    /// Topics held by at least one loop.
+    topics: AtomicU64,
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        RouteTable {
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            hasher: RandomState::new(),
+            topics: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Where a message went.
+#[derive(Debug, Default)]
+pub struct Dispatched {
+    /// Loops holding at least one target (the caller's own included).
+    pub reached: LoopMask,
+    /// What the calling loop must deliver itself (it owns targets of the message).
+    pub local: Option<DeliverTo>,
+    /// Loops whose inbox was full: they miss this message (counted by the caller).
+    pub dropped: u32,
+}
+
+/// How a sender may wait for room in a loop's inbox.
+#[derive(Debug, Clone, Copy)]
+pub enum Sender {
+    /// An event loop: never waits; `here` is its own id.
+    Loop { here: LoopId },
+    /// Any other thread: waits up to `patience`.
+    Thread { patience: Duration },
+}
+
+impl RouteTable {
+    fn key(&self, target: &Target) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write_u8(u8::from(target.is_user()));
+        h.write(target.name().as_bytes());
+        h.finish()
+    }
+
+    fn shard(&self, key: u64) -> &RwLock<Shard> {
+        &self.shards[(key >> 58) as usize % SHARDS]
+    }
+
+    /// Records that `loop_id` now holds `target`. Returns true when it is the first loop of
+    /// this instance to hold it.
+    pub fn join(&self, loop_id: LoopId, target: &Target) -> bool {
+        let key = self.key(target);
+        let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
+        let mask = shard.entry(key).or_insert(0);
+        let first = *mask == 0;
+        *mask |= 1 << loop_id;
+        if first && !target.is_user() {
+            self.topics.fetch_add(1, Relaxed);
+        }
+        first
+    }
+
+    /// Records that `loop_id` no longer holds `target`. Returns true when no loop of this
+    /// instance holds it any more.
+    pub fn leave(&self, loop_id: LoopId, target: &Target) -> bool {
+        let key = self.key(target);
+        let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
+        let Some(mask) = shard.get_mut(&key) else { return false };
+        *mask &= !(1 << loop_id);
+        if *mask != 0 {
+            return false;
+        }
+        shard.remove(&key);
+        if shard.capacity() > 64 && shard.len() * 4 < shard.capacity() {
+            // After a burst of users leaves, keep the table proportional to those remaining.
+            let keep = shard.len() * 2;
+            shard.shrink_to(keep);
+        }
+        if !target.is_user() {
+            self.topics.fetch_sub(1, Relaxed);
+        }
+        true
+    }
+
+    /// The loops holding `target`.
+    pub fn holders(&self, target: &Target) -> LoopMask {
+        let key = self.key(target);
+        self.shard(key).read().unwrap_or_else(|e| e.into_inner()).get(&key).copied().unwrap_or(0)
+    }
+
+    /// Topics held anywhere on this instance.
+    pub fn topic_count(&self) -> u64 {
+        self.topics.load(Relaxed)
+    }
+
+    /// Sends `frame` once to each loop holding one of `targets` (with the targets it holds).
+    /// The caller's own loop gets nothing sent: its share comes back as `local`.
+    pub fn dispatch(
+        &self,
+        loops: &[LoopHandle],
+        from: Sender,
+        targets: &[Target],
+        frame: &SharedFrame,
+        exclusion: &Exclusion,
+    ) -> Dispatched {
+        let exclusion = (!exclusion.is_empty()).then(|| Box::new(exclusion.clone()));
+        let mut out = Dispatched::default();
+        if let [target] = targets {
+            // The common case: one target, no per-loop list to build.
+            let mask = self.holders(target);
+            out.reached = mask;
+            for loop_id in bits(mask) {
+                let to = DeliverTo::One(target.clone());
+                if matches!(from, Sender::Loop { here } if here == loop_id) {
+                    out.local = Some(to);
+                    continue;
+                }
+                let cmd = LoopCmd::Deliver { to, frame: frame.clone(), exclusion: exclusion.clone() };
+                if send(&loops[loop_id], cmd, from).is_err() {
+                    out.dropped += 1;
+                }
+            }
+            return out;
+        }
+        let masks: Vec<LoopMask> = targets.iter().map(|t| self.holders(t)).collect();
+        out.reached = masks.iter().fold(0, |a, m| a | m);
+        for loop_id in bits(out.reached) {
+            let here: Box<[Target]> =
+                targets.iter().zip(&masks).filter(|(_, m)| *m & (1 << loop_id) != 0).map(|(t, _)| t.clone()).collect();
+            let to = if here.len() == 1 { DeliverTo::One(here[0].clone()) } else { DeliverTo::Many(here) };
+            if matches!(from, Sender::Loop { here } if here == loop_id) {
+                out.local = Some(to);
+                continue;
+            }
+            let cmd = LoopCmd::Deliver { to, frame: frame.clone(), exclusion: exclusion.clone() };
+            if send(&loops[loop_id], cmd, from).is_err() {
+                out.dropped += 1;
+            }
+        }
+        out
+    }
+}
+
+pub fn send(handle: &LoopHandle, cmd: LoopCmd, from: Sender) -> Result<(), Overloaded> {
+    match from {
+        Sender::Loop { .. } => handle.try_send(cmd),
+        Sender::Thread { patience } => handle.send_waiting(cmd, patience),
+    }
+}
+
+/// Indexes of the set bits of `mask`, lowest first.
+pub fn bits(mut mask: LoopMask) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(i)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn user(id: &str) -> Target {
+        Target::User(Arc::from(id))
+    }
+
+    #[test]
+    fn bits_lists_set_positions() {
+        assert_eq!(bits(0b1010_0001).collect::<Vec<_>>(), vec![0, 5, 7]);
+        assert_eq!(bits(0).count(), 0);
+        assert_eq!(bits(1 << 63).collect::<Vec<_>>(), vec![63]);
+    }
+
+    #[test]
+    fn joins_and_leaves_report_the_instance_wide_first_and_last() {
+        let table = RouteTable::default();
+        assert!(table.join(0, &user("a")));
+        assert!(!table.join(3, &user("a")));
+        assert_eq!(table.holders(&user("a")), 0b1001);
+        assert!(!table.leave(0, &user("a")));
+        assert!(table.leave(3, &user("a")));
+        assert_eq!(table.holders(&user("a")), 0);
+        assert!(!table.leave(3, &user("a")), "leaving twice is harmless");
+        let topic = Target::Topic(Arc::from("a"));
+        assert!(table.join(1, &topic));
+        assert_eq!(table.holders(&user("a")), 0, "a user and a topic of the same name are distinct");
+        assert_eq!(table.topic_count(), 1);
+    }
+
+    #[test]
+    fn dispatch_keeps_the_callers_share_and_sends_the_rest() {
+        let table = RouteTable::default();
+        let mut polls = Vec::new();
+        let mut handles = Vec::new();
+        let mut inboxes = Vec::new();
+        for _ in 0..3 {
+            let (poll, handle, rx) = crate::mailbox::prepare().unwrap();
+            polls.push(poll);
+            handles.push(handle);
+            inboxes.push(rx);
+        }
+        table.join(0, &user("a"));
+        table.join(2, &user("a"));
+        table.join(2, &user("b"));
+        let frame = crate::frame::reply_text(b"x");
+        let out =
+            table.dispatch(&handles, Sender::Loop { here: 0 }, &[user("a"), user("b")], &frame, &Exclusion::default());
+        assert_eq!(out.reached, 0b101);
+        assert!(matches!(out.local, Some(DeliverTo::One(ref t)) if *t == user("a")));
+        assert!(inboxes[0].try_recv().is_err() && inboxes[1].try_recv().is_err());
+        match inboxes[2].try_recv().unwrap() {
+            LoopCmd::Deliver { to: DeliverTo::Many(ts), .. } => assert_eq!(&*ts, &[user("a"), user("b")]),
+            other => panic!("{other:?}"),
+        }
+    }
+}
