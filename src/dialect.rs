@@ -107,7 +107,7 @@ pub fn for_path(path: &str) -> Option<(&'static Dialect, Stream)> {
     }
     let rest = path.strip_prefix("/ws/")?;
     let (kind, id) = rest.split_once('/')?;
-    let id = crate::http::percent_decode(id)?;
+    let id = crate::percent::percent_decode(id)?;
     if id.is_empty() || id.len() > MAX_PATH_ID || id.contains('/') {
         return None;
     }

@@ -25,6 +25,7 @@ pub mod ids;
 pub mod mailbox;
 pub mod message;
 pub mod metrics;
+pub mod percent;
 pub mod route;
 pub mod server;
 pub mod shared;

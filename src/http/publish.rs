@@ -12,7 +12,6 @@ use std::time::SystemTime;
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
-use super::routes::Outcome;
 use super::{Request, Response, Status};
 use crate::auth::MAX_USER_ID_BYTES;
 use crate::broker::Outgoing;
@@ -176,14 +175,13 @@ fn prepare(
     Ok(Outgoing::new(targets, valid, exclusion))
 }
 
-fn finish(result: Result<(Vec<Outgoing>, Responder), Response>, shared: &Shared) -> Outcome {
-    match result {
-        Ok((items, respond)) => {
-            shared.metrics.received_from_http.fetch_add(items.len() as u64, Relaxed);
-            Outcome::Publish(Box::new(PublishRequest { items, respond }))
-        }
-        Err(response) => Outcome::Respond(response),
-    }
+/// A publish request the caller may make, or the refusal to answer with.
+pub type Accepted = Result<PublishRequest, Response>;
+
+fn finish(result: Result<(Vec<Outgoing>, Responder), Response>, shared: &Shared) -> Accepted {
+    let (items, respond) = result?;
+    shared.metrics.received_from_http.fetch_add(items.len() as u64, Relaxed);
+    Ok(PublishRequest { items, respond })
 }
 
 /// `POST /publish` body (also one `/publish/batch` item). `message` stays raw so its bytes
@@ -234,7 +232,7 @@ fn publish_item(
 }
 
 /// `POST /publish` `{"user_id"|"user_ids"|"topic", "message":{…}}`.
-pub fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
     let result = (|| {
         let caller = caller(req, shared)?;
         let body: PublishBody<'_> = serde_json::from_slice(&req.body)
@@ -246,7 +244,7 @@ pub fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Out
 
 /// `POST /publish/batch` `{"items":[<a /publish body>, …]}`: every item is validated before
 /// any is published (all or nothing); a bad item fails the batch, naming its index.
-pub fn publish_batch(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn publish_batch(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
     let result = (|| {
         let caller = caller(req, shared)?;
         let body: BatchBody<'_> = serde_json::from_slice(&req.body)
@@ -276,7 +274,7 @@ struct NotifyBody {
 }
 
 /// `POST /notify` (seed 001): `{"user_id","title","message","type"}`.
-pub fn notify(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn notify(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
     let result = (|| {
         let caller = caller(req, shared)?;
         let body: NotifyBody =
@@ -367,7 +365,7 @@ fn default_user(caller: &Caller, field: &str) -> Result<Arc<str>, Response> {
 }
 
 /// `POST /api/v1/realtime/events/{task|workspace|system}` (seed 004).
-pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
     let result = (|| {
         let caller = caller(req, shared)?;
         match kind {

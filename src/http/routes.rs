@@ -49,18 +49,27 @@ pub fn handle(req: &Request, _peer: IpAddr, shared: &Shared, scratch: &mut JsonS
         (Method::Get | Method::Head, "/") => {
             respond(Response::text(Status::OK, "text/html; charset=utf-8", super::demo::PAGE))
         }
-        (Method::Post, "/publish") => publish::publish(req, shared, scratch),
-        (Method::Post, "/publish/batch") => publish::publish_batch(req, shared, scratch),
-        (Method::Post, "/notify") => publish::notify(req, shared, scratch),
+        (Method::Post, "/publish") => publishing(publish::publish(req, shared, scratch)),
+        (Method::Post, "/publish/batch") => publishing(publish::publish_batch(req, shared, scratch)),
+        (Method::Post, "/notify") => publishing(publish::notify(req, shared, scratch)),
         (Method::Post, "/api/disconnect") => match publish::disconnect_target(req, shared) {
             Ok(user) => Outcome::Disconnect(user),
             Err(response) => respond(response),
         },
-        (Method::Post, path) if path.starts_with(EVENTS) => publish::event(&path[EVENTS.len()..], req, shared, scratch),
+        (Method::Post, path) if path.starts_with(EVENTS) => {
+            publishing(publish::event(&path[EVENTS.len()..], req, shared, scratch))
+        }
         (_, "/" | "/health" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect") => {
             respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed"))
         }
         _ => respond(Response::error(Status::NOT_FOUND, "not found")),
+    }
+}
+
+fn publishing(accepted: publish::Accepted) -> Outcome {
+    match accepted {
+        Ok(request) => Outcome::Publish(Box::new(request)),
+        Err(refusal) => Outcome::Respond(refusal),
     }
 }
 
