@@ -585,14 +585,13 @@ impl EventLoop {
             }
         };
         // Rounded up to whole ticks: the close comes at or just after `exp`, never before.
-        let expiry = std::time::UNIX_EPOCH + Duration::from_secs(identity.exp);
-        let lifetime = expiry.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        let expires = crate::auth::expiry_tick(identity.exp, std::time::SystemTime::now(), self.now_tick);
         let mut session = Box::new(Session {
             user: identity.user,
             dialect: upgrade.dialect,
             topics: Vec::new(),
             allowed_topics: identity.topics.into_boxed_slice(),
-            expires: self.now_tick + ticks(lifetime) + 1,
+            expires,
             last_received: self.now_tick,
             last_ping: self.now_tick,
             last_data_sent: self.now_tick,

@@ -36,9 +36,11 @@ impl Clock {
     }
 }
 
-/// Whole ticks in `d`, rounded up so a deadline never fires early.
+/// Whole ticks in `d`, rounded up so a deadline never fires early. Saturates at
+/// `Tick::MAX` (a `Duration` can hold 2^64 seconds, far more ticks than a `Tick` counts):
+/// a truncating cast would turn a deadline centuries away into one that is already due.
 pub fn ticks(d: Duration) -> Tick {
-    d.as_millis().div_ceil(TICK.as_millis()) as Tick
+    Tick::try_from(d.as_millis().div_ceil(TICK.as_millis())).unwrap_or(Tick::MAX)
 }
 
 /// An entry: slab key and connection id.
@@ -166,5 +168,12 @@ mod tests {
         assert_eq!(ticks(Duration::from_millis(1)), 1);
         assert_eq!(ticks(Duration::from_millis(100)), 1);
         assert_eq!(ticks(Duration::from_millis(101)), 2);
+    }
+
+    #[test]
+    fn ticks_saturate_instead_of_wrapping() {
+        assert_eq!(ticks(Duration::MAX), Tick::MAX);
+        assert_eq!(ticks(Duration::from_secs(i64::MAX as u64)), Tick::MAX);
+        assert_eq!(ticks(Duration::from_secs(u64::MAX / 1000)), (u64::MAX / 1000) * 10);
     }
 }
