@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::JwtKey;
+use crate::config::{Config, JwtKey};
 use crate::conn::Tick;
 use crate::event_loop::timers::ticks;
 
@@ -92,6 +92,25 @@ impl Verifier {
         Ok(Verifier { key, validation })
     }
 
+    /// The verifier a server with `config` uses: its key, plus its audience and issuer when
+    /// set (then a token must carry a matching `aud` / `iss`; without them the claims are
+    /// not looked at).
+    pub fn for_config(config: &Config) -> Result<Verifier, String> {
+        let mut verifier = Verifier::new(&config.jwt_key)?;
+        let mut required = vec!["exp"];
+        if let Some(audience) = &config.jwt_audience {
+            verifier.validation.set_audience(&[audience]);
+            verifier.validation.validate_aud = true;
+            required.push("aud");
+        }
+        if let Some(issuer) = &config.jwt_issuer {
+            verifier.validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        verifier.validation.set_required_spec_claims(&required);
+        Ok(verifier)
+    }
+
     /// Verifies `token` at the current time.
     pub fn verify(&self, token: &str) -> Result<Identity, Rejection> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
@@ -135,6 +154,23 @@ struct MintClaims<'a> {
     topics: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     scope: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+}
+
+/// What [`mint_token`] puts in a token.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenSpec<'a> {
+    pub sub: &'a str,
+    /// At least a second, at most [`MAX_TOKEN_TTL`].
+    pub ttl: Duration,
+    pub topics: &'a [String],
+    pub scope: Option<&'a str>,
+    /// `aud` and `iss`: what a herald with HERALD_JWT_AUDIENCE / HERALD_JWT_ISSUER requires.
+    pub audience: Option<&'a str>,
+    pub issuer: Option<&'a str>,
 }
 
 /// Longest lifetime `herald token` mints: a century is already no expiry at all in practice,
@@ -144,9 +180,22 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600 + 
 /// Signs an HS256 token for `sub`, valid for `ttl` (at least a second, at most
 /// [`MAX_TOKEN_TTL`]).
 pub fn mint(secret: &[u8], sub: &str, ttl: Duration, topics: &[String], scope: Option<&str>) -> String {
+    mint_token(secret, &TokenSpec { sub, ttl, topics, scope, audience: None, issuer: None })
+}
+
+/// Signs an HS256 token as `spec` says.
+pub fn mint_token(secret: &[u8], spec: &TokenSpec<'_>) -> String {
     let now = unix_now();
-    let lifetime = ttl.min(MAX_TOKEN_TTL).as_secs().max(1);
-    let claims = MintClaims { sub, iat: now, exp: now.saturating_add(lifetime), topics, scope };
+    let lifetime = spec.ttl.min(MAX_TOKEN_TTL).as_secs().max(1);
+    let claims = MintClaims {
+        sub: spec.sub,
+        iat: now,
+        exp: now.saturating_add(lifetime),
+        topics: spec.topics,
+        scope: spec.scope,
+        aud: spec.audience,
+        iss: spec.issuer,
+    };
     // Encoding an in-memory struct with a secret key has no failure mode but a serializer bug.
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
         .expect("HS256 encoding of plain claims cannot fail")

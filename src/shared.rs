@@ -33,6 +33,8 @@ pub struct Shared {
     pub websockets: AtomicUsize,
     pub per_user: PerUserCounts,
     pub connect_rate: ConnectRate,
+    /// Failed publish-API authentications per client address.
+    pub auth_failures: crate::http::publish::AuthFailureLimit,
     pub shutting_down: AtomicBool,
     /// Random per process: tells this instance's relayed messages apart from others'.
     pub instance_id: u64,
@@ -57,6 +59,7 @@ impl Shared {
             websockets: AtomicUsize::new(0),
             per_user: PerUserCounts::default(),
             connect_rate: ConnectRate::default(),
+            auth_failures: Default::default(),
             shutting_down: AtomicBool::new(false),
             next_notification_id: Default::default(),
             instance_id: crate::auth::random_u64(),

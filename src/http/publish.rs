@@ -5,8 +5,10 @@
 //! seed promises, and returns a [`PendingPublish`]: the event loop hands it to the broker and
 //! renders the answer with `respond` once the broker says whether anyone was addressed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use serde::Deserialize;
@@ -81,8 +83,89 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn caller(req: &Request, shared: &Shared) -> Result<Caller, Response> {
-    let unauthorized = || Response::api_error(Status::UNAUTHORIZED, "missing or invalid credentials");
+/// Failed API authentications tolerated from one client address before it is refused…
+const AUTH_FAILURE_BURST: f64 = 20.0;
+/// …and how many more it may make per second after that.
+const AUTH_FAILURE_REFILL_PER_SECOND: f64 = 5.0;
+const AUTH_FAILURE_SHARDS: usize = 16;
+/// Addresses tracked per shard; past it, fully refilled buckets are forgotten.
+const AUTH_FAILURE_MAX_TRACKED: usize = 4096;
+
+/// Token buckets of failed API authentications per client address, so the API key and
+/// token signatures cannot be guessed at the speed of the network. Only failures take a
+/// token; a caller whose credential is good never waits or counts. IPv6 clients are
+/// bucketed per /64, the smallest block one subscriber usually holds.
+#[derive(Default)]
+pub struct AuthFailureLimit {
+    shards: [Mutex<HashMap<IpAddr, (f64, Instant)>>; AUTH_FAILURE_SHARDS],
+}
+
+impl AuthFailureLimit {
+    fn bucket_key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+        }
+    }
+
+    fn shard(&self, key: &IpAddr) -> &Mutex<HashMap<IpAddr, (f64, Instant)>> {
+        use std::hash::BuildHasher;
+        let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        &self.shards[(hasher.hash_one(key) as usize) % AUTH_FAILURE_SHARDS]
+    }
+
+    fn refilled(tokens: f64, since: Instant, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(since).as_secs_f64();
+        (tokens + elapsed * AUTH_FAILURE_REFILL_PER_SECOND).min(AUTH_FAILURE_BURST)
+    }
+
+    /// Whether `ip` has used up its failures: answer without looking at the credential.
+    pub fn exhausted(&self, ip: IpAddr, now: Instant) -> bool {
+        let key = Self::bucket_key(ip);
+        let Ok(map) = self.shard(&key).lock() else { return false };
+        map.get(&key).is_some_and(|&(tokens, since)| Self::refilled(tokens, since, now) < 1.0)
+    }
+
+    /// Counts one failed authentication from `ip`.
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        let key = Self::bucket_key(ip);
+        let Ok(mut map) = self.shard(&key).lock() else { return };
+        if map.len() >= AUTH_FAILURE_MAX_TRACKED && !map.contains_key(&key) {
+            map.retain(|_, &mut (tokens, since)| Self::refilled(tokens, since, now) < AUTH_FAILURE_BURST);
+            if map.len() >= AUTH_FAILURE_MAX_TRACKED {
+                // Every tracked address is mid-attack: make room by forgetting the one with
+                // the most budget left, the least dangerous to forget.
+                let roomiest = map
+                    .iter()
+                    .max_by(|a, b| Self::refilled(a.1.0, a.1.1, now).total_cmp(&Self::refilled(b.1.0, b.1.1, now)))
+                    .map(|(ip, _)| *ip);
+                if let Some(ip) = roomiest {
+                    map.remove(&ip);
+                }
+            }
+        }
+        let (tokens, since) = map.entry(key).or_insert((AUTH_FAILURE_BURST, now));
+        *tokens = (Self::refilled(*tokens, *since, now) - 1.0).max(0.0);
+        *since = now;
+    }
+}
+
+fn caller(req: &Request, peer: IpAddr, shared: &Shared) -> Result<Caller, Response> {
+    let limit = &shared.auth_failures;
+    let now = Instant::now();
+    if limit.exhausted(peer, now) {
+        shared.metrics.api_auth_rate_limited.fetch_add(1, Relaxed);
+        return Err(Response::api_error(Status::TOO_MANY_REQUESTS, "too many failed authentications")
+            .header("Retry-After", "1"));
+    }
+    let unauthorized = || {
+        limit.failed(peer, now);
+        shared.metrics.api_auth_failures.fetch_add(1, Relaxed);
+        Response::api_error(Status::UNAUTHORIZED, "missing or invalid credentials")
+    };
     let bearer = req.bearer().ok_or_else(unauthorized)?;
     if let Some(key) = &shared.config.api_key {
         if constant_time_eq(bearer.as_bytes(), key.as_bytes()) {
@@ -116,9 +199,18 @@ fn id_from_json(value: &Value) -> Option<String> {
     }
 }
 
-/// An id as JSON: a number when it is one, else a string (seed 004 ids are integers).
+/// An id as JSON: seed 004's ids are integers, so an id that is the canonical decimal form
+/// of an `i64` becomes that number; any other id stays the string it is. Canonical means
+/// what `i64::to_string` writes: no `+`, no leading zeros (`"0"` itself is fine), and a `-`
+/// only on a non-zero number, so `"-7"` is the number -7 (an integer `sub` claim of -7 is
+/// the user `"-7"`, and must come back as -7) while `"0042"`, `"+42"`, `"-0"` and
+/// `"9223372036854775808"` stay strings. Every id thus maps to exactly one JSON value and
+/// back: two users can never be rendered as the same sender.
 pub fn id_as_json(id: &str) -> Value {
-    id.parse::<i64>().map_or_else(|_| Value::String(id.to_owned()), Value::from)
+    match id.parse::<i64>() {
+        Ok(n) if n.to_string() == id => Value::from(n),
+        _ => Value::String(id.to_owned()),
+    }
 }
 
 fn bad_request(message: &str) -> Response {
@@ -202,9 +294,9 @@ struct PublishBody<'a> {
 }
 
 /// `POST /publish` `{"user_id"|"user_ids"|"topic", "message":{…}}`.
-pub fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn publish(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
     finish((|| {
-        let caller = caller(req, shared)?;
+        let caller = caller(req, peer, shared)?;
         let body: PublishBody<'_> = serde_json::from_slice(&req.body)
             .map_err(|_| bad_request("body must be a JSON object with user_id, user_ids or topic, and message"))?;
         let mut targets = Vec::new();
@@ -242,9 +334,9 @@ struct NotifyBody {
 }
 
 /// `POST /notify` (seed 001): `{"user_id","title","message","type"}`.
-pub fn notify(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn notify(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
     finish((|| {
-        let caller = caller(req, shared)?;
+        let caller = caller(req, peer, shared)?;
         let body: NotifyBody =
             serde_json::from_slice(&req.body).map_err(|_| bad_request("body must be a JSON object"))?;
         let user = body
@@ -331,9 +423,9 @@ fn default_user(caller: &Caller, field: &str) -> Result<Arc<str>, Response> {
 }
 
 /// `POST /api/v1/realtime/events/{task|workspace|system}` (seed 004).
-pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn event(kind: &str, req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
     finish((|| {
-        let caller = caller(req, shared)?;
+        let caller = caller(req, peer, shared)?;
         match kind {
             "task" => {
                 let event: TaskEvent = parse(&req.body)?;
@@ -425,12 +517,12 @@ pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScrat
 }
 
 /// `POST /api/disconnect` `{"user_id"}`: the user to disconnect, once authorized.
-pub fn disconnect_target(req: &Request, shared: &Shared) -> Result<Arc<str>, Response> {
+pub fn disconnect_target(req: &Request, peer: IpAddr, shared: &Shared) -> Result<Arc<str>, Response> {
     #[derive(Deserialize)]
     struct Body {
         user_id: Option<Value>,
     }
-    let caller = caller(req, shared)?;
+    let caller = caller(req, peer, shared)?;
     let body: Body = parse(&req.body)?;
     let user: Arc<str> = Arc::from(
         body.user_id
@@ -447,11 +539,61 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_render_as_numbers_when_numeric() {
+    fn ids_render_as_numbers_only_in_canonical_form() {
         assert_eq!(id_as_json("42"), json!(42));
-        assert_eq!(id_as_json("u42"), json!("u42"));
+        assert_eq!(id_as_json("0"), json!(0));
+        assert_eq!(id_as_json("-7"), json!(-7));
+        assert_eq!(id_as_json("9223372036854775807"), json!(i64::MAX));
+        for id in ["0042", "+42", "-0", "00", " 42", "42 ", "9223372036854775808", "u42", "", "1e3", "٤٢"] {
+            assert_eq!(id_as_json(id), json!(id), "{id:?}");
+        }
         assert_eq!(id_from_json(&json!(7)), Some("7".into()));
         assert_eq!(id_from_json(&json!(1.5)), None);
         assert_eq!(id_from_json(&json!("")), None);
+    }
+
+    #[test]
+    fn failed_authentications_are_limited_per_address_and_refill() {
+        let limit = AuthFailureLimit::default();
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            assert!(!limit.exhausted(a, t0));
+            limit.failed(a, t0);
+        }
+        assert!(limit.exhausted(a, t0));
+        assert!(!limit.exhausted(b, t0), "another address is not affected");
+        // 5 per second: one more failure allowed after 200 ms.
+        let later = t0 + std::time::Duration::from_millis(200);
+        assert!(!limit.exhausted(a, later));
+        limit.failed(a, later);
+        assert!(limit.exhausted(a, later));
+        assert!(!limit.exhausted(a, later + std::time::Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64() {
+        let limit = AuthFailureLimit::default();
+        let t0 = Instant::now();
+        for i in 0..20u16 {
+            limit.failed(format!("2001:db8:1:2::{i:x}").parse().unwrap(), t0);
+        }
+        assert!(limit.exhausted("2001:db8:1:2:ffff::1".parse().unwrap(), t0));
+        assert!(!limit.exhausted("2001:db8:1:3::1".parse().unwrap(), t0));
+        for _ in 0..20 {
+            limit.failed("::ffff:192.0.2.9".parse().unwrap(), t0);
+        }
+        assert!(limit.exhausted("192.0.2.9".parse().unwrap(), t0), "v4-mapped is the v4 address");
+    }
+
+    #[test]
+    fn tracking_is_bounded() {
+        let limit = AuthFailureLimit::default();
+        let t0 = Instant::now();
+        for i in 0..(AUTH_FAILURE_MAX_TRACKED * AUTH_FAILURE_SHARDS * 2) as u32 {
+            limit.failed(IpAddr::V4(i.into()), t0);
+        }
+        let tracked: usize = limit.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(tracked <= AUTH_FAILURE_MAX_TRACKED * AUTH_FAILURE_SHARDS, "{tracked}");
     }
 }
