@@ -40,7 +40,9 @@ impl Clock {
 /// `Tick::MAX` (a `Duration` can hold 2^64 seconds, far more ticks than a `Tick` counts):
 /// a truncating cast would turn a deadline centuries away into one that is already due.
 pub fn ticks(d: Duration) -> Tick {
-    Tick::try_from(d.as_millis().div_ceil(TICK.as_millis())).unwrap_or(Tick::MAX)
+    // In nanoseconds: rounding down to milliseconds first could put a deadline up to a
+    // millisecond early.
+    Tick::try_from(d.as_nanos().div_ceil(TICK.as_nanos())).unwrap_or(Tick::MAX)
 }
 
 /// An entry: slab key and connection id.
@@ -168,6 +170,8 @@ mod tests {
         assert_eq!(ticks(Duration::from_millis(1)), 1);
         assert_eq!(ticks(Duration::from_millis(100)), 1);
         assert_eq!(ticks(Duration::from_millis(101)), 2);
+        assert_eq!(ticks(Duration::from_nanos(100_000_001)), 2);
+        assert_eq!(ticks(Duration::ZERO), 0);
     }
 
     #[test]
