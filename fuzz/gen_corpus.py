@@ -185,6 +185,8 @@ claims_seeds = {
     "exp_2_pow_63": choices(3, 0, 0, 4, 0, 6, 0, 3, 3, 1) + claims_tail(tick=0xFFFFFFFF),
     "exp_u64_max": choices(2, 1, 2, 6, 0, 3, 0, 1, 1, 1) + claims_tail(ttl=2),
     "exp_i64_max": choices(4, 0, 9, 7, 4, 7, 0, 0, 0, 1) + claims_tail(),
+    "exp_u64_max_accepted": choices(2, 0, 0, 1, 0, 2, 0, 1, 1, 1) + claims_tail(tick=7),
+    "exp_i64_max_accepted": choices(4, 0, 0, 6, 0, 0, 0, 0, 0, 1) + claims_tail(),
     "exp_past_u64": choices(5, 0, 0, 1, 0, 0, 0, 0, 0, 1) + claims_tail(),
     "exp_float_1e19": choices(6, 7, 0, 1, 0, 0, 0, 0, 0, 1) + claims_tail(),
     "exp_negative": choices(8, 8, 8, 1, 0, 0, 0, 0, 0, 1) + claims_tail(),
