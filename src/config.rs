@@ -48,7 +48,7 @@ pub struct TokenArgs {
     pub scope: Option<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct ServerArgs {
     /// Address for WebSocket and HTTP (one port).
     #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:8081", global = true)]
@@ -129,6 +129,68 @@ pub struct ServerArgs {
     /// Which secret-bearing settings came from the command line (see [`Cli::parse_with_sources`]).
     #[arg(skip)]
     pub given_as_flags: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for ServerArgs {
+    // Like `Config`'s: the raw settings hold the same secrets, and must not print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ServerArgs {
+            listen,
+            jwt_secret,
+            jwt_secret_file,
+            jwt_public_key,
+            jwt_audience,
+            jwt_issuer,
+            redis_url,
+            redis_password_file,
+            user_channel_prefix,
+            topic_channel_prefix,
+            threads,
+            max_connections,
+            max_connections_per_user,
+            max_message_bytes,
+            send_queue,
+            ping_interval,
+            idle_timeout,
+            heartbeat_interval,
+            handshake_timeout,
+            shutdown_grace,
+            api_key,
+            api_key_file,
+            allowed_origins,
+            connect_rate_per_ip,
+            log,
+            given_as_flags,
+        } = self;
+        f.debug_struct("ServerArgs")
+            .field("listen", listen)
+            .field("jwt_secret", &jwt_secret.as_ref().map(|_| "<redacted>"))
+            .field("jwt_secret_file", jwt_secret_file)
+            .field("jwt_public_key", jwt_public_key)
+            .field("jwt_audience", jwt_audience)
+            .field("jwt_issuer", jwt_issuer)
+            .field("redis_url", &redis_url.as_deref().map(crate::broker::redis::redact_url))
+            .field("redis_password_file", redis_password_file)
+            .field("user_channel_prefix", user_channel_prefix)
+            .field("topic_channel_prefix", topic_channel_prefix)
+            .field("threads", threads)
+            .field("max_connections", max_connections)
+            .field("max_connections_per_user", max_connections_per_user)
+            .field("max_message_bytes", max_message_bytes)
+            .field("send_queue", send_queue)
+            .field("ping_interval", ping_interval)
+            .field("idle_timeout", idle_timeout)
+            .field("heartbeat_interval", heartbeat_interval)
+            .field("handshake_timeout", handshake_timeout)
+            .field("shutdown_grace", shutdown_grace)
+            .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_file", api_key_file)
+            .field("allowed_origins", allowed_origins)
+            .field("connect_rate_per_ip", connect_rate_per_ip)
+            .field("log", log)
+            .field("given_as_flags", given_as_flags)
+            .finish()
+    }
 }
 
 /// Settings whose value is a secret, by clap id: given as flags, they show in `ps`.
@@ -556,16 +618,19 @@ mod tests {
 
     #[test]
     fn debug_output_redacts_secrets() {
-        let config = parse(&[
+        let args = [
+            "herald",
             "--jwt-secret",
             "jwt-secret-value-jwt-secret-value-0123",
             "--api-key",
             "api-key-value-42",
             "--redis-url",
             "redis://user:redis-password-7@127.0.0.1:6379/0",
-        ])
-        .unwrap();
-        let debug = format!("{config:?}");
+        ];
+        let cli = Cli::parse_with_sources(args).unwrap();
+        let raw = format!("{cli:?}");
+        let config = cli.server.into_config().unwrap();
+        let debug = format!("{config:?}\n{raw}");
         for secret in ["jwt-secret-value", "api-key-value-42", "redis-password-7"] {
             assert!(!debug.contains(secret), "{secret} in {debug}");
         }
