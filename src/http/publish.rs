@@ -134,17 +134,13 @@ impl AuthFailureLimit {
         let key = Self::bucket_key(ip);
         let Ok(mut map) = self.shard(&key).lock() else { return };
         if map.len() >= AUTH_FAILURE_MAX_TRACKED && !map.contains_key(&key) {
+            // Full: forget the buckets that have refilled, they hold no information. If that
+            // frees too little, forget them all: whoever fails from this many addresses has
+            // this many budgets anyway, and clearing keeps the cost per failure O(1) amortized
+            // instead of a scan of the shard for every new address.
             map.retain(|_, &mut (tokens, since)| Self::refilled(tokens, since, now) < AUTH_FAILURE_BURST);
-            if map.len() >= AUTH_FAILURE_MAX_TRACKED {
-                // Every tracked address is mid-attack: make room by forgetting the one with
-                // the most budget left, the least dangerous to forget.
-                let roomiest = map
-                    .iter()
-                    .max_by(|a, b| Self::refilled(a.1.0, a.1.1, now).total_cmp(&Self::refilled(b.1.0, b.1.1, now)))
-                    .map(|(ip, _)| *ip);
-                if let Some(ip) = roomiest {
-                    map.remove(&ip);
-                }
+            if map.len() > AUTH_FAILURE_MAX_TRACKED * 3 / 4 {
+                map.clear();
             }
         }
         let (tokens, since) = map.entry(key).or_insert((AUTH_FAILURE_BURST, now));
