@@ -167,4 +167,38 @@ for name, t in {"user": USER, "numeric_publish": NUMERIC, "topics": TOPICS, "exp
 for i in range(6):
     write("jwt", f"structured{i}", bytes([i, 0, i * 3 % 5, 0, 1, 0, i % 8, 0, 0, 0, 0, 0, i % 6, 0, 1, 0, 0, 0, 0, 0]))
 
+# --- claims: the choices fuzz_targets/claims.rs draws, each a little-endian u16 -------------
+# Order: exp, nbf, iat (time shapes 0-25), sub, user_id (id shapes 0-17), scope (0-10),
+# topics (0-4), aud (0-6), iss (0-4), duplicate exp (0 = yes, then a time shape); then the
+# loop tick (u32 + byte), a raw exp (8 bytes), a clock offset (8 bytes + u32), a clock
+# before the epoch (u16) and the minted lifetime (0 = Duration::MAX).
+def choices(*values):
+    return b"".join(struct.pack("<H", v) for v in values)
+
+
+def claims_tail(tick=0, raw_exp=b"\xff" * 8, offset=b"\x00" * 8, ttl=0):
+    return struct.pack("<IB", tick, 0) + raw_exp + offset + struct.pack("<IHH", 0, 1, ttl)
+
+
+claims_seeds = {
+    "valid_everything": choices(1, 0, 17, 1, 0, 2, 1, 1, 1, 1) + claims_tail(),
+    "exp_2_pow_63": choices(3, 0, 0, 4, 0, 6, 0, 3, 3, 1) + claims_tail(tick=0xFFFFFFFF),
+    "exp_u64_max": choices(2, 1, 2, 6, 0, 3, 0, 1, 1, 1) + claims_tail(ttl=2),
+    "exp_i64_max": choices(4, 0, 9, 7, 4, 7, 0, 0, 0, 1) + claims_tail(),
+    "exp_u64_max_accepted": choices(2, 0, 0, 1, 0, 2, 0, 1, 1, 1) + claims_tail(tick=7),
+    "exp_i64_max_accepted": choices(4, 0, 0, 6, 0, 0, 0, 0, 0, 1) + claims_tail(),
+    "exp_past_u64": choices(5, 0, 0, 1, 0, 0, 0, 0, 0, 1) + claims_tail(),
+    "exp_float_1e19": choices(6, 7, 0, 1, 0, 0, 0, 0, 0, 1) + claims_tail(),
+    "exp_negative": choices(8, 8, 8, 1, 0, 0, 0, 0, 0, 1) + claims_tail(),
+    "exp_string": choices(11, 11, 11, 1, 0, 8, 3, 0, 0, 1) + claims_tail(),
+    "exp_raw_u64": choices(19) + b"\xff" * 8 + choices(0, 0, 15, 0, 4, 2, 5, 4, 1) + claims_tail(offset=b"\xff" * 8),
+    "exp_near_max_duplicate": choices(24, 0xFFFF, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1) + claims_tail(ttl=1),
+    "nbf_minus_zero": choices(1, 21, 20, 5, 0, 10, 0, 1, 2, 1) + claims_tail(),
+    "float_exp_user_id": choices(10, 0, 0, 0, 8, 6, 0, 2, 1, 1) + claims_tail(),
+    "array_exp_object_sub": choices(14, 15, 13, 14, 12, 9, 0) + bytes([4]) + b"publ" + choices(2, 6, 4, 1) + claims_tail(),
+    "exponent_exp_big_sub": choices(25, 23, 22, 9, 16, 1, 1, 1, 1, 1) + claims_tail(),
+}
+for name, data in claims_seeds.items():
+    write("claims", name, data)
+
 print("corpus written to", ROOT)

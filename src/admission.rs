@@ -180,6 +180,72 @@ impl ConnectRate {
     }
 }
 
+/// Failed API authentications tolerated from one client address before it is refused…
+const AUTH_FAILURE_BURST: f64 = 20.0;
+/// …and how many more it may make per second after that.
+const AUTH_FAILURE_REFILL_PER_SECOND: f64 = 5.0;
+const AUTH_FAILURE_SHARDS: usize = 16;
+/// Addresses tracked per shard; past it, fully refilled buckets are forgotten.
+const AUTH_FAILURE_MAX_TRACKED: usize = 4096;
+
+/// Token buckets of failed API authentications per client address, so the API key and
+/// token signatures cannot be guessed at the speed of the network. Only failures take a
+/// token; a caller whose credential is good never waits or counts. IPv6 clients are
+/// bucketed per /64, the smallest block one subscriber usually holds.
+#[derive(Default)]
+pub struct AuthFailureLimit {
+    shards: [Mutex<HashMap<IpAddr, (f64, Instant)>>; AUTH_FAILURE_SHARDS],
+}
+
+impl AuthFailureLimit {
+    fn bucket_key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+        }
+    }
+
+    fn shard(&self, key: &IpAddr) -> &Mutex<HashMap<IpAddr, (f64, Instant)>> {
+        use std::hash::BuildHasher;
+        let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        &self.shards[(hasher.hash_one(key) as usize) % AUTH_FAILURE_SHARDS]
+    }
+
+    fn refilled(tokens: f64, since: Instant, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(since).as_secs_f64();
+        (tokens + elapsed * AUTH_FAILURE_REFILL_PER_SECOND).min(AUTH_FAILURE_BURST)
+    }
+
+    /// Whether `ip` has used up its failures: answer without looking at the credential.
+    pub fn exhausted(&self, ip: IpAddr, now: Instant) -> bool {
+        let key = Self::bucket_key(ip);
+        let Ok(map) = self.shard(&key).lock() else { return false };
+        map.get(&key).is_some_and(|&(tokens, since)| Self::refilled(tokens, since, now) < 1.0)
+    }
+
+    /// Counts one failed authentication from `ip`.
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        let key = Self::bucket_key(ip);
+        let Ok(mut map) = self.shard(&key).lock() else { return };
+        if map.len() >= AUTH_FAILURE_MAX_TRACKED && !map.contains_key(&key) {
+            // Full: forget the buckets that have refilled, they hold no information. If that
+            // frees too little, forget them all: whoever fails from this many addresses has
+            // this many budgets anyway, and clearing keeps the cost per failure O(1) amortized
+            // instead of a scan of the shard for every new address.
+            map.retain(|_, &mut (tokens, since)| Self::refilled(tokens, since, now) < AUTH_FAILURE_BURST);
+            if map.len() > AUTH_FAILURE_MAX_TRACKED * 3 / 4 {
+                map.clear();
+            }
+        }
+        let (tokens, since) = map.entry(key).or_insert((AUTH_FAILURE_BURST, now));
+        *tokens = (Self::refilled(*tokens, *since, now) - 1.0).max(0.0);
+        *since = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +286,50 @@ mod tests {
         assert_eq!(admitted, 4);
         assert!(admission.admit_connection(ip, t0 + Duration::from_millis(600)));
         assert!(admission.admit_connection("10.0.0.2".parse().unwrap(), t0));
+    }
+
+    #[test]
+    fn failed_authentications_are_limited_per_address_and_refill() {
+        let limit = AuthFailureLimit::default();
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            assert!(!limit.exhausted(a, t0));
+            limit.failed(a, t0);
+        }
+        assert!(limit.exhausted(a, t0));
+        assert!(!limit.exhausted(b, t0), "another address is not affected");
+        // 5 per second: one more failure allowed after 200 ms.
+        let later = t0 + std::time::Duration::from_millis(200);
+        assert!(!limit.exhausted(a, later));
+        limit.failed(a, later);
+        assert!(limit.exhausted(a, later));
+        assert!(!limit.exhausted(a, later + std::time::Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64() {
+        let limit = AuthFailureLimit::default();
+        let t0 = Instant::now();
+        for i in 0..20u16 {
+            limit.failed(format!("2001:db8:1:2::{i:x}").parse().unwrap(), t0);
+        }
+        assert!(limit.exhausted("2001:db8:1:2:ffff::1".parse().unwrap(), t0));
+        assert!(!limit.exhausted("2001:db8:1:3::1".parse().unwrap(), t0));
+        for _ in 0..20 {
+            limit.failed("::ffff:192.0.2.9".parse().unwrap(), t0);
+        }
+        assert!(limit.exhausted("192.0.2.9".parse().unwrap(), t0), "v4-mapped is the v4 address");
+    }
+
+    #[test]
+    fn tracking_is_bounded() {
+        let limit = AuthFailureLimit::default();
+        let t0 = Instant::now();
+        for i in 0..(AUTH_FAILURE_MAX_TRACKED * AUTH_FAILURE_SHARDS * 2) as u32 {
+            limit.failed(IpAddr::V4(i.into()), t0);
+        }
+        let tracked: usize = limit.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(tracked <= AUTH_FAILURE_MAX_TRACKED * AUTH_FAILURE_SHARDS, "{tracked}");
     }
 }

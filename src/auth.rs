@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::JwtKey;
+use crate::tick::{Tick, ticks};
 
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +61,25 @@ pub enum Rejection {
     NoUser,
 }
 
+/// How tokens are verified.
+#[derive(Clone)]
+pub enum JwtKey {
+    /// HS256 with this secret.
+    Secret(Vec<u8>),
+    /// RS256 or ES256 with this PEM public key.
+    PublicKeyPem(Vec<u8>),
+}
+
+impl std::fmt::Debug for JwtKey {
+    // The secret must never reach a log line, so Debug shows only which kind of key it is.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwtKey::Secret(_) => f.write_str("Secret(..)"),
+            JwtKey::PublicKeyPem(_) => f.write_str("PublicKeyPem(..)"),
+        }
+    }
+}
+
 /// Verifies tokens with one configured key. Cheap to share between threads.
 pub struct Verifier {
     key: DecodingKey,
@@ -88,6 +107,23 @@ impl Verifier {
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp"]);
         Ok(Verifier { key, validation })
+    }
+
+    /// This verifier, also requiring `aud` and `iss` when given (then a token must carry a
+    /// matching claim; without them the claims are not looked at).
+    pub fn requiring(mut self, audience: Option<&str>, issuer: Option<&str>) -> Verifier {
+        let mut required = vec!["exp"];
+        if let Some(audience) = audience {
+            self.validation.set_audience(&[audience]);
+            self.validation.validate_aud = true;
+            required.push("aud");
+        }
+        if let Some(issuer) = issuer {
+            self.validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        self.validation.set_required_spec_claims(&required);
+        self
     }
 
     /// Verifies `token` at the current time.
@@ -133,15 +169,68 @@ struct MintClaims<'a> {
     topics: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     scope: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
 }
 
-/// Signs an HS256 token for `sub`, valid for `ttl`.
+/// What [`mint_token`] puts in a token.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenSpec<'a> {
+    pub sub: &'a str,
+    /// At least a second, at most [`MAX_TOKEN_TTL`].
+    pub ttl: Duration,
+    pub topics: &'a [String],
+    pub scope: Option<&'a str>,
+    /// `aud` and `iss`: what a herald with HERALD_JWT_AUDIENCE / HERALD_JWT_ISSUER requires.
+    pub audience: Option<&'a str>,
+    pub issuer: Option<&'a str>,
+}
+
+/// Longest lifetime `herald token` mints: a century is already no expiry at all in practice,
+/// and anything near 2^63 seconds overflows other software's time arithmetic.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600 + 25 * 24 * 3600);
+
+/// Signs an HS256 token for `sub`, valid for `ttl` (at least a second, at most
+/// [`MAX_TOKEN_TTL`]).
 pub fn mint(secret: &[u8], sub: &str, ttl: Duration, topics: &[String], scope: Option<&str>) -> String {
+    mint_token(secret, &TokenSpec { sub, ttl, topics, scope, audience: None, issuer: None })
+}
+
+/// Signs an HS256 token as `spec` says.
+pub fn mint_token(secret: &[u8], spec: &TokenSpec<'_>) -> String {
     let now = unix_now();
-    let claims = MintClaims { sub, iat: now, exp: now + ttl.as_secs().max(1), topics, scope };
+    let lifetime = spec.ttl.min(MAX_TOKEN_TTL).as_secs().max(1);
+    let claims = MintClaims {
+        sub: spec.sub,
+        iat: now,
+        exp: now.saturating_add(lifetime),
+        topics: spec.topics,
+        scope: spec.scope,
+        aud: spec.audience,
+        iss: spec.issuer,
+    };
     // Encoding an in-memory struct with a secret key has no failure mode but a serializer bug.
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
         .expect("HS256 encoding of plain claims cannot fail")
+}
+
+/// How long from `now` until `exp` (seconds since the Unix epoch); zero once it has passed.
+/// Exact to the nanosecond and total: `exp` is whatever a validly signed token says, up to
+/// `u64::MAX`, and `now` may even precede the epoch on a badly set clock.
+pub fn time_until_exp(exp: u64, now: SystemTime) -> Duration {
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    Duration::from_secs(exp).saturating_sub(since_epoch)
+}
+
+/// The event-loop tick at which a connection whose token expires at `exp` is closed, when
+/// the loop's current tick is `now_tick` and the wall clock reads `now`. Rounded up to whole
+/// ticks, plus one for the tick already under way, so the close comes at or just after
+/// `exp`, never before. Saturates: a token expiring in 2^63 seconds gets `Tick::MAX`, which
+/// the timer wheel treats as "later than anything else".
+pub fn expiry_tick(exp: u64, now: SystemTime, now_tick: Tick) -> Tick {
+    now_tick.saturating_add(ticks(time_until_exp(exp, now))).saturating_add(1)
 }
 
 /// Seconds since the Unix epoch.
@@ -214,6 +303,30 @@ mod tests {
         assert_eq!(&*v.verify(&sign("k", serde_json::json!({"user_id": "bob", "exp": exp}))).unwrap().user, "bob");
         assert_eq!(v.verify(&sign("k", serde_json::json!({"exp": exp}))), Err(Rejection::NoUser));
         assert_eq!(v.verify(&sign("k", serde_json::json!({"sub": 1.5, "exp": exp}))), Err(Rejection::NoUser));
+    }
+
+    #[test]
+    fn expiry_is_total_and_never_early() {
+        let now = UNIX_EPOCH + Duration::new(1_000, 250_000_000);
+        assert_eq!(time_until_exp(900, now), Duration::ZERO);
+        assert_eq!(time_until_exp(1_010, now), Duration::from_millis(9_750));
+        assert_eq!(expiry_tick(900, now, 40), 41);
+        // 9.75 s is 97.5 ticks: rounded up to 98, plus the tick under way.
+        assert_eq!(expiry_tick(1_010, now, 40), 40 + 98 + 1);
+        for exp in [1u64 << 63, i64::MAX as u64, u64::MAX] {
+            assert_eq!(expiry_tick(exp, now, 40), Tick::MAX, "exp {exp}");
+        }
+        assert_eq!(expiry_tick(1_010, now, Tick::MAX - 3), Tick::MAX);
+        let before_epoch = UNIX_EPOCH - Duration::from_secs(5);
+        assert_eq!(time_until_exp(3, before_epoch), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn mint_caps_the_lifetime_and_cannot_overflow() {
+        let token = mint(b"k", "u", Duration::MAX, &[], None);
+        let id = verifier("k").verify(&token).unwrap();
+        assert!(id.exp <= unix_now() + MAX_TOKEN_TTL.as_secs());
+        assert!(id.exp > unix_now() + 99 * 365 * 24 * 3600);
     }
 
     #[test]

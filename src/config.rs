@@ -37,8 +37,8 @@ pub struct TokenArgs {
     /// User id (the `sub` claim).
     #[arg(long)]
     pub sub: String,
-    /// Lifetime of the token.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    /// Lifetime of the token (at most 100 years).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
     pub ttl: Duration,
     /// Topics the holder may receive, comma separated; `prefix*` allows a prefix.
     #[arg(long, value_delimiter = ',')]
@@ -48,7 +48,7 @@ pub struct TokenArgs {
     pub scope: Option<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct ServerArgs {
     /// Address for WebSocket and HTTP (one port).
     #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:8081", global = true)]
@@ -56,12 +56,25 @@ pub struct ServerArgs {
     /// HS256 secret (alias JWT_SECRET_KEY). Absent: dev mode with a random secret.
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true, global = true)]
     pub jwt_secret: Option<String>,
+    /// File holding the HS256 secret (trailing newline ignored); keeps it out of `ps` and
+    /// the environment.
+    #[arg(long, env = "HERALD_JWT_SECRET_FILE", global = true)]
+    pub jwt_secret_file: Option<PathBuf>,
     /// PEM file with an RSA or EC public key: accept RS256/ES256 tokens instead of HS256.
     #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", global = true)]
     pub jwt_public_key: Option<PathBuf>,
+    /// Required `aud` claim: when set, a token must name this audience.
+    #[arg(long, env = "HERALD_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim: when set, a token must come from this issuer.
+    #[arg(long, env = "HERALD_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
     /// `redis://[:password@]host:port[/db]` (alias REDIS_URL). Absent: embedded broker.
     #[arg(long, env = "HERALD_REDIS_URL", hide_env_values = true, global = true)]
     pub redis_url: Option<String>,
+    /// File holding the Redis password (trailing newline ignored), added to HERALD_REDIS_URL.
+    #[arg(long, env = "HERALD_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
     /// Redis channel of a user = prefix + user id.
     #[arg(long, env = "HERALD_USER_CHANNEL_PREFIX", default_value = "user_noti:")]
     pub user_channel_prefix: String,
@@ -101,6 +114,9 @@ pub struct ServerArgs {
     /// Bearer key accepted by the HTTP publish/admin API.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// File holding the API key (trailing newline ignored).
+    #[arg(long, env = "HERALD_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// Comma list of allowed Origin values for upgrades, or `*`.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", default_value = "*")]
     pub allowed_origins: String,
@@ -110,6 +126,102 @@ pub struct ServerArgs {
     /// Log filter (tracing EnvFilter syntax). Tokens and secrets are never logged.
     #[arg(long, env = "HERALD_LOG", default_value = "info", global = true)]
     pub log: String,
+    /// Which secret-bearing settings came from the command line (see [`Cli::parse_with_sources`]).
+    #[arg(skip)]
+    pub given_as_flags: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for ServerArgs {
+    // Like `Config`'s: the raw settings hold the same secrets, and must not print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ServerArgs {
+            listen,
+            jwt_secret,
+            jwt_secret_file,
+            jwt_public_key,
+            jwt_audience,
+            jwt_issuer,
+            redis_url,
+            redis_password_file,
+            user_channel_prefix,
+            topic_channel_prefix,
+            threads,
+            max_connections,
+            max_connections_per_user,
+            max_message_bytes,
+            send_queue,
+            ping_interval,
+            idle_timeout,
+            heartbeat_interval,
+            handshake_timeout,
+            shutdown_grace,
+            api_key,
+            api_key_file,
+            allowed_origins,
+            connect_rate_per_ip,
+            log,
+            given_as_flags,
+        } = self;
+        f.debug_struct("ServerArgs")
+            .field("listen", listen)
+            .field("jwt_secret", &jwt_secret.as_ref().map(|_| "<redacted>"))
+            .field("jwt_secret_file", jwt_secret_file)
+            .field("jwt_public_key", jwt_public_key)
+            .field("jwt_audience", jwt_audience)
+            .field("jwt_issuer", jwt_issuer)
+            .field("redis_url", &redis_url.as_deref().map(crate::broker::redis::redact_url))
+            .field("redis_password_file", redis_password_file)
+            .field("user_channel_prefix", user_channel_prefix)
+            .field("topic_channel_prefix", topic_channel_prefix)
+            .field("threads", threads)
+            .field("max_connections", max_connections)
+            .field("max_connections_per_user", max_connections_per_user)
+            .field("max_message_bytes", max_message_bytes)
+            .field("send_queue", send_queue)
+            .field("ping_interval", ping_interval)
+            .field("idle_timeout", idle_timeout)
+            .field("heartbeat_interval", heartbeat_interval)
+            .field("handshake_timeout", handshake_timeout)
+            .field("shutdown_grace", shutdown_grace)
+            .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_file", api_key_file)
+            .field("allowed_origins", allowed_origins)
+            .field("connect_rate_per_ip", connect_rate_per_ip)
+            .field("log", log)
+            .field("given_as_flags", given_as_flags)
+            .finish()
+    }
+}
+
+/// Settings whose value is a secret, by clap id: given as flags, they show in `ps`.
+const SECRET_FLAGS: [&str; 3] = ["jwt_secret", "api_key", "redis_url"];
+
+impl Cli {
+    /// Parses a command line (with the environment, as clap does), remembering which secrets
+    /// were given as flags rather than through the environment or a file, so that
+    /// [`ServerArgs::into_config`] can warn about them.
+    pub fn parse_with_sources<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::parser::ValueSource;
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        // Global flags may be written after the subcommand (`herald token --jwt-secret …`).
+        let levels: Vec<&clap::ArgMatches> =
+            std::iter::once(&matches).chain(matches.subcommand().map(|(_, m)| m)).collect();
+        cli.server.given_as_flags = SECRET_FLAGS
+            .into_iter()
+            .filter(|id| {
+                levels.iter().any(|m| {
+                    m.try_get_raw(id).is_ok_and(|v| v.is_some()) && m.value_source(id) == Some(ValueSource::CommandLine)
+                })
+            })
+            .collect();
+        Ok(cli)
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -117,32 +229,54 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{text}` is not a duration like 30s, 500ms or 2m ({e})"))
 }
 
-/// How tokens are verified.
-#[derive(Clone)]
-pub enum JwtKey {
-    /// HS256 with this secret.
-    Secret(Vec<u8>),
-    /// RS256 or ES256 with this PEM public key.
-    PublicKeyPem(Vec<u8>),
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl > crate::auth::MAX_TOKEN_TTL {
+        return Err(format!("`{text}` is longer than the longest token lifetime, 100 years"));
+    }
+    Ok(ttl)
 }
 
-impl std::fmt::Debug for JwtKey {
-    // The secret must never reach a log line, so Debug shows only which kind of key it is.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            JwtKey::Secret(_) => f.write_str("Secret(..)"),
-            JwtKey::PublicKeyPem(_) => f.write_str("PublicKeyPem(..)"),
-        }
+/// Longest interval or timeout a setting may hold. Far beyond any useful value, and far
+/// below what `Instant + Duration` or the tick arithmetic could overflow on.
+pub const MAX_DURATION_SETTING: Duration = Duration::from_secs(24 * 3600);
+
+/// Shortest HS256 secret that draws no warning: 256 bits, the hash's own size (RFC 7518 §3.2).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Reads a secret from the file a `*_FILE` setting names. A trailing newline (what editors
+/// and `echo` add) is not part of the secret; an empty secret is refused rather than taken
+/// as "unset", which for the JWT secret would mean dev mode.
+fn read_secret_file(variable: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let mut bytes = std::fs::read(path).map_err(|e| format!("{variable} `{}` cannot be read: {e}", path.display()))?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
     }
+    if bytes.is_empty() {
+        return Err(format!("{variable} `{}` is empty", path.display()));
+    }
+    Ok(bytes)
 }
+
+fn read_secret_text(variable: &str, path: &std::path::Path) -> Result<String, String> {
+    String::from_utf8(read_secret_file(variable, path)?)
+        .map_err(|_| format!("{variable} `{}` is not UTF-8 text", path.display()))
+}
+
+pub use crate::auth::JwtKey;
 
 /// The validated settings the server runs with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub jwt_key: JwtKey,
     /// True when no secret was configured and one was generated for this run.
     pub dev_mode: bool,
+    /// When set, a token's `aud` must name it.
+    pub jwt_audience: Option<String>,
+    /// When set, a token's `iss` must equal it.
+    pub jwt_issuer: Option<String>,
+    /// With the password from HERALD_REDIS_PASSWORD_FILE, if any, already in it.
     pub redis_url: Option<String>,
     pub user_channel_prefix: String,
     pub topic_channel_prefix: String,
@@ -161,6 +295,67 @@ pub struct Config {
     pub allowed_origins: Option<Vec<String>>,
     pub connect_rate_per_ip: u32,
     pub log: String,
+    /// Things the operator should hear about at start (weak or exposed secrets); never
+    /// containing a secret.
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for Config {
+    // Written out, not derived: the API key and the Redis password must never reach a log
+    // line. Destructured without `..`, so a new field does not compile until it is placed
+    // here, redacted if it is a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Config {
+            listen,
+            jwt_key,
+            dev_mode,
+            jwt_audience,
+            jwt_issuer,
+            redis_url,
+            user_channel_prefix,
+            topic_channel_prefix,
+            threads,
+            max_connections,
+            max_connections_per_user,
+            max_message_bytes,
+            send_queue,
+            ping_interval,
+            idle_timeout,
+            heartbeat_interval,
+            handshake_timeout,
+            shutdown_grace,
+            api_key,
+            allowed_origins,
+            connect_rate_per_ip,
+            log,
+            warnings,
+        } = self;
+        f.debug_struct("Config")
+            .field("listen", listen)
+            .field("jwt_key", jwt_key)
+            .field("dev_mode", dev_mode)
+            .field("jwt_audience", jwt_audience)
+            .field("jwt_issuer", jwt_issuer)
+            .field("redis_url", &redis_url.as_deref().map(crate::broker::redis::redact_url))
+            .field("user_channel_prefix", user_channel_prefix)
+            .field("topic_channel_prefix", topic_channel_prefix)
+            .field("threads", threads)
+            .field("max_connections", max_connections)
+            .field("max_connections_per_user", max_connections_per_user)
+            .field("max_message_bytes", max_message_bytes)
+            .field("send_queue", send_queue)
+            .field("ping_interval", ping_interval)
+            .field("idle_timeout", idle_timeout)
+            .field("heartbeat_interval", heartbeat_interval)
+            .field("handshake_timeout", handshake_timeout)
+            .field("shutdown_grace", shutdown_grace)
+            .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
+            .field("allowed_origins", allowed_origins)
+            .field("connect_rate_per_ip", connect_rate_per_ip)
+            .field("log", log)
+            .field("warnings", warnings)
+            .finish()
+    }
 }
 
 /// Most event-loop threads: the router tracks which loops hold a user in a 64-bit mask.
@@ -177,11 +372,27 @@ fn env_alias(name: &str) -> Option<String> {
 impl ServerArgs {
     /// Validates the arguments. The error is one line meant for the operator.
     pub fn into_config(self) -> Result<Config, String> {
+        let mut warnings = Vec::new();
+        let flag_warning = |flag: &str, instead: &str| {
+            format!("{flag} puts a secret on the command line, where `ps` shows it to every local user; use {instead}")
+        };
         let listen: SocketAddr = self
             .listen
             .parse()
             .map_err(|_| format!("HERALD_LISTEN `{}` is not an address like 0.0.0.0:8081", self.listen))?;
-        let secret = non_empty(self.jwt_secret).or_else(|| env_alias("JWT_SECRET_KEY"));
+        let secret = match (non_empty(self.jwt_secret), &self.jwt_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err("set HERALD_JWT_SECRET or HERALD_JWT_SECRET_FILE, not both".into());
+            }
+            (Some(secret), None) => {
+                if self.given_as_flags.contains(&"jwt_secret") {
+                    warnings.push(flag_warning("--jwt-secret", "HERALD_JWT_SECRET_FILE or HERALD_JWT_SECRET"));
+                }
+                Some(secret.into_bytes())
+            }
+            (None, Some(path)) => Some(read_secret_file("HERALD_JWT_SECRET_FILE", path)?),
+            (None, None) => env_alias("JWT_SECRET_KEY").map(String::into_bytes),
+        };
         let (jwt_key, dev_mode) = match (&self.jwt_public_key, secret) {
             (Some(path), _) => {
                 let pem = std::fs::read(path)
@@ -190,14 +401,62 @@ impl ServerArgs {
                     .map_err(|e| format!("HERALD_JWT_PUBLIC_KEY `{}`: {e}", path.display()))?;
                 (JwtKey::PublicKeyPem(pem), false)
             }
-            (None, Some(secret)) => (JwtKey::Secret(secret.into_bytes()), false),
+            (None, Some(secret)) => {
+                if secret.len() < MIN_SECRET_BYTES {
+                    warnings.push(format!(
+                        "HERALD_JWT_SECRET is {} bytes long; anyone who guesses it can sign tokens for any user. \
+                         Use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
+                        secret.len()
+                    ));
+                }
+                (JwtKey::Secret(secret), false)
+            }
             (None, None) => (JwtKey::Secret(crate::auth::random_secret()), true),
         };
-        let redis_url = non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL"));
+        let mut redis_url = non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL"));
         if let Some(url) = &redis_url {
             if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
                 return Err("HERALD_REDIS_URL must look like redis://[:password@]host:port[/db]".into());
             }
+            if self.given_as_flags.contains(&"redis_url") && crate::broker::redis::url_has_password(url) {
+                warnings.push(flag_warning("--redis-url with a password", "HERALD_REDIS_PASSWORD_FILE"));
+            }
+        }
+        if let Some(path) = &self.redis_password_file {
+            let Some(url) = &redis_url else {
+                return Err("HERALD_REDIS_PASSWORD_FILE is set but HERALD_REDIS_URL is not".into());
+            };
+            let password = read_secret_text("HERALD_REDIS_PASSWORD_FILE", path)?;
+            let url = crate::broker::redis::url_with_password(url, &password)
+                .map_err(|e| format!("HERALD_REDIS_PASSWORD_FILE: {e}"))?;
+            redis_url = Some(url);
+        }
+        let api_key = match (non_empty(self.api_key), &self.api_key_file) {
+            (Some(_), Some(_)) => return Err("set HERALD_API_KEY or HERALD_API_KEY_FILE, not both".into()),
+            (Some(key), None) => {
+                if self.given_as_flags.contains(&"api_key") {
+                    warnings.push(flag_warning("--api-key", "HERALD_API_KEY_FILE or HERALD_API_KEY"));
+                }
+                Some(key)
+            }
+            (None, Some(path)) => Some(read_secret_text("HERALD_API_KEY_FILE", path)?),
+            (None, None) => None,
+        };
+        // Each prefix must claim a namespace of its own: an empty prefix PSUBSCRIBEs every
+        // channel on the server, and nested prefixes route one kind of channel as the other.
+        let (user_prefix, topic_prefix) = (&self.user_channel_prefix, &self.topic_channel_prefix);
+        for (name, prefix) in
+            [("HERALD_USER_CHANNEL_PREFIX", user_prefix), ("HERALD_TOPIC_CHANNEL_PREFIX", topic_prefix)]
+        {
+            if prefix.is_empty() {
+                return Err(format!("{name} must not be empty: it would subscribe to every Redis channel"));
+            }
+        }
+        if user_prefix.starts_with(topic_prefix.as_str()) || topic_prefix.starts_with(user_prefix.as_str()) {
+            return Err(format!(
+                "HERALD_USER_CHANNEL_PREFIX `{user_prefix}` and HERALD_TOPIC_CHANNEL_PREFIX `{topic_prefix}` \
+                 overlap: neither may be a prefix of the other"
+            ));
         }
         let threads = match self.threads {
             Some(0) => return Err("HERALD_THREADS must be at least 1".into()),
@@ -221,6 +480,17 @@ impl ServerArgs {
                 return Err(format!("{name} must be at least 100ms"));
             }
         }
+        for (name, value) in [
+            ("HERALD_PING_INTERVAL", self.ping_interval),
+            ("HERALD_IDLE_TIMEOUT", self.idle_timeout),
+            ("HERALD_HEARTBEAT_INTERVAL", self.heartbeat_interval),
+            ("HERALD_HANDSHAKE_TIMEOUT", self.handshake_timeout),
+            ("HERALD_SHUTDOWN_GRACE", self.shutdown_grace),
+        ] {
+            if value > MAX_DURATION_SETTING {
+                return Err(format!("{name} must be at most 24h"));
+            }
+        }
         let allowed_origins = {
             let list: Vec<String> = self
                 .allowed_origins
@@ -234,6 +504,8 @@ impl ServerArgs {
             listen,
             jwt_key,
             dev_mode,
+            jwt_audience: non_empty(self.jwt_audience),
+            jwt_issuer: non_empty(self.jwt_issuer),
             redis_url,
             user_channel_prefix: self.user_channel_prefix,
             topic_channel_prefix: self.topic_channel_prefix,
@@ -247,10 +519,11 @@ impl ServerArgs {
             heartbeat_interval: self.heartbeat_interval,
             handshake_timeout: self.handshake_timeout,
             shutdown_grace: self.shutdown_grace,
-            api_key: non_empty(self.api_key),
+            api_key,
             allowed_origins,
             connect_rate_per_ip: self.connect_rate_per_ip,
             log: self.log,
+            warnings,
         })
     }
 }
@@ -262,7 +535,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut full = vec!["herald"];
         full.extend_from_slice(args);
-        Cli::try_parse_from(full).map_err(|e| e.to_string())?.server.into_config()
+        Cli::parse_with_sources(full).map_err(|e| e.to_string())?.server.into_config()
     }
 
     #[test]
@@ -303,5 +576,102 @@ mod tests {
         assert!(parse(&["--threads", "0"]).unwrap_err().contains("HERALD_THREADS"));
         assert!(parse(&["--send-queue", "0"]).unwrap_err().contains("HERALD_SEND_QUEUE"));
         assert!(parse(&["--ping-interval", "banana"]).is_err());
+    }
+
+    #[test]
+    fn durations_have_an_upper_bound() {
+        for flag in
+            ["--ping-interval", "--idle-timeout", "--heartbeat-interval", "--handshake-timeout", "--shutdown-grace"]
+        {
+            let err = parse(&["--jwt-secret", "s", flag, "300000000000y"]).unwrap_err();
+            let variable = format!("HERALD_{}", flag[2..].replace('-', "_").to_ascii_uppercase());
+            assert!(err.contains(&variable), "{flag}: {err}");
+            assert!(parse(&["--jwt-secret", "s", flag, "24h"]).is_ok(), "{flag} 24h");
+        }
+    }
+
+    #[test]
+    fn channel_prefixes_must_be_distinct_namespaces() {
+        for (user, topic) in [("", "topic_noti:"), ("user_noti:", ""), ("noti:", "noti:topic:"), ("a:", "a:")] {
+            let err = parse(&["--user-channel-prefix", user, "--topic-channel-prefix", topic]).unwrap_err();
+            assert!(err.contains("CHANNEL_PREFIX"), "{user:?} {topic:?}: {err}");
+        }
+        assert!(parse(&["--user-channel-prefix", "u:", "--topic-channel-prefix", "t:"]).is_ok());
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let args = [
+            "herald",
+            "--jwt-secret",
+            "jwt-secret-value-jwt-secret-value-0123",
+            "--api-key",
+            "api-key-value-42",
+            "--redis-url",
+            "redis://user:redis-password-7@127.0.0.1:6379/0",
+        ];
+        let cli = Cli::parse_with_sources(args).unwrap();
+        let raw = format!("{cli:?}");
+        let config = cli.server.into_config().unwrap();
+        let debug = format!("{config:?}\n{raw}");
+        for secret in ["jwt-secret-value", "api-key-value-42", "redis-password-7"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(debug.contains("redis://user:<redacted>@127.0.0.1:6379/0"), "{debug}");
+        assert!(debug.contains("api_key: Some(\"<redacted>\")"), "{debug}");
+    }
+
+    #[test]
+    fn secrets_given_as_flags_or_too_short_draw_warnings_without_the_secret() {
+        let config =
+            parse(&["--jwt-secret", "short", "--api-key", "k-123", "--redis-url", "redis://:pw-456@h:1"]).unwrap();
+        let all = config.warnings.join("\n");
+        assert_eq!(config.warnings.len(), 4, "{all}");
+        for flag in ["--jwt-secret", "--api-key", "--redis-url"] {
+            assert!(all.contains(flag), "{flag}: {all}");
+        }
+        assert!(all.contains("5 bytes"), "{all}");
+        for secret in ["short", "k-123", "pw-456"] {
+            assert!(!all.contains(secret), "{secret} in {all}");
+        }
+        let empty = parse(&["--jwt-secret-file", "/dev/null"]).unwrap_err();
+        assert!(empty.contains("HERALD_JWT_SECRET_FILE") && empty.contains("empty"), "{empty}");
+    }
+
+    #[test]
+    fn secret_files_are_read_trimmed_and_exclusive() {
+        let dir = std::env::temp_dir().join(format!("herald-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_string_lossy().into_owned()
+        };
+        let (secret, key, password) =
+            (file("secret", "0123456789abcdef0123456789abcdef\n"), file("key", "k1\r\n"), file("pw", "p@ss w\n"));
+        let config = parse(&[
+            "--jwt-secret-file",
+            &secret,
+            "--api-key-file",
+            &key,
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--redis-password-file",
+            &password,
+        ])
+        .unwrap();
+        assert!(matches!(&config.jwt_key, JwtKey::Secret(s) if s == b"0123456789abcdef0123456789abcdef"));
+        assert_eq!(config.api_key.as_deref(), Some("k1"));
+        assert_eq!(config.redis_url.as_deref(), Some("redis://:p%40ss%20w@127.0.0.1:6379"));
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        let both = parse(&["--jwt-secret", "s", "--jwt-secret-file", &secret]).unwrap_err();
+        assert!(both.contains("HERALD_JWT_SECRET_FILE"), "{both}");
+        let twice = parse(&["--redis-url", "redis://:old@h:1", "--redis-password-file", &password]).unwrap_err();
+        assert!(twice.contains("HERALD_REDIS_PASSWORD_FILE"), "{twice}");
+        let orphan = parse(&["--redis-password-file", &password]).unwrap_err();
+        assert!(orphan.contains("HERALD_REDIS_URL"), "{orphan}");
+        let missing = parse(&["--api-key-file", "/nonexistent/herald-key"]).unwrap_err();
+        assert!(missing.starts_with("HERALD_API_KEY_FILE"), "{missing}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

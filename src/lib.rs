@@ -29,3 +29,4 @@ pub mod percent;
 pub mod route;
 pub mod server;
 pub mod shared;
+pub mod tick;

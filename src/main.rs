@@ -1,10 +1,10 @@
 //! The `herald` command: parse flags and environment, then serve or mint a token.
 
-use clap::Parser;
 use herald::config::{Cli, Command, JwtKey};
+use tracing::{debug, warn};
 
 fn main() {
-    let cli = Cli::try_parse().unwrap_or_else(|e| {
+    let cli = Cli::parse_with_sources(std::env::args_os()).unwrap_or_else(|e| {
         use clap::error::ErrorKind;
         if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
             let _ = e.print();
@@ -19,7 +19,8 @@ fn main() {
             .split("'--")
             .nth(1)
             .and_then(|rest| rest.split([' ', '\'']).next())
-            .map(|flag| format!(" (HERALD_{})", flag.replace('-', "_").to_ascii_uppercase()));
+            .and_then(env_of_flag)
+            .map(|name| format!(" ({name})"));
         fail(&format!("{first}{}", variable.unwrap_or_default()))
     });
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.server.log).unwrap_or_else(|_| {
@@ -33,6 +34,11 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = cli.server.into_config().unwrap_or_else(|e| fail(&e));
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
+    // Debug of Config redacts every secret it holds.
+    debug!(?config, "configuration");
     match cli.command {
         Some(Command::Token(args)) => {
             let JwtKey::Secret(secret) = &config.jwt_key else {
@@ -41,8 +47,15 @@ fn main() {
             if config.dev_mode {
                 fail("`herald token` needs HERALD_JWT_SECRET: without it every run has a new random secret");
             }
-            let token = herald::auth::mint(secret, &args.sub, args.ttl, &args.topics, args.scope.as_deref());
-            println!("{token}");
+            let spec = herald::auth::TokenSpec {
+                sub: &args.sub,
+                ttl: args.ttl,
+                topics: &args.topics,
+                scope: args.scope.as_deref(),
+                audience: config.jwt_audience.as_deref(),
+                issuer: config.jwt_issuer.as_deref(),
+            };
+            println!("{}", herald::auth::mint_token(secret, &spec));
         }
         None => {
             if let Err(e) = herald::server::run(config) {
@@ -50,6 +63,17 @@ fn main() {
             }
         }
     }
+}
+
+/// The environment variable behind `--flag`, if it has one (`herald token`'s own flags do not).
+fn env_of_flag(flag: &str) -> Option<String> {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    let found = command
+        .get_arguments()
+        .chain(command.get_subcommands().flat_map(|sub| sub.get_arguments()))
+        .find(|arg| arg.get_long() == Some(flag))?;
+    found.get_env().map(|name| name.to_string_lossy().into_owned())
 }
 
 fn fail(message: &str) -> ! {

@@ -110,7 +110,7 @@ pub struct RedisHealth {
     pub subscriber_up: AtomicBool,
     pub publisher_up: AtomicBool,
     pub ping_micros: AtomicU64,
-    pub last_error: Mutex<String>,
+    pub last_error: Mutex<&'static str>,
 }
 
 impl RedisHealth {
@@ -118,10 +118,11 @@ impl RedisHealth {
         self.subscriber_up.load(Relaxed) && self.publisher_up.load(Relaxed)
     }
 
-    pub fn set_error(&self, error: impl std::fmt::Display) {
+    /// Records the kind of the latest failure (`"connection refused"`, `"authentication
+    /// failed"`, …): /health shows it to anyone, so never the error's own text.
+    pub fn set_error(&self, kind: &'static str) {
         if let Ok(mut slot) = self.last_error.lock() {
-            slot.clear();
-            let _ = write!(slot, "{error}");
+            *slot = kind;
         }
     }
 }
@@ -137,6 +138,10 @@ pub struct Metrics {
     pub redis_reconnects: AtomicU64,
     /// Deliveries a loop missed because its inbox was full (see `mailbox`).
     pub dropped_overload: AtomicU64,
+    /// Publish-API requests whose credential was missing or wrong.
+    pub api_auth_failures: AtomicU64,
+    /// Publish-API requests refused (429) after too many failures from their address.
+    pub api_auth_rate_limited: AtomicU64,
     pub redis: RedisHealth,
 }
 
@@ -152,6 +157,8 @@ pub struct Snapshot {
     pub dropped_invalid: u64,
     pub dropped_overload: u64,
     pub redis_reconnects: u64,
+    pub api_auth_failures: u64,
+    pub api_auth_rate_limited: u64,
     pub sent: u64,
     pub failed: u64,
     pub slow_consumers: u64,
@@ -181,6 +188,8 @@ impl Metrics {
             dropped_invalid: AtomicU64::new(0),
             redis_reconnects: AtomicU64::new(0),
             dropped_overload: AtomicU64::new(0),
+            api_auth_failures: AtomicU64::new(0),
+            api_auth_rate_limited: AtomicU64::new(0),
             redis: RedisHealth { configured: redis_configured, ..RedisHealth::default() },
         }
     }
@@ -204,6 +213,8 @@ impl Metrics {
             received_from_http: self.received_from_http.load(Relaxed),
             dropped_invalid: self.dropped_invalid.load(Relaxed),
             redis_reconnects: self.redis_reconnects.load(Relaxed),
+            api_auth_failures: self.api_auth_failures.load(Relaxed),
+            api_auth_rate_limited: self.api_auth_rate_limited.load(Relaxed),
             ..Snapshot::default()
         };
         for l in self.loops.iter() {
@@ -264,6 +275,8 @@ impl Snapshot {
                 "output_stalled": self.output_stalled,
                 "http_evicted": self.http_evicted,
                 "rate_limited": self.rate_limited,
+                "api_auth_failures": self.api_auth_failures,
+                "api_auth_rate_limited": self.api_auth_rate_limited,
             },
             "redis": { "reconnects": self.redis_reconnects },
             "internals": { "slab_entries": self.slab_entries, "index_entries": self.index_entries },
@@ -286,7 +299,7 @@ impl Snapshot {
         );
         metric("herald_users_unique", "gauge", "Distinct users with a connection.", self.unique_users.to_string());
         metric("herald_topics_unique", "gauge", "Distinct topics with a subscriber.", self.unique_topics.to_string());
-        let counters: [(&str, &str, u64); 18] = [
+        let counters: [(&str, &str, u64); 20] = [
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),
             ("herald_messages_sent_total", "Notifications written to clients.", self.sent),
@@ -325,6 +338,16 @@ impl Snapshot {
             ("herald_http_evicted_total", "Plain HTTP connections closed to make room at the cap.", self.http_evicted),
             ("herald_rate_limited_total", "Connections refused over the per-IP connect rate.", self.rate_limited),
             ("herald_redis_reconnects_total", "Redis reconnections.", self.redis_reconnects),
+            (
+                "herald_api_auth_failures_total",
+                "Publish-API requests with a missing or wrong credential.",
+                self.api_auth_failures,
+            ),
+            (
+                "herald_api_auth_rate_limited_total",
+                "Publish-API requests refused after too many failed authentications from their address.",
+                self.api_auth_rate_limited,
+            ),
         ];
         for (name, help, value) in counters {
             metric(name, "counter", help, value.to_string());

@@ -57,7 +57,8 @@ fn raise_fd_limit() {
 /// Starts every thread; returns once the listeners are bound.
 pub fn start(config: Config) -> Result<Running, String> {
     raise_fd_limit();
-    let verifier = Verifier::new(&config.jwt_key)?;
+    let verifier =
+        Verifier::new(&config.jwt_key)?.requiring(config.jwt_audience.as_deref(), config.jwt_issuer.as_deref());
     let first = bind(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = first.local_addr().map_err(|e| e.to_string())?;
     let mut listeners = vec![first];
@@ -129,7 +130,12 @@ impl Running {
 fn dev_banner(config: &Config, addr: SocketAddr) {
     let JwtKey::Secret(secret) = &config.jwt_key else { return };
     let user = "dev-user";
-    let token = crate::auth::mint(secret, user, Duration::from_secs(24 * 3600), &[], None);
+    let (audience, issuer, ttl) =
+        (config.jwt_audience.as_deref(), config.jwt_issuer.as_deref(), Duration::from_secs(24 * 3600));
+    let token = crate::auth::mint_token(
+        secret,
+        &crate::auth::TokenSpec { sub: user, ttl, topics: &[], scope: None, audience, issuer },
+    );
     let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
     let base = format!("{host}:{}", addr.port());
     println!(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
-use crate::admission::Admission;
+use crate::admission::{Admission, AuthFailureLimit};
 use crate::auth::Verifier;
 use crate::broker::{Broker, Routing};
 use crate::config::Config;
@@ -17,6 +17,8 @@ pub struct Shared {
     pub admission: Admission,
     pub routing: Arc<Routing>,
     pub broker: Broker,
+    /// Failed publish-API authentications per client address.
+    pub auth_failures: AuthFailureLimit,
     pub shutting_down: AtomicBool,
     /// Random per process: tells this instance's relayed messages apart from others'.
     pub instance_id: u64,
@@ -45,6 +47,7 @@ impl Shared {
             metrics,
             routing,
             broker,
+            auth_failures: AuthFailureLimit::default(),
             shutting_down: AtomicBool::new(false),
             next_notification_id: AtomicU64::new(0),
             instance_id: crate::auth::random_u64(),

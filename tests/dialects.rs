@@ -935,7 +935,6 @@ fn events_system_shape_defaults_and_permissions() {
 
 #[test]
 fn publish_api_auth_is_required_and_bad_bodies_are_400() {
-    let h = start();
     let now = now_secs();
     // (path, valid body, bodies missing a required field)
     let endpoints: Vec<(&str, Value, Vec<Value>)> = vec![
@@ -969,6 +968,8 @@ fn publish_api_auth_is_required_and_bad_bodies_are_400() {
     let wrong_secret = token_hs256(&json!({"sub": "u1", "exp": now + 3600, "scope": "publish"}), "other-secret");
     let expired = token_claims(json!({"sub": "u1", "iat": now - 7200, "exp": now - 3600, "scope": "publish"}));
     for (path, valid, missing) in &endpoints {
+        // One herald per endpoint: failed authentications are rate-limited per address (20).
+        let h = start();
         let body = valid.to_string();
         let r = post(&h, path, None, body.as_bytes());
         assert_eq!(r.status, 401, "{path} without auth: {}", r.text());

@@ -68,6 +68,98 @@ fn pattern_for(prefix: &str) -> String {
     pattern
 }
 
+/// Where a Redis URL keeps its password, as a byte range of `url` (still percent-encoded):
+/// `user:password@` in the authority of redis:// and rediss:// URLs, the `pass` query
+/// parameter of unix:// ones. `None` when there is no password field at all; an empty
+/// range for `redis://:@host`.
+fn password_span(url: &str) -> Option<std::ops::Range<usize>> {
+    let (scheme, _) = url.split_once("://")?;
+    let start = scheme.len() + 3;
+    if scheme.ends_with("unix") {
+        let query = url.find('?')? + 1;
+        let query_end = url[query..].find('#').map_or(url.len(), |i| query + i);
+        let mut at = query;
+        for pair in url[query..query_end].split('&') {
+            if let Some(value) = pair.strip_prefix("pass=") {
+                return Some(at + 5..at + 5 + value.len());
+            }
+            at += pair.len() + 1;
+        }
+        return None;
+    }
+    let authority_end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    let userinfo_end = url[start..authority_end].rfind('@')?;
+    let colon = url[start..start + userinfo_end].find(':')?;
+    Some(start + colon + 1..start + userinfo_end)
+}
+
+/// Whether `url` carries a (non-empty) password.
+pub fn url_has_password(url: &str) -> bool {
+    password_span(url).is_some_and(|span| !span.is_empty())
+}
+
+/// `url` with its password, if any, replaced by `<redacted>`: fit for a log line.
+pub fn redact_url(url: &str) -> String {
+    match password_span(url) {
+        Some(span) if !span.is_empty() => format!("{}<redacted>{}", &url[..span.start], &url[span.end..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Puts `password` (from HERALD_REDIS_PASSWORD_FILE) into `url`, percent-encoded, where the
+/// redis crate reads it: the authority, or `pass=` for a unix socket. A URL that already has
+/// a password field is an error: two sources for one secret is a mistake waiting to happen.
+pub fn url_with_password(url: &str, password: &str) -> Result<String, String> {
+    if password_span(url).is_some() {
+        return Err("HERALD_REDIS_URL already contains a password; give it in one place only".into());
+    }
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let Some((scheme, _)) = url.split_once("://") else { return Err("HERALD_REDIS_URL is not a URL".into()) };
+    let start = scheme.len() + 3;
+    if scheme.ends_with("unix") {
+        let (head, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
+        let separator = match head.find('?') {
+            None => "?",
+            Some(_) if head.ends_with(['?', '&']) => "",
+            Some(_) => "&",
+        };
+        return Ok(format!("{head}{separator}pass={encoded}{fragment}"));
+    }
+    let authority_end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    Ok(match url[start..authority_end].rfind('@') {
+        // `user@host`: the password follows the user name.
+        Some(at) => format!("{}:{encoded}{}", &url[..start + at], &url[start + at..]),
+        None => format!("{}:{encoded}@{}", &url[..start], &url[start..]),
+    })
+}
+
+/// What kind of failure a Redis error is, for /health: unauthenticated callers learn that
+/// Redis is unreachable or refusing herald, never the server's own words (which can name
+/// users, hosts or ACL rules). The full error goes to the log.
+pub fn failure_kind(error: &redis::RedisError) -> &'static str {
+    use redis::{ErrorKind, ServerErrorKind};
+    if error.is_connection_refusal() {
+        "connection refused"
+    } else if error.is_timeout() {
+        "timeout"
+    } else if error.kind() == ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        || error.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
+    {
+        "authentication failed"
+    } else if error.is_io_error() || error.is_connection_dropped() {
+        "io error"
+    } else {
+        "protocol error"
+    }
+}
+
 /// Validates the URL before any thread starts, so a typo is a start-up error.
 pub fn client(url: &str) -> Result<redis::Client, String> {
     redis::Client::open(url).map_err(|e| format!("HERALD_REDIS_URL is not usable: {e}"))
@@ -172,7 +264,7 @@ fn run_subscriber(client: redis::Client, ctx: Context) {
         health.subscriber_up.store(false, Relaxed);
         if let Err(e) = session {
             warn!(error = %e, "redis subscriber disconnected; retrying");
-            health.set_error(&e);
+            health.set_error(failure_kind(&e));
         }
         backoff.wait();
     }
@@ -257,8 +349,11 @@ fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, ctx: Context
                     backoff = Duration::ZERO;
                 }
                 Err(e) => {
+                    if backoff.is_zero() {
+                        warn!(error = %e, "redis publisher cannot connect; retrying");
+                    }
                     health.publisher_up.store(false, Relaxed);
-                    health.set_error(&e);
+                    health.set_error(failure_kind(&e));
                     backoff = (backoff * 2).clamp(BACKOFF_START, BACKOFF_CAP);
                     retry_at = Instant::now() + backoff;
                 }
@@ -279,8 +374,9 @@ fn run_publisher(client: redis::Client, jobs: Receiver<PublishJob>, ctx: Context
                 None => ping(c, health).map(|()| None),
             }
             .map_err(|e| {
-                health.set_error(&e);
-                format!("redis error: {e}")
+                warn!(error = %e, "redis publisher lost its connection");
+                health.set_error(failure_kind(&e));
+                format!("redis error: {}", failure_kind(&e))
             }),
         };
         match &outcome {
@@ -336,6 +432,38 @@ mod tests {
     fn patterns_escape_glob_characters() {
         assert_eq!(pattern_for("user_noti:"), "user_noti:*");
         assert_eq!(pattern_for("a*b?[c]"), "a\\*b\\?\\[c\\]*");
+    }
+
+    #[test]
+    fn passwords_are_found_redacted_and_inserted() {
+        assert!(!url_has_password("redis://127.0.0.1:6379"));
+        assert!(!url_has_password("redis://user@host:1/0"));
+        assert!(url_has_password("redis://:s3cret@host:1"));
+        assert!(url_has_password("rediss://user:s3cret@host/2?x=1"));
+        assert!(url_has_password("unix:///run/redis.sock?db=1&pass=s3cret"));
+        assert!(!url_has_password("redis://host/0?x=a:b@c"));
+        assert_eq!(redact_url("redis://u:s3cret@host:1/0"), "redis://u:<redacted>@host:1/0");
+        assert_eq!(redact_url("unix:///r.sock?pass=s3cret&db=2"), "unix:///r.sock?pass=<redacted>&db=2");
+        assert_eq!(redact_url("redis://host:1"), "redis://host:1");
+
+        assert_eq!(url_with_password("redis://host:1/0", "a b@:/%").unwrap(), "redis://:a%20b%40%3A%2F%25@host:1/0");
+        assert_eq!(url_with_password("redis://user@host", "pw").unwrap(), "redis://user:pw@host");
+        assert_eq!(url_with_password("unix:///r.sock", "p+w").unwrap(), "unix:///r.sock?pass=p%2Bw");
+        assert_eq!(url_with_password("unix:///r.sock?db=1", "pw").unwrap(), "unix:///r.sock?db=1&pass=pw");
+        assert!(url_with_password("redis://:old@host", "pw").is_err());
+        assert!(url_with_password("redis://u:@host", "pw").is_err());
+    }
+
+    #[test]
+    fn inserted_passwords_reach_the_redis_client_intact() {
+        for password in ["plain", "a b@:/%?#&+=\"", "ünïcødé"] {
+            let url = url_with_password("redis://127.0.0.1:6379/0", password).unwrap();
+            let info = redis::Client::open(url.as_str()).unwrap().get_connection_info().clone();
+            assert_eq!(info.redis_settings().password(), Some(password), "{url}");
+            let url = url_with_password("unix:///tmp/r.sock", password).unwrap();
+            let info = redis::Client::open(url.as_str()).unwrap().get_connection_info().clone();
+            assert_eq!(info.redis_settings().password(), Some(password), "{url}");
+        }
     }
 
     #[test]

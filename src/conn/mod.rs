@@ -20,8 +20,7 @@ use crate::http::publish::Responder;
 use inbound::FrameReader;
 use send_queue::SendQueue;
 
-/// Timer ticks (see `event_loop::timers`).
-pub type Tick = u64;
+pub use crate::tick::Tick;
 
 /// No timer entry is live for this connection.
 pub const NO_TIMER: Tick = Tick::MAX;

@@ -3,15 +3,15 @@
 //! connection's own policy methods; this file carries it out. Also: handing freed memory back
 //! to the kernel after churn.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use super::EventLoop;
-use super::timers::ticks;
-use crate::conn::{Due, NO_TIMER, Phase, Tick};
+use crate::conn::{Due, NO_TIMER, Phase};
 use crate::frame::{self, code};
 use crate::http::Status;
 use crate::ids::{Answer, ConnRef};
 use crate::message;
+use crate::tick::ticks;
 
 /// How often a loop considers handing freed memory back, and the smallest drop in
 /// connections that makes it worth a malloc_trim.
@@ -21,15 +21,6 @@ const TRIM_MIN_DROP: usize = 1000;
 const TRIM_RELEASED_BYTES: usize = 32 * 1024 * 1024;
 /// Shortest gap between two trims for freed replies.
 pub(super) const TRIM_MIN_GAP: Duration = Duration::from_secs(1);
-
-/// The tick at which a token expiring at `exp` (seconds since the Unix epoch) must close its
-/// connection: at or just after `exp`, never before (rounded up to whole ticks). Saturates: a
-/// token valid until the end of time is simply never closed for expiry.
-pub fn expiry_tick(exp: u64, now: SystemTime, now_tick: Tick) -> Tick {
-    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let lifetime = Duration::from_secs(exp).saturating_sub(since_epoch);
-    now_tick.saturating_add(ticks(lifetime)).saturating_add(1)
-}
 
 impl EventLoop {
     /// Files the connection's next deadline, unless an earlier entry is already live.
@@ -160,18 +151,3 @@ fn release_free_heap() {
 /// Other allocators (musl's among them) return freed pages by themselves or not at all.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_heap() {}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expiry_is_at_or_just_after_exp_and_saturates() {
-        let now = UNIX_EPOCH + Duration::from_millis(1_000_000_250);
-        // exp 1,000,001 s: 0.75 s away = 8 ticks rounded up, plus one.
-        assert_eq!(expiry_tick(1_000_001, now, 100), 100 + 8 + 1);
-        assert_eq!(expiry_tick(10, now, 100), 101, "already expired: the next tick");
-        assert_eq!(expiry_tick(u64::MAX, now, 100), Tick::MAX, "no overflow, no panic");
-        assert_eq!(expiry_tick(1 << 63, now, Tick::MAX - 5), Tick::MAX);
-    }
-}

@@ -42,14 +42,15 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use tracing::warn;
 
-use crate::conn::{Conn, Tick, Timeouts};
+use crate::conn::{Conn, Timeouts};
 use crate::frame::{self, SharedFrame};
 use crate::mailbox::{LoopCmd, WAKER};
 use crate::message::JsonScratch;
 use crate::metrics::LocalCounters;
 use crate::shared::Shared;
+use crate::tick::{Clock, Tick, ticks};
 use index::Index;
-use timers::{Clock, TimerWheel, ticks};
+use timers::TimerWheel;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 

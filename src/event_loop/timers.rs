@@ -6,42 +6,10 @@
 //! number that are merely open. Entries are never removed early: an entry whose connection
 //! has since moved its deadline is recognised as stale when it fires and ignored.
 
-use std::time::{Duration, Instant};
+use crate::tick::Tick;
 
-use crate::conn::Tick;
-
-/// Length of one tick.
-pub const TICK: Duration = Duration::from_millis(100);
 /// Slots in the wheel; deadlines further out are clamped and re-armed when they fire.
 const SLOTS: usize = 4096;
-
-/// Converts instants to ticks since the loop started.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    start: Instant,
-}
-
-impl Clock {
-    pub fn new(start: Instant) -> Clock {
-        Clock { start }
-    }
-
-    pub fn tick_at(&self, at: Instant) -> Tick {
-        (at.saturating_duration_since(self.start).as_millis() / TICK.as_millis()) as Tick
-    }
-
-    /// When `tick` begins.
-    pub fn instant_of(&self, tick: Tick) -> Instant {
-        let offset = TICK.saturating_mul(u32::try_from(tick).unwrap_or(u32::MAX));
-        self.start.checked_add(offset).unwrap_or(self.start)
-    }
-}
-
-/// Whole ticks in `d`, rounded up so a deadline never fires early; saturating, so an
-/// enormous duration means "never" rather than a wrapped-around "soon".
-pub fn ticks(d: Duration) -> Tick {
-    Tick::try_from(d.as_millis().div_ceil(TICK.as_millis())).unwrap_or(Tick::MAX)
-}
 
 /// An entry: slab key and connection id.
 pub type Entry = (u32, u32);
@@ -161,13 +129,5 @@ mod tests {
         wheel.expire(10, &mut due);
         assert_eq!(due, vec![((2, 2), 5)]);
         assert!(wheel.is_empty());
-    }
-
-    #[test]
-    fn ticks_round_up() {
-        assert_eq!(ticks(Duration::from_millis(1)), 1);
-        assert_eq!(ticks(Duration::from_millis(100)), 1);
-        assert_eq!(ticks(Duration::from_millis(101)), 2);
-        assert_eq!(ticks(Duration::MAX), Tick::MAX);
     }
 }

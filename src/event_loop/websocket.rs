@@ -59,7 +59,7 @@ impl EventLoop {
                 return;
             }
         };
-        let expires = super::deadlines::expiry_tick(identity.exp, SystemTime::now(), self.now_tick);
+        let expires = crate::auth::expiry_tick(identity.exp, SystemTime::now(), self.now_tick);
         let now = self.now_tick;
         let mut session = Box::new(Session {
             user: identity.user,

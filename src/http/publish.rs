@@ -5,9 +5,10 @@
 //! seed promises, and returns a [`PublishRequest`]: validated [`Outgoing`] items for the
 //! broker, and how to render the broker's [`Answer`]. Nothing here knows which broker runs.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
@@ -101,8 +102,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn caller(req: &Request, shared: &Shared) -> Result<Caller, Response> {
-    let unauthorized = || Response::api_error(Status::UNAUTHORIZED, "missing or invalid credentials");
+fn caller(req: &Request, peer: IpAddr, shared: &Shared) -> Result<Caller, Response> {
+    let limit = &shared.auth_failures;
+    let now = Instant::now();
+    if limit.exhausted(peer, now) {
+        shared.metrics.api_auth_rate_limited.fetch_add(1, Relaxed);
+        return Err(Response::api_error(Status::TOO_MANY_REQUESTS, "too many failed authentications")
+            .header("Retry-After", "1"));
+    }
+    let unauthorized = || {
+        limit.failed(peer, now);
+        shared.metrics.api_auth_failures.fetch_add(1, Relaxed);
+        Response::api_error(Status::UNAUTHORIZED, "missing or invalid credentials")
+    };
     let bearer = req.bearer().ok_or_else(unauthorized)?;
     if let Some(key) = &shared.config.api_key {
         if constant_time_eq(bearer.as_bytes(), key.as_bytes()) {
@@ -136,9 +148,18 @@ fn id_from_json(value: &Value) -> Option<String> {
     }
 }
 
-/// An id as JSON: a number when it is one, else a string (seed 004 ids are integers).
+/// An id as JSON: seed 004's ids are integers, so an id that is the canonical decimal form
+/// of an `i64` becomes that number; any other id stays the string it is. Canonical means
+/// what `i64::to_string` writes: no `+`, no leading zeros (`"0"` itself is fine), and a `-`
+/// only on a non-zero number, so `"-7"` is the number -7 (an integer `sub` claim of -7 is
+/// the user `"-7"`, and must come back as -7) while `"0042"`, `"+42"`, `"-0"` and
+/// `"9223372036854775808"` stay strings. Every id thus maps to exactly one JSON value and
+/// back: two users can never be rendered as the same sender.
 pub fn id_as_json(id: &str) -> Value {
-    id.parse::<i64>().map_or_else(|_| Value::String(id.to_owned()), Value::from)
+    match id.parse::<i64>() {
+        Ok(n) if n.to_string() == id => Value::from(n),
+        _ => Value::String(id.to_owned()),
+    }
 }
 
 fn bad_request(message: &str) -> Response {
@@ -232,9 +253,9 @@ fn publish_item(
 }
 
 /// `POST /publish` `{"user_id"|"user_ids"|"topic", "message":{…}}`.
-pub fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
+pub fn publish(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
     let result = (|| {
-        let caller = caller(req, shared)?;
+        let caller = caller(req, peer, shared)?;
         let body: PublishBody<'_> = serde_json::from_slice(&req.body)
             .map_err(|_| bad_request("body must be a JSON object with user_id, user_ids or topic, and message"))?;
         Ok((vec![publish_item(body, &caller, shared, scratch)?], Responder::Sent))
@@ -244,9 +265,9 @@ pub fn publish(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Acc
 
 /// `POST /publish/batch` `{"items":[<a /publish body>, …]}`: every item is validated before
 /// any is published (all or nothing); a bad item fails the batch, naming its index.
-pub fn publish_batch(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
+pub fn publish_batch(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
     let result = (|| {
-        let caller = caller(req, shared)?;
+        let caller = caller(req, peer, shared)?;
         let body: BatchBody<'_> = serde_json::from_slice(&req.body)
             .map_err(|_| bad_request("body must be a JSON object with an items array of /publish bodies"))?;
         let bodies = body.items.ok_or_else(|| bad_request("missing items"))?;
@@ -274,9 +295,9 @@ struct NotifyBody {
 }
 
 /// `POST /notify` (seed 001): `{"user_id","title","message","type"}`.
-pub fn notify(req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
+pub fn notify(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
     let result = (|| {
-        let caller = caller(req, shared)?;
+        let caller = caller(req, peer, shared)?;
         let body: NotifyBody =
             serde_json::from_slice(&req.body).map_err(|_| bad_request("body must be a JSON object"))?;
         let user = body
@@ -365,9 +386,9 @@ fn default_user(caller: &Caller, field: &str) -> Result<Arc<str>, Response> {
 }
 
 /// `POST /api/v1/realtime/events/{task|workspace|system}` (seed 004).
-pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
+pub fn event(kind: &str, req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Accepted {
     let result = (|| {
-        let caller = caller(req, shared)?;
+        let caller = caller(req, peer, shared)?;
         match kind {
             "task" => {
                 let event: TaskEvent = parse(&req.body)?;
@@ -460,12 +481,12 @@ pub fn event(kind: &str, req: &Request, shared: &Shared, scratch: &mut JsonScrat
 }
 
 /// `POST /api/disconnect` `{"user_id"}`: the user to disconnect, once authorized.
-pub fn disconnect_target(req: &Request, shared: &Shared) -> Result<Arc<str>, Response> {
+pub fn disconnect_target(req: &Request, peer: IpAddr, shared: &Shared) -> Result<Arc<str>, Response> {
     #[derive(Deserialize)]
     struct Body {
         user_id: Option<Value>,
     }
-    let caller = caller(req, shared)?;
+    let caller = caller(req, peer, shared)?;
     let body: Body = parse(&req.body)?;
     let user: Arc<str> = Arc::from(
         body.user_id
@@ -482,9 +503,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_render_as_numbers_when_numeric() {
+    fn ids_render_as_numbers_only_in_canonical_form() {
         assert_eq!(id_as_json("42"), json!(42));
-        assert_eq!(id_as_json("u42"), json!("u42"));
+        assert_eq!(id_as_json("0"), json!(0));
+        assert_eq!(id_as_json("-7"), json!(-7));
+        assert_eq!(id_as_json("9223372036854775807"), json!(i64::MAX));
+        for id in ["0042", "+42", "-0", "00", " 42", "42 ", "9223372036854775808", "u42", "", "1e3", "٤٢"] {
+            assert_eq!(id_as_json(id), json!(id), "{id:?}");
+        }
         assert_eq!(id_from_json(&json!(7)), Some("7".into()));
         assert_eq!(id_from_json(&json!(1.5)), None);
         assert_eq!(id_from_json(&json!("")), None);

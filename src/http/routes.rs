@@ -38,7 +38,7 @@ pub struct Upgrade {
 const EVENTS: &str = "/api/v1/realtime/events/";
 
 /// Routes one request.
-pub fn handle(req: &Request, _peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
+pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
     if let Some((dialect, stream)) = dialect::for_path(&req.path) {
         return upgrade(req, dialect, stream, shared);
     }
@@ -49,15 +49,15 @@ pub fn handle(req: &Request, _peer: IpAddr, shared: &Shared, scratch: &mut JsonS
         (Method::Get | Method::Head, "/") => {
             respond(Response::text(Status::OK, "text/html; charset=utf-8", super::demo::PAGE))
         }
-        (Method::Post, "/publish") => publishing(publish::publish(req, shared, scratch)),
-        (Method::Post, "/publish/batch") => publishing(publish::publish_batch(req, shared, scratch)),
-        (Method::Post, "/notify") => publishing(publish::notify(req, shared, scratch)),
-        (Method::Post, "/api/disconnect") => match publish::disconnect_target(req, shared) {
+        (Method::Post, "/publish") => publishing(publish::publish(req, peer, shared, scratch)),
+        (Method::Post, "/publish/batch") => publishing(publish::publish_batch(req, peer, shared, scratch)),
+        (Method::Post, "/notify") => publishing(publish::notify(req, peer, shared, scratch)),
+        (Method::Post, "/api/disconnect") => match publish::disconnect_target(req, peer, shared) {
             Ok(user) => Outcome::Disconnect(user),
             Err(response) => respond(response),
         },
         (Method::Post, path) if path.starts_with(EVENTS) => {
-            publishing(publish::event(&path[EVENTS.len()..], req, shared, scratch))
+            publishing(publish::event(&path[EVENTS.len()..], req, peer, shared, scratch))
         }
         (_, "/" | "/health" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect") => {
             respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed"))
@@ -167,8 +167,8 @@ fn health(shared: &Shared) -> Response {
         let ping_ms = redis.ping_micros.load(Relaxed) as f64 / 1000.0;
         (true, serde_json::json!({ "status": "connected", "ping_ms": (ping_ms * 100.0).round() / 100.0 }))
     } else {
-        let error = redis.last_error.lock().map(|e| e.clone()).unwrap_or_default();
-        let error = if error.is_empty() { "not connected yet".to_string() } else { error };
+        let error = redis.last_error.lock().map(|e| *e).unwrap_or_default();
+        let error = if error.is_empty() { "not connected yet" } else { error };
         (false, serde_json::json!({ "status": "disconnected", "error": error }))
     };
     let body = serde_json::json!({
