@@ -138,6 +138,27 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
     );
     let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
     let base = format!("{host}:{}", addr.port());
+    let message = r#"{"type":"notification","payload":{"title":"hi"}}"#;
+    // Host, port and db only: a Redis password never reaches the banner (redis-cli asks for it).
+    let redis = config.redis_url.as_deref().and_then(|url| {
+        let info = ::redis::IntoConnectionInfo::into_connection_info(url).ok()?;
+        let mut cli = match info.addr() {
+            ::redis::ConnectionAddr::Tcp(host, port) => format!("redis-cli -h {host} -p {port}"),
+            ::redis::ConnectionAddr::Unix(path) => format!("redis-cli -s {}", path.display()),
+            _ => return None,
+        };
+        let settings = info.redis_settings();
+        if settings.db() != 0 {
+            cli.push_str(&format!(" -n {}", settings.db()));
+        }
+        if let Some(name) = settings.username() {
+            cli.push_str(&format!(" --user {name}"));
+        }
+        if settings.password().is_some() {
+            cli.push_str(" --askpass");
+        }
+        Some(format!("  redis:    {cli} PUBLISH {}{user} '{message}'\n", config.user_channel_prefix))
+    });
     println!(
         "\n  herald is in DEV MODE: no HERALD_JWT_SECRET was set, so a random secret signs tokens\n  \
          for this run only. Never run production like this.\n\n  \
@@ -145,9 +166,9 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
          connect:  websocat 'ws://{base}/ws?token={token}'\n  \
          ws url:   ws://{base}/ws?token={token}\n  \
          publish:  curl -s -X POST http://{base}/publish -H 'Authorization: Bearer {token}' \
-         -H 'Content-Type: application/json' \
-         -d '{{\"user_id\":\"{user}\",\"message\":{{\"type\":\"notification\",\"payload\":{{\"title\":\"hi\"}}}}}}'\n  \
-         demo:     http://{base}/\n"
+         -H 'Content-Type: application/json' -d '{{\"user_id\":\"{user}\",\"message\":{message}}}'\n\
+         {}  demo:     http://{base}/\n",
+        redis.unwrap_or_default()
     );
 }
 
