@@ -3,7 +3,6 @@
 //! Run: `cargo bench --bench core` (HTML reports land in target/criterion).
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -116,7 +115,7 @@ fn route(c: &mut Criterion) {
             inboxes.push(inbox);
         }
         let table = RouteTable::default();
-        let user = Target::User(Arc::from("user123"));
+        let user = Target::user("user123");
         for loop_id in 0..loops {
             table.join(loop_id, &user);
         }

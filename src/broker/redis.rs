@@ -276,8 +276,7 @@ fn route(ctx: &Context, scratch: &mut JsonScratch, ids: &mut Interner, channel: 
     let metrics = &ctx.metrics;
     metrics.received_from_redis.fetch_add(1, Relaxed);
     let target = match super::target_of(channel, &config.user_prefix, &config.topic_prefix) {
-        Some((true, user)) => Target::User(ids.intern(user)),
-        Some((false, topic)) => Target::Topic(ids.intern(topic)),
+        Some((is_user, name)) => ids.intern(is_user, name),
         None => return,
     };
     // The size limit applies to what the publisher wrote; an exclusion herald itself embedded
@@ -302,25 +301,27 @@ fn route(ctx: &Context, scratch: &mut JsonScratch, ids: &mut Interner, channel: 
     metrics.count_overload(out.dropped);
 }
 
-/// Reuses one `Arc<str>` per user id, so a busy user's messages allocate no id.
+/// Reuses one `Target` per user and topic, so a busy user's messages allocate no id.
 #[derive(Default)]
 struct Interner {
-    ids: HashSet<Arc<str>>,
+    targets: HashSet<Target>,
+    key: String,
 }
 
 impl Interner {
     const MAX: usize = 100_000;
 
-    fn intern(&mut self, id: &str) -> Arc<str> {
-        if let Some(existing) = self.ids.get(id) {
+    fn intern(&mut self, is_user: bool, name: &str) -> Target {
+        Target::key_of(is_user, name, &mut self.key);
+        if let Some(existing) = self.targets.get(self.key.as_str()) {
             return existing.clone();
         }
-        if self.ids.len() >= Self::MAX {
-            self.ids.clear();
+        if self.targets.len() >= Self::MAX {
+            self.targets.clear();
         }
-        let id: Arc<str> = Arc::from(id);
-        self.ids.insert(id.clone());
-        id
+        let target = if is_user { Target::user(name) } else { Target::topic(name) };
+        self.targets.insert(target.clone());
+        target
     }
 }
 
@@ -467,10 +468,11 @@ mod tests {
     }
 
     #[test]
-    fn interner_reuses_ids() {
+    fn interner_reuses_targets() {
         let mut ids = Interner::default();
-        let a = ids.intern("u1");
-        let b = ids.intern("u1");
-        assert!(Arc::ptr_eq(&a, &b));
+        let a = ids.intern(true, "u1");
+        assert_eq!(a, ids.intern(true, "u1"));
+        assert_eq!(ids.targets.len(), 1);
+        assert_ne!(a, ids.intern(false, "u1"));
     }
 }
