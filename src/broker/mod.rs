@@ -6,6 +6,8 @@
 //! HTTP handlers, so no event loop ever waits on Redis.
 
 pub mod redis;
+pub mod redis_url;
+pub mod resp;
 
 use std::sync::Arc;
 
