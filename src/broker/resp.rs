@@ -569,7 +569,9 @@ impl Decoder {
     }
 
     /// Decodes the value at the start of `buf`. Attributes (`|`) are checked and skipped: the
-    /// value they annotate is returned, and `consumed` covers both.
+    /// value they annotate is returned, and `consumed` covers both. The value borrows `buf`
+    /// and the decoder's tape until it is dropped: act on it (build the frame, match the
+    /// reply), then drop the consumed bytes and call again.
     pub fn decode<'a>(&'a mut self, buf: &'a [u8]) -> Result<Decoded<'a>, ProtocolError> {
         if self.tape.capacity() > TAPE_KEEP {
             self.tape.clear();
