@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use herald::auth::{Verifier, mint};
-use herald::broker::resp::{self, Decoded, Decoder, Limits};
+use herald::broker::redis::resp::{self, Decoded, Decoder, Limits};
 use herald::config::JwtKey;
 use herald::conn::inbound::{Flow, FrameReader};
 use herald::conn::send_queue::SendQueue;

@@ -1,4 +1,4 @@
-//! Bytes from a Redis server → `broker::resp::Decoder`, as the reader and publisher drive it:
+//! Bytes from a Redis server → `broker::redis::resp::Decoder`, as the reader and publisher drive it:
 //! decode, drop what was consumed, and after `Incomplete { needed }` wait for that many bytes.
 //!
 //! Layout: 5 config bytes (max bulk, max elements, max depth, max line, mode), then either the
@@ -15,7 +15,7 @@
 //! decodes to its arguments; the classifiers never panic and borrow from the buffer.
 #![no_main]
 
-use herald::broker::resp::{
+use herald::broker::redis::resp::{
     self, Decoded, Decoder, HARD_MAX_BULK, HARD_MAX_DEPTH, Limits, ProtocolError, Value, classify_error, classify_push,
 };
 use herald_fuzz::Bytes;

@@ -9,8 +9,6 @@
 //!   stamps and frames what it receives, once, and routes it the same way.
 
 pub mod redis;
-pub mod redis_url;
-pub mod resp;
 
 use std::sync::Arc;
 use std::sync::OnceLock;

@@ -5,7 +5,7 @@
 //! percent-decoded; an IPv6 host is written in brackets. Anything else (another scheme, a
 //! query, a user without a password, a bad port) is refused with a one-line reason that never
 //! quotes the URL, so no part of a password can end up in a log. `Debug` and [`RedisUrl::redacted`]
-//! print `***` for the password.
+//! print `<redacted>` for the password.
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -26,7 +26,7 @@ pub struct RedisUrl {
     pub port: u16,
     /// ACL user (Redis ≥ 6); None logs in as the default user.
     pub user: Option<String>,
-    /// Never printed: `Debug` and `redacted()` show `***`.
+    /// Never printed: `Debug` and `redacted()` show `<redacted>`.
     pub password: Option<String>,
     /// Logical database (`SELECT`); Redis Cluster only has 0.
     pub db: u32,
@@ -115,7 +115,7 @@ impl RedisUrl {
         Ok(RedisUrl { tls, host, port, user, password, db })
     }
 
-    /// The URL with the password replaced by `***`, for logs and status pages.
+    /// The URL with the password replaced by `<redacted>`, for logs and status pages.
     pub fn redacted(&self) -> Redacted<'_> {
         Redacted(self)
     }
@@ -164,13 +164,13 @@ impl fmt::Debug for RedisUrl {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("db", &self.db)
             .finish()
     }
 }
 
-/// [`RedisUrl::redacted`]: `redis[s]://[user]:***@host:port/db` (always with port and db).
+/// [`RedisUrl::redacted`]: `redis[s]://[user]:<redacted>@host:port/db` (always with port and db).
 pub struct Redacted<'a>(&'a RedisUrl);
 
 impl fmt::Display for Redacted<'_> {
@@ -187,7 +187,7 @@ impl fmt::Display for Redacted<'_> {
             }
         }
         if url.password.is_some() {
-            f.write_str(":***@")?;
+            f.write_str(":<redacted>@")?;
         }
         if url.host_is_ipv6() {
             write!(f, "[{}]:{}/{}", url.host, url.port, url.db)
@@ -287,8 +287,8 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::broker::resp::tests::{LiveRedis, read_values};
-    use crate::broker::resp::{Decoder, ServerError, classify_error};
+    use crate::broker::redis::resp::tests::{LiveRedis, read_values};
+    use crate::broker::redis::resp::{Decoder, ServerError, classify_error};
 
     fn url(tls: bool, host: &str, port: u16, user: Option<&str>, password: Option<&str>, db: u32) -> RedisUrl {
         RedisUrl { tls, host: host.into(), port, user: user.map(Into::into), password: password.map(Into::into), db }
@@ -389,13 +389,13 @@ mod tests {
         assert!(!debug.contains("hunter2"), "{debug}");
         assert_eq!(
             debug,
-            r#"RedisUrl { tls: true, host: "::1", port: 7000, user: Some("us er"), password: Some("***"), db: 3 }"#
+            r#"RedisUrl { tls: true, host: "::1", port: 7000, user: Some("us er"), password: Some("<redacted>"), db: 3 }"#
         );
-        assert_eq!(u.redacted().to_string(), "rediss://us%20er:***@[::1]:7000/3");
+        assert_eq!(u.redacted().to_string(), "rediss://us%20er:<redacted>@[::1]:7000/3");
         let alt = format!("{u:#?}");
         assert!(!alt.contains("hunter2"));
         let no_user = RedisUrl::parse("redis://:hunter2@h").unwrap();
-        assert_eq!(no_user.redacted().to_string(), "redis://:***@h:6379/0");
+        assert_eq!(no_user.redacted().to_string(), "redis://:<redacted>@h:6379/0");
         let plain = RedisUrl::parse("redis://h").unwrap();
         assert_eq!(plain.redacted().to_string(), "redis://h:6379/0");
         assert!(format!("{plain:?}").contains("password: None"));
