@@ -19,6 +19,8 @@
 //! | `index.rs`, `timers.rs` | the loop's data structures |
 
 mod accept;
+#[doc(hidden)]
+pub mod bench;
 mod close;
 mod commands;
 mod deadlines;

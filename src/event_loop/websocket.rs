@@ -196,7 +196,7 @@ impl EventLoop {
         }
     }
 
-    fn subscribe(&mut self, key: u32, topic: String, silent: bool) {
+    pub(super) fn subscribe(&mut self, key: u32, topic: String, silent: bool) {
         let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) else { return };
         let held = session.held().iter().any(|m| m.topic.name() == topic);
         let allowed = session.topics.as_ref().is_some_and(|t| crate::auth::topic_allowed(&t.allowed, &topic));
