@@ -115,9 +115,13 @@ pub struct ServerArgs {
     /// An HTTP request or upgrade not complete by then is dropped.
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
-    /// On SIGTERM/SIGINT: time to flush and close before exit.
+    /// On SIGTERM/SIGINT: time to flush and close before exit (after the drain period).
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// On SIGTERM/SIGINT: /ready turns 503 at once and open connections are closed (1001)
+    /// spread evenly over this period, so clients do not all reconnect at the same instant.
+    #[arg(long, env = "HERALD_DRAIN_PERIOD", default_value = "0s", value_parser = parse_duration)]
+    pub drain_period: Duration,
     /// Bearer key accepted by the HTTP publish/admin API.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -162,6 +166,7 @@ impl std::fmt::Debug for ServerArgs {
             heartbeat_interval,
             handshake_timeout,
             shutdown_grace,
+            drain_period,
             api_key,
             api_key_file,
             allowed_origins,
@@ -190,6 +195,7 @@ impl std::fmt::Debug for ServerArgs {
             .field("heartbeat_interval", heartbeat_interval)
             .field("handshake_timeout", handshake_timeout)
             .field("shutdown_grace", shutdown_grace)
+            .field("drain_period", drain_period)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
             .field("api_key_file", api_key_file)
             .field("allowed_origins", allowed_origins)
@@ -298,6 +304,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub handshake_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub drain_period: Duration,
     pub api_key: Option<String>,
     /// `None` allows every Origin.
     pub allowed_origins: Option<Vec<String>>,
@@ -332,6 +339,7 @@ impl std::fmt::Debug for Config {
             heartbeat_interval,
             handshake_timeout,
             shutdown_grace,
+            drain_period,
             api_key,
             allowed_origins,
             connect_rate_per_ip,
@@ -357,6 +365,7 @@ impl std::fmt::Debug for Config {
             .field("heartbeat_interval", heartbeat_interval)
             .field("handshake_timeout", handshake_timeout)
             .field("shutdown_grace", shutdown_grace)
+            .field("drain_period", drain_period)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
             .field("allowed_origins", allowed_origins)
             .field("connect_rate_per_ip", connect_rate_per_ip)
@@ -498,6 +507,7 @@ impl ServerArgs {
             ("HERALD_HEARTBEAT_INTERVAL", self.heartbeat_interval),
             ("HERALD_HANDSHAKE_TIMEOUT", self.handshake_timeout),
             ("HERALD_SHUTDOWN_GRACE", self.shutdown_grace),
+            ("HERALD_DRAIN_PERIOD", self.drain_period),
         ] {
             if value > MAX_DURATION_SETTING {
                 return Err(format!("{name} must be at most 24h"));
@@ -531,6 +541,7 @@ impl ServerArgs {
             heartbeat_interval: self.heartbeat_interval,
             handshake_timeout: self.handshake_timeout,
             shutdown_grace: self.shutdown_grace,
+            drain_period: self.drain_period,
             api_key,
             allowed_origins,
             connect_rate_per_ip: self.connect_rate_per_ip,

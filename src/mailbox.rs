@@ -36,6 +36,9 @@ pub enum LoopCmd {
     /// Close every connection of `user` here, add the count to the tally, and let the last
     /// loop to finish answer the request.
     Disconnect { user: Arc<str>, tally: Arc<DisconnectTally> },
+    /// Close every WebSocket with 1001, spread evenly until `until`, so clients do not all
+    /// reconnect at once; keep serving HTTP meanwhile (`/ready` says 503).
+    Drain { until: std::time::Instant },
     /// Stop accepting, close every connection with 1001 after flushing, then exit.
     Shutdown,
 }

@@ -107,6 +107,8 @@ impl LoopMetrics {
 #[derive(Debug, Default)]
 pub struct RedisHealth {
     pub configured: bool,
+    /// Redis was reached (and subscribed to) at least once since start.
+    pub ever_up: AtomicBool,
     pub subscriber_up: AtomicBool,
     pub publisher_up: AtomicBool,
     pub ping_micros: AtomicU64,

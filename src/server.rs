@@ -109,6 +109,18 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<std::thread
 }
 
 impl Running {
+    /// Turns `/ready` to 503 and refuses new upgrades, then closes every WebSocket (1001)
+    /// spread evenly over `period`, so clients and load balancers move elsewhere gradually.
+    /// HTTP keeps being served meanwhile. Returns when the period is over.
+    pub fn drain(&self, period: Duration) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        let until = Instant::now() + period;
+        for handle in self.shared.loops() {
+            let _ = handle.send_waiting(LoopCmd::Drain { until }, period);
+        }
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+    }
+
     /// Stops accepting, closes every connection with 1001 after its queue is flushed, and
     /// waits for the loops, at most `grace`. Returns whether everything closed in time.
     pub fn shutdown(self, grace: Duration) -> bool {
@@ -175,6 +187,7 @@ pub fn run(config: Config) -> Result<(), String> {
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let grace = config.shutdown_grace;
+    let drain = config.drain_period;
     let dev_mode = config.dev_mode;
     let mode = if config.redis.is_some() { "redis" } else { "embedded broker" };
     let threads = config.threads;
@@ -193,6 +206,10 @@ pub fn run(config: Config) -> Result<(), String> {
             std::process::exit(130);
         }
     });
+    if !drain.is_zero() {
+        info!(period = ?drain, "draining: /ready is 503, connections close spread over the period");
+        running.drain(drain);
+    }
     if !running.shutdown(grace) {
         warn!("shutdown grace period ended with connections still open");
     }

@@ -2,7 +2,7 @@
 //! then removal at the peer's EOF or the linger deadline), an immediate reset, and shutdown.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::EventLoop;
 use crate::conn::{NO_TIMER, Phase, Session};
@@ -71,6 +71,32 @@ impl EventLoop {
         self.remove(key);
     }
 
+    /// Starts closing every WebSocket held now, evenly spread until `until`.
+    pub(super) fn begin_drain(&mut self, until: Instant) {
+        let open: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Open(_)))
+            .map(|(k, c)| (k as u32, c.id))
+            .collect();
+        self.drain = Some(Drain::new(open, Instant::now(), until));
+    }
+
+    /// Closes the WebSockets the drain schedule says are due by now.
+    pub(super) fn drain_step(&mut self) {
+        let Some(drain) = self.drain.as_mut() else { return };
+        let due = drain.due(Instant::now());
+        let batch: Vec<(u32, u32)> = drain.remaining.drain(..due.min(drain.remaining.len())).collect();
+        if drain.remaining.is_empty() {
+            self.drain = None;
+        }
+        for (key, id) in batch {
+            if self.conns.get(key as usize).is_some_and(|c| c.id == id) {
+                self.close_with(key, code::GOING_AWAY, "server shutdown");
+            }
+        }
+    }
+
     pub(super) fn begin_shutdown(&mut self) {
         if self.shutting_down {
             return;
@@ -88,5 +114,61 @@ impl EventLoop {
                 _ => {}
             }
         }
+    }
+}
+
+/// Closes spread evenly over a period: at any moment, the share of connections closed is the
+/// share of the period gone by.
+#[derive(Debug)]
+pub(super) struct Drain {
+    /// Connections (slab key, id) not yet closed, in the order they will be.
+    remaining: Vec<(u32, u32)>,
+    total: usize,
+    start: Instant,
+    until: Instant,
+}
+
+/// How often a drain closes its next batch.
+const DRAIN_STEP: Duration = Duration::from_millis(20);
+
+impl Drain {
+    fn new(remaining: Vec<(u32, u32)>, start: Instant, until: Instant) -> Drain {
+        Drain { total: remaining.len(), remaining, start, until }
+    }
+
+    /// How many of the remaining connections are due to close at `now`.
+    fn due(&self, now: Instant) -> usize {
+        let period = self.until.saturating_duration_since(self.start).as_secs_f64();
+        let share = if period == 0.0 {
+            1.0
+        } else {
+            (now.saturating_duration_since(self.start).as_secs_f64() / period).min(1.0)
+        };
+        let closed = self.total - self.remaining.len();
+        ((share * self.total as f64).ceil() as usize).saturating_sub(closed)
+    }
+
+    /// How long until the next batch.
+    pub(super) fn next_step(&self, now: Instant) -> Duration {
+        if now >= self.until { Duration::ZERO } else { DRAIN_STEP }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_closes_in_proportion_to_the_time_gone_by() {
+        let start = Instant::now();
+        let drain = Drain::new((0..100).map(|k| (k, k)).collect(), start, start + Duration::from_secs(2));
+        assert_eq!(drain.due(start), 0);
+        assert_eq!(drain.due(start + Duration::from_millis(500)), 25);
+        assert_eq!(drain.due(start + Duration::from_secs(3)), 100);
+        let mut half = Drain::new((0..100).map(|k| (k, k)).collect(), start, start + Duration::from_secs(2));
+        half.remaining.drain(..40);
+        assert_eq!(half.due(start + Duration::from_secs(1)), 10, "40 closed, 50 due");
+        let instant = Drain::new(vec![(1, 1)], start, start);
+        assert_eq!(instant.due(start), 1, "no period: all at once");
     }
 }

@@ -38,6 +38,7 @@ impl EventLoop {
                 }
                 LoopCmd::Answer { conn, answer } => self.on_answer(conn, answer),
                 LoopCmd::Disconnect { user, tally } => self.disconnect_user(&user, &tally),
+                LoopCmd::Drain { until } => self.begin_drain(until),
                 LoopCmd::Shutdown => self.begin_shutdown(),
             }
         }

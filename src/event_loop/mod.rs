@@ -88,6 +88,8 @@ pub struct EventLoop {
     accept_paused_until: Option<Instant>,
     last_accept_warning: Option<Instant>,
     shutting_down: bool,
+    /// The WebSockets still to close while draining, and the schedule they close on.
+    drain: Option<close::Drain>,
     /// Most connections held since memory was last handed back, and when that was.
     peak_connections: usize,
     last_trim: Tick,
@@ -153,6 +155,7 @@ impl EventLoop {
             accept_paused_until: None,
             last_accept_warning: None,
             shutting_down: false,
+            drain: None,
             peak_connections: 0,
             last_trim: 0,
             held_at_trim: 0,
@@ -201,6 +204,7 @@ impl EventLoop {
                 self.resume_input(key);
             }
             self.drain_commands();
+            self.drain_step();
             self.fire_timers();
             self.shared.metrics.loops[self.id].absorb(&mut self.counters);
         }
@@ -217,6 +221,9 @@ impl EventLoop {
         }
         if let Some(at) = self.accept_paused_until {
             at_most(at.saturating_duration_since(Instant::now()));
+        }
+        if let Some(drain) = &self.drain {
+            at_most(drain.next_step(Instant::now()));
         }
         if self.trim_pending() {
             // Wake up to hand freed memory back even if nothing else happens.

@@ -45,6 +45,7 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
     let respond = Outcome::Respond;
     match (req.method(), req.path.as_str()) {
         (Method::Get | Method::Head, "/health") => respond(health(shared)),
+        (Method::Get | Method::Head, "/ready") => respond(ready(shared)),
         (Method::Get | Method::Head, "/metrics") => respond(metrics(req, shared)),
         (Method::Get | Method::Head, "/") => {
             respond(Response::text(Status::OK, "text/html; charset=utf-8", super::demo::PAGE))
@@ -59,9 +60,10 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
         (Method::Post, path) if path.starts_with(EVENTS) => {
             publishing(publish::event(&path[EVENTS.len()..], req, peer, shared, scratch))
         }
-        (_, "/" | "/health" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect") => {
-            respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed"))
-        }
+        (
+            _,
+            "/" | "/health" | "/ready" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect",
+        ) => respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed")),
         _ => respond(Response::error(Status::NOT_FOUND, "not found")),
     }
 }
@@ -182,6 +184,25 @@ fn health(shared: &Shared) -> Response {
         "uptime_seconds": snapshot.uptime_seconds,
     });
     Response::json(if healthy { Status::OK } else { Status::SERVICE_UNAVAILABLE }, body.to_string())
+}
+
+/// Whether a load balancer should send new connections here: not while shutting down or
+/// draining, and in Redis mode not before Redis was first reached (a client connected before
+/// then could not receive anything published).
+fn ready(shared: &Shared) -> Response {
+    let redis = &shared.metrics.redis;
+    let (status, why) = if shared.shutting_down.load(Relaxed) {
+        (Status::SERVICE_UNAVAILABLE, Some("draining"))
+    } else if redis.configured && !redis.ever_up.load(Relaxed) {
+        (Status::SERVICE_UNAVAILABLE, Some("waiting for redis"))
+    } else {
+        (Status::OK, None)
+    };
+    let body = match why {
+        None => serde_json::json!({"status": "ready"}),
+        Some(why) => serde_json::json!({"status": "not ready", "reason": why}),
+    };
+    Response::json(status, body.to_string())
 }
 
 fn metrics(req: &Request, shared: &Shared) -> Response {

@@ -141,6 +141,7 @@ enum Heard {
 
 fn subscribed(router: &Router, connected_before: &mut bool, backoff: &mut Backoff) {
     router.ctx.metrics.redis.subscriber_up.store(true, Relaxed);
+    router.ctx.metrics.redis.ever_up.store(true, Relaxed);
     if *connected_before {
         router.ctx.metrics.redis_reconnects.fetch_add(1, Relaxed);
         info!("redis reader reconnected and subscribed again");
