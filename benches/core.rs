@@ -3,11 +3,11 @@
 //! Run: `cargo bench --bench core` (HTML reports land in target/criterion).
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use herald::auth::{Verifier, mint};
+use herald::broker::redis::resp::{self, Decoded, Decoder, Limits};
 use herald::config::JwtKey;
 use herald::conn::inbound::{Flow, FrameReader};
 use herald::conn::send_queue::SendQueue;
@@ -108,7 +108,7 @@ fn route(c: &mut Criterion) {
             inboxes.push(inbox);
         }
         let table = RouteTable::default();
-        let user = Target::User(Arc::from("user123"));
+        let user = Target::user("user123");
         for loop_id in 0..loops {
             table.join(loop_id, &user);
         }
@@ -131,5 +131,36 @@ fn route(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, frames, validation, jwt, inbound, send_queue, route);
+/// The Redis reader's and publisher's per-message decoding cost: one `message` push with a
+/// 128-byte payload (decode + classify, borrowed: no copy of the payload), and one read
+/// holding the 64 `:1` replies to a pipelined batch of PUBLISHes.
+fn resp_decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("resp");
+    let mut push = Vec::new();
+    resp::encode_command(&mut push, [b"message".as_slice(), b"user_noti:123456", &[b'x'; 128]]);
+    let mut decoder = Decoder::new(Limits::with_max_bulk(64 * 1024));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("message_push_128B", |b| {
+        b.iter(|| match decoder.decode(black_box(&push)) {
+            Ok(Decoded::Complete { value, consumed }) => (resp::classify_push(&value).is_some(), consumed),
+            _ => unreachable!(),
+        })
+    });
+    let replies = b":1\r\n".repeat(64);
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("pipelined_64_int_replies", |b| {
+        b.iter(|| {
+            let buf = black_box(&replies[..]);
+            let (mut pos, mut sum) = (0, 0);
+            while let Ok(Decoded::Complete { value, consumed }) = decoder.decode(&buf[pos..]) {
+                sum += value.as_integer().unwrap_or(0);
+                pos += consumed;
+            }
+            sum
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, frames, validation, jwt, inbound, send_queue, route, resp_decode);
 criterion_main!(benches);

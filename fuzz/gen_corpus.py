@@ -200,5 +200,39 @@ claims_seeds = {
 }
 for name, data in claims_seeds.items():
     write("claims", name, data)
+# --- resp: 5 config bytes (max bulk, max elements, max depth, max line, mode) then RESP -----
+# Streams captured from redis-server 7.0.15 (standalone, and a 3+3 cluster for CLUSTER SHARDS
+# and the shard-channel pushes); mode 3 makes the rest drive the value generator instead.
+DEFAULT = bytes([255, 255, 32, 255, 0])
+TIGHT = bytes([6, 4, 3, 10, 1])  # bulk 18, 4 elements, depth 3, lines of 10
+RESP_SEEDS = {
+    "pubsub_resp2": b'*3\r\n$9\r\nsubscribe\r\n$11\r\nuser_noti:1\r\n:1\r\n*3\r\n$10\r\npsubscribe\r\n$11\r\nuser_noti:*\r\n:2\r\n'
+                    b'*3\r\n$7\r\nmessage\r\n$11\r\nuser_noti:1\r\n$7\r\n{"a":1}\r\n*4\r\n$8\r\npmessage\r\n$11\r\nuser_noti:*\r\n$11\r\nuser_noti:1\r\n$7\r\n{"a":1}\r\n'
+                    b'*2\r\n$4\r\npong\r\n$0\r\n\r\n*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n',
+    "pubsub_resp3": b'>3\r\n$10\r\nssubscribe\r\n$11\r\nuser_noti:1\r\n:1\r\n>3\r\n$8\r\nsmessage\r\n$11\r\nuser_noti:1\r\n$23\r\n{"type":"notification"}\r\n'
+                    b'>3\r\n$12\r\nsunsubscribe\r\n$11\r\nuser_noti:1\r\n:0\r\n+PONG\r\n>3\r\n$11\r\nunsubscribe\r\n_\r\n:0\r\n',
+    "pipeline": b':0\r\n:0\r\n:0\r\n+PONG\r\n+OK\r\n$1\r\nv\r\n$-1\r\n-ERR value is not an integer or out of range\r\n',
+    "errors": b"-MOVED 11811 127.0.0.1:7313\r\n-ASK 11811 127.0.0.1:7311\r\n-CROSSSLOT Keys in request don't hash to the same slot\r\n"
+              b"-NOAUTH Authentication required.\r\n-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+              b"-NOPERM this user has no permissions to run the 'publish' command\r\n!21\r\nSYNTAX invalid syntax\r\n",
+    "debug_protocol": b'$11\r\nHello World\r\n:12345\r\n,3.141\r\n(1234567999999999999999999999999999999\r\n_\r\n*3\r\n:0\r\n:1\r\n:2\r\n'
+                      b'~3\r\n:0\r\n:1\r\n:2\r\n%3\r\n:0\r\n#f\r\n:1\r\n#t\r\n:2\r\n#f\r\n'
+                      b'|1\r\n$14\r\nkey-popularity\r\n*2\r\n$7\r\nkey:123\r\n:90\r\n$39\r\nSome real reply following the attribute\r\n'
+                      b'>2\r\n$16\r\nserver-cpu-usage\r\n:42\r\n=29\r\ntxt:This is a verbatim\nstring\r\n#t\r\n',
+    "hello3": b'%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$6\r\n7.0.15\r\n$5\r\nproto\r\n:3\r\n$2\r\nid\r\n:7\r\n'
+              b'$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n',
+    "cluster_shards_resp3": b'*1\r\n%2\r\n$5\r\nslots\r\n*2\r\n:0\r\n:5460\r\n$5\r\nnodes\r\n*1\r\n%7\r\n$2\r\nid\r\n'
+                            b'$40\r\n320d44dd917765efe78a0b3aa11148bda455adaa\r\n$4\r\nport\r\n:7311\r\n$2\r\nip\r\n$9\r\n127.0.0.1\r\n'
+                            b'$8\r\nendpoint\r\n$9\r\n127.0.0.1\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$18\r\nreplication-offset\r\n:14\r\n'
+                            b'$6\r\nhealth\r\n$6\r\nonline\r\n',
+    "malformed": b'*2\r\n$3\r\nabc\r\n$-2\r\n',
+    "partial": b'*3\r\n$7\r\nmessage\r\n$11\r\nuser_noti:1\r\n$100\r\n{"a":',
+}
+for name, data in RESP_SEEDS.items():
+    write("resp", name, DEFAULT + data)
+write("resp", "tight_limits", TIGHT + RESP_SEEDS["pubsub_resp2"])
+write("resp", "deep", bytes([255, 255, 33, 255, 0]) + b"*1\r\n" * 34 + b":1\r\n")
+write("resp", "generated", bytes([255, 255, 32, 255, 3]) + bytes((i * 37 + 11) % 256 for i in range(300)))
+write("resp", "generated_tight", bytes([4, 3, 2, 6, 3]) + bytes((i * 91 + 5) % 256 for i in range(200)))
 
 print("corpus written to", ROOT)

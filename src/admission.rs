@@ -1,17 +1,19 @@
-//! Who may open a WebSocket: the instance's connection limit, the per-user cap, and the
-//! per-IP connect rate. One type reserves and releases, so the counts cannot drift apart.
+//! Who may open a WebSocket, and who may keep trying: the instance's connection limit, the
+//! per-user cap (counted in the route table, which knows each user's connections), the per-IP
+//! connect rate, and the per-IP budget of failed API authentications. One type reserves and
+//! releases a connection, so the counts cannot drift apart.
 //!
-//! This is the only mutable state threads share, and it is touched once per connection,
-//! never per message. Per-user counts are keyed by a keyed 64-bit hash of the user id: 16
-//! bytes an entry whatever the id's length, and the same map answers "how many distinct users
-//! hold a connection here" on any path.
+//! This is the only mutable state threads share besides the route table, and it is touched
+//! once per connection, never per message.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+
+use crate::route::RouteTable;
 
 const SHARDS: usize = 16;
 
@@ -24,37 +26,13 @@ pub enum Refusal {
     UserFull,
 }
 
-/// The key is already a hash.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type Counts = HashMap<u64, u32, BuildHasherDefault<Prehashed>>;
-
 pub struct Admission {
     max_websockets: usize,
     per_user_cap: u32,
     connect_rate_per_ip: u32,
     /// Open WebSockets, instance wide.
     websockets: AtomicUsize,
-    users: [Mutex<Counts>; SHARDS],
-    /// Users with at least one open WebSocket here.
-    unique_users: AtomicU64,
     rates: ConnectRate,
-    hasher: RandomState,
 }
 
 impl Admission {
@@ -64,73 +42,29 @@ impl Admission {
             per_user_cap,
             connect_rate_per_ip,
             websockets: AtomicUsize::new(0),
-            users: Default::default(),
-            unique_users: AtomicU64::new(0),
             rates: ConnectRate::default(),
-            hasher: RandomState::new(),
         }
-    }
-
-    fn key(&self, user: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        h.write(user.as_bytes());
-        h.finish()
-    }
-
-    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Counts> {
-        self.users[(key >> 60) as usize % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reserves one WebSocket for `user`. Every success must be paired with one [`release`].
     ///
     /// [`release`]: Admission::release
-    pub fn reserve(&self, user: &str) -> Result<(), Refusal> {
+    pub fn reserve(&self, routes: &RouteTable, user: &str) -> Result<(), Refusal> {
         let max = self.max_websockets;
         self.websockets
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .map_err(|_| Refusal::InstanceFull)?;
-        let key = self.key(user);
-        let mut counts = self.shard(key);
-        let count = counts.entry(key).or_insert(0);
-        if self.per_user_cap != 0 && *count >= self.per_user_cap {
-            if *count == 0 {
-                counts.remove(&key);
-            }
-            drop(counts);
+        if routes.add_connection(user, self.per_user_cap).is_err() {
             self.websockets.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::UserFull);
         }
-        if *count == 0 {
-            self.unique_users.fetch_add(1, Ordering::Relaxed);
-        }
-        *count += 1;
         Ok(())
     }
 
     /// Gives back what [`Admission::reserve`] took for `user`.
-    pub fn release(&self, user: &str) {
-        let key = self.key(user);
-        let mut counts = self.shard(key);
-        if let Some(count) = counts.get_mut(&key) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&key);
-                self.unique_users.fetch_sub(1, Ordering::Relaxed);
-            }
-            drop(counts);
-            self.websockets.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Open WebSockets of `user` on this instance.
-    pub fn connections_of(&self, user: &str) -> u32 {
-        let key = self.key(user);
-        self.shard(key).get(&key).copied().unwrap_or(0)
-    }
-
-    /// Distinct users with an open WebSocket on this instance, on any path.
-    pub fn unique_users(&self) -> u64 {
-        self.unique_users.load(Ordering::Relaxed)
+    pub fn release(&self, routes: &RouteTable, user: &str) {
+        routes.remove_connection(user);
+        self.websockets.fetch_sub(1, Ordering::AcqRel);
     }
 
     pub fn websockets(&self) -> usize {
@@ -145,7 +79,7 @@ impl Admission {
 
 fn shard_of<K: std::hash::Hash + ?Sized>(key: &K) -> usize {
     // A fixed hasher: the shard only needs to be stable within the process.
-    let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    let hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
     (hasher.hash_one(key) as usize) % SHARDS
 }
 
@@ -253,28 +187,27 @@ mod tests {
 
     #[test]
     fn reserve_and_release_keep_every_count_in_step() {
-        let admission = Admission::new(3, 2, 0);
-        assert_eq!(admission.reserve("u"), Ok(()));
-        assert_eq!(admission.reserve("u"), Ok(()));
-        assert_eq!(admission.reserve("u"), Err(Refusal::UserFull));
+        let (admission, routes) = (Admission::new(3, 2, 0), RouteTable::default());
+        assert_eq!(admission.reserve(&routes, "u"), Ok(()));
+        assert_eq!(admission.reserve(&routes, "u"), Ok(()));
+        assert_eq!(admission.reserve(&routes, "u"), Err(Refusal::UserFull));
         assert_eq!(admission.websockets(), 2, "a refusal gives its slot back");
-        assert_eq!(admission.reserve("v"), Ok(()));
-        assert_eq!(admission.reserve("w"), Err(Refusal::InstanceFull));
-        assert_eq!((admission.unique_users(), admission.connections_of("u")), (2, 2));
-        admission.release("u");
-        admission.release("u");
-        admission.release("u");
-        assert_eq!(admission.websockets(), 1, "a release without a reservation changes nothing");
-        assert_eq!((admission.unique_users(), admission.connections_of("u")), (1, 0));
+        assert_eq!(admission.reserve(&routes, "v"), Ok(()));
+        assert_eq!(admission.reserve(&routes, "w"), Err(Refusal::InstanceFull));
+        assert_eq!((routes.user_count(), routes.connections_of("u")), (2, 2));
+        admission.release(&routes, "u");
+        admission.release(&routes, "u");
+        assert_eq!(admission.websockets(), 1);
+        assert_eq!((routes.user_count(), routes.connections_of("u")), (1, 0));
     }
 
     #[test]
     fn no_per_user_cap_still_counts_users() {
-        let admission = Admission::new(10, 0, 0);
+        let (admission, routes) = (Admission::new(10, 0, 0), RouteTable::default());
         for _ in 0..5 {
-            admission.reserve("many").unwrap();
+            admission.reserve(&routes, "many").unwrap();
         }
-        assert_eq!((admission.unique_users(), admission.connections_of("many")), (1, 5));
+        assert_eq!((routes.user_count(), routes.connections_of("many")), (1, 5));
     }
 
     #[test]

@@ -10,6 +10,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::broker::redis::redis_url::RedisUrl;
+
+/// A Redis URL as the raw arguments hold it, fit for a log line: its password hidden.
+fn redact_url(url: &str) -> String {
+    RedisUrl::parse(url).map_or_else(|_| "<not a valid Redis URL>".to_string(), |r| r.redacted().to_string())
+}
+
 /// herald: a WebSocket notification gateway.
 ///
 /// Backends publish notifications through Redis pub/sub (`PUBLISH user_noti:<user> '{"type":…}'`)
@@ -169,7 +176,7 @@ impl std::fmt::Debug for ServerArgs {
             .field("jwt_public_key", jwt_public_key)
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
-            .field("redis_url", &redis_url.as_deref().map(crate::broker::redis::redact_url))
+            .field("redis_url", &redis_url.as_deref().map(redact_url))
             .field("redis_password_file", redis_password_file)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
@@ -276,8 +283,9 @@ pub struct Config {
     pub jwt_audience: Option<String>,
     /// When set, a token's `iss` must equal it.
     pub jwt_issuer: Option<String>,
-    /// With the password from HERALD_REDIS_PASSWORD_FILE, if any, already in it.
-    pub redis_url: Option<String>,
+    /// Parsed, with the password from HERALD_REDIS_PASSWORD_FILE, if any, already in it
+    /// (its `Debug` hides the password).
+    pub redis: Option<RedisUrl>,
     pub user_channel_prefix: String,
     pub topic_channel_prefix: String,
     pub threads: usize,
@@ -311,7 +319,7 @@ impl std::fmt::Debug for Config {
             dev_mode,
             jwt_audience,
             jwt_issuer,
-            redis_url,
+            redis,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -336,7 +344,7 @@ impl std::fmt::Debug for Config {
             .field("dev_mode", dev_mode)
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
-            .field("redis_url", &redis_url.as_deref().map(crate::broker::redis::redact_url))
+            .field("redis_url", &redis.as_ref().map(|r| r.redacted().to_string()))
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -413,23 +421,27 @@ impl ServerArgs {
             }
             (None, None) => (JwtKey::Secret(crate::auth::random_secret()), true),
         };
-        let mut redis_url = non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL"));
-        if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-                return Err("HERALD_REDIS_URL must look like redis://[:password@]host:port[/db]".into());
-            }
-            if self.given_as_flags.contains(&"redis_url") && crate::broker::redis::url_has_password(url) {
-                warnings.push(flag_warning("--redis-url with a password", "HERALD_REDIS_PASSWORD_FILE"));
-            }
+        let redis_url = non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL"));
+        let mut redis = match &redis_url {
+            None => None,
+            Some(url) => Some(RedisUrl::parse(url).map_err(|e| {
+                format!("HERALD_REDIS_URL {}: it must look like redis://[[user]:password@]host:port[/db]", e.reason())
+            })?),
+        };
+        if self.given_as_flags.contains(&"redis_url") && redis.as_ref().is_some_and(|r| r.password.is_some()) {
+            warnings.push(flag_warning("--redis-url with a password", "HERALD_REDIS_PASSWORD_FILE"));
         }
         if let Some(path) = &self.redis_password_file {
-            let Some(url) = &redis_url else {
+            let Some(url) = redis.as_mut() else {
                 return Err("HERALD_REDIS_PASSWORD_FILE is set but HERALD_REDIS_URL is not".into());
             };
-            let password = read_secret_text("HERALD_REDIS_PASSWORD_FILE", path)?;
-            let url = crate::broker::redis::url_with_password(url, &password)
-                .map_err(|e| format!("HERALD_REDIS_PASSWORD_FILE: {e}"))?;
-            redis_url = Some(url);
+            if url.password.is_some() {
+                return Err(
+                    "HERALD_REDIS_PASSWORD_FILE: HERALD_REDIS_URL already contains a password; give it in one place only"
+                        .into(),
+                );
+            }
+            url.password = Some(read_secret_text("HERALD_REDIS_PASSWORD_FILE", path)?);
         }
         let api_key = match (non_empty(self.api_key), &self.api_key_file) {
             (Some(_), Some(_)) => return Err("set HERALD_API_KEY or HERALD_API_KEY_FILE, not both".into()),
@@ -506,7 +518,7 @@ impl ServerArgs {
             dev_mode,
             jwt_audience: non_empty(self.jwt_audience),
             jwt_issuer: non_empty(self.jwt_issuer),
-            redis_url,
+            redis,
             user_channel_prefix: self.user_channel_prefix,
             topic_channel_prefix: self.topic_channel_prefix,
             threads,
@@ -662,7 +674,8 @@ mod tests {
         .unwrap();
         assert!(matches!(&config.jwt_key, JwtKey::Secret(s) if s == b"0123456789abcdef0123456789abcdef"));
         assert_eq!(config.api_key.as_deref(), Some("k1"));
-        assert_eq!(config.redis_url.as_deref(), Some("redis://:p%40ss%20w@127.0.0.1:6379"));
+        let redis = config.redis.as_ref().unwrap();
+        assert_eq!((redis.host.as_str(), redis.port, redis.password.as_deref()), ("127.0.0.1", 6379, Some("p@ss w")));
         assert!(config.warnings.is_empty(), "{:?}", config.warnings);
         let both = parse(&["--jwt-secret", "s", "--jwt-secret-file", &secret]).unwrap_err();
         assert!(both.contains("HERALD_JWT_SECRET_FILE"), "{both}");

@@ -28,6 +28,8 @@ pub enum Stream {
 /// The behaviour of one family of paths.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Dialect {
+    /// Its index in [`ALL`]: a session stores this byte instead of a pointer.
+    pub id: u8,
     /// Which seed document this dialect follows.
     pub seed: &'static str,
     pub auth_failure: AuthFailure,
@@ -44,6 +46,7 @@ pub struct Dialect {
 }
 
 pub static SEED_003: Dialect = Dialect {
+    id: 0,
     seed: "003",
     auth_failure: AuthFailure::Http401Json,
     auth_close_code: code::POLICY_VIOLATION,
@@ -54,6 +57,7 @@ pub static SEED_003: Dialect = Dialect {
 };
 
 pub static SEED_000: Dialect = Dialect {
+    id: 1,
     seed: "000",
     auth_failure: AuthFailure::CloseAfterOpen(code::UNAUTHORIZED_4401),
     auth_close_code: code::UNAUTHORIZED_4401,
@@ -64,6 +68,7 @@ pub static SEED_000: Dialect = Dialect {
 };
 
 pub static SEED_001: Dialect = Dialect {
+    id: 2,
     seed: "001/004",
     auth_failure: AuthFailure::CloseAfterOpen(code::POLICY_VIOLATION),
     auth_close_code: code::POLICY_VIOLATION,
@@ -74,6 +79,7 @@ pub static SEED_001: Dialect = Dialect {
 };
 
 pub static SEED_002: Dialect = Dialect {
+    id: 3,
     seed: "002",
     auth_failure: AuthFailure::Http403,
     auth_close_code: code::POLICY_VIOLATION,
@@ -84,6 +90,7 @@ pub static SEED_002: Dialect = Dialect {
 };
 
 pub static FOCUS_SESSION: Dialect = Dialect {
+    id: 4,
     seed: "004",
     auth_failure: AuthFailure::CloseAfterOpen(code::POLICY_VIOLATION),
     auth_close_code: code::POLICY_VIOLATION,
@@ -92,6 +99,16 @@ pub static FOCUS_SESSION: Dialect = Dialect {
     project_subscriptions: false,
     relays: true,
 };
+
+/// Every dialect, indexed by its `id`.
+pub static ALL: [&Dialect; 5] = [&SEED_003, &SEED_000, &SEED_001, &SEED_002, &FOCUS_SESSION];
+
+impl Dialect {
+    /// The dialect with index `id` (an id a `Dialect` gave out; anything else is seed 003's).
+    pub fn by_id(id: u8) -> &'static Dialect {
+        ALL.get(usize::from(id)).copied().unwrap_or(&SEED_003)
+    }
+}
 
 /// Longest id accepted in a topic path segment.
 const MAX_PATH_ID: usize = 128;
@@ -123,6 +140,14 @@ pub fn for_path(path: &str) -> Option<(&'static Dialect, Stream)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_index_the_table() {
+        for (i, dialect) in ALL.iter().enumerate() {
+            assert_eq!(usize::from(dialect.id), i);
+            assert!(std::ptr::eq(Dialect::by_id(dialect.id), *dialect));
+        }
+    }
 
     #[test]
     fn every_seed_path_has_its_dialect() {

@@ -15,23 +15,66 @@ pub struct ConnRef {
     pub id: u32,
 }
 
-/// Whom a message is for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
-    User(Arc<str>),
-    Topic(Arc<str>),
-}
+/// Whom a message is for: a user or a topic, by name.
+///
+/// One shared string whose first byte says which (`u` or `t`): 16 bytes wherever it is
+/// stored (an index key, a session's user, a topic membership), and one allocation that all
+/// of them share.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target(Arc<str>);
+
+const USER: char = 'u';
+const TOPIC: char = 't';
 
 impl Target {
+    pub fn user(name: &str) -> Target {
+        Target::tagged(USER, name)
+    }
+
+    pub fn topic(name: &str) -> Target {
+        Target::tagged(TOPIC, name)
+    }
+
+    fn tagged(tag: char, name: &str) -> Target {
+        let mut key = String::with_capacity(1 + name.len());
+        key.push(tag);
+        key.push_str(name);
+        Target(Arc::from(key))
+    }
+
     pub fn is_user(&self) -> bool {
-        matches!(self, Target::User(_))
+        self.0.starts_with(USER)
     }
 
     /// The user id or topic name.
-    pub fn name(&self) -> &Arc<str> {
-        match self {
-            Target::User(name) | Target::Topic(name) => name,
-        }
+    pub fn name(&self) -> &str {
+        // The tag is one ASCII byte, so the name starts on a character boundary.
+        &self.0[1..]
+    }
+
+    /// The tagged form, unique per target (for interning and hashing).
+    pub fn key(&self) -> &str {
+        &self.0
+    }
+
+    /// The tagged form of a user or topic, for looking a target up without building one.
+    pub fn key_of(is_user: bool, name: &str, out: &mut String) {
+        out.clear();
+        out.push(if is_user { USER } else { TOPIC });
+        out.push_str(name);
+    }
+}
+
+impl std::borrow::Borrow<str> for Target {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.is_user() { "User" } else { "Topic" };
+        write!(f, "{kind}({:?})", self.name())
     }
 }
 
@@ -75,6 +118,11 @@ impl Exclusion {
     pub fn is_empty(&self) -> bool {
         self.users.is_none() && self.origin.is_none()
     }
+
+    /// Whether every connection of `user` is excluded.
+    pub fn excludes_user(&self, user: &str) -> bool {
+        self.users.as_ref().is_some_and(|users| users.iter().any(|u| **u == *user))
+    }
 }
 
 /// The targets of one delivery on one loop.
@@ -90,5 +138,23 @@ impl DeliverTo {
             DeliverTo::One(t) => std::slice::from_ref(t),
             DeliverTo::Many(ts) => ts,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_and_topics_of_one_name_are_distinct_targets() {
+        let (user, topic) = (Target::user("a:b"), Target::topic("a:b"));
+        assert_ne!(user, topic);
+        assert!(user.is_user() && !topic.is_user());
+        assert_eq!((user.name(), topic.name()), ("a:b", "a:b"));
+        assert_eq!(size_of::<Target>(), 16);
+        let mut key = String::new();
+        Target::key_of(true, "a:b", &mut key);
+        assert_eq!(key, user.key());
+        assert_eq!(format!("{user:?} {:?}", Target::topic("é")), r#"User("a:b") Topic("é")"#);
     }
 }

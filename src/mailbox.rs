@@ -1,5 +1,6 @@
-//! The way into an event loop from any other thread: a bounded channel of [`LoopCmd`]s and a
-//! `mio::Waker`, with wake-ups coalesced so a burst of commands costs one wake syscall.
+//! The way into a thread that waits in `mio::Poll` (an event loop, the Redis publisher): a
+//! bounded channel and a `mio::Waker`, with wake-ups coalesced so a burst of commands costs one
+//! wake syscall.
 //!
 //! Overload policy: an inbox holds at most [`INBOX_CAPACITY`] commands. Threads that may wait
 //! (the Redis reader, the publisher, the signal handler) block for a bounded time, so a burst
@@ -63,17 +64,27 @@ impl DisconnectTally {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Overloaded;
 
-/// The sending side of a loop.
-pub struct LoopHandle {
-    tx: Sender<LoopCmd>,
+/// The sending side of a mailbox.
+pub struct Mailbox<T> {
+    tx: Sender<T>,
     waker: Waker,
-    /// Set while a wake-up is outstanding; the loop clears it before draining its inbox.
+    /// Set while a wake-up is outstanding; the owner clears it before draining its inbox.
     wake_pending: AtomicBool,
 }
 
-impl LoopHandle {
+/// The sending side of a loop.
+pub type LoopHandle = Mailbox<LoopCmd>;
+
+impl<T> Mailbox<T> {
+    /// A mailbox of `capacity` waking `poll` with `token`; the receiver goes to the owner.
+    pub fn new(poll: &Poll, token: Token, capacity: usize) -> std::io::Result<(Mailbox<T>, Receiver<T>)> {
+        let waker = Waker::new(poll.registry(), token)?;
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        Ok((Mailbox { tx, waker, wake_pending: AtomicBool::new(false) }, rx))
+    }
+
     /// Sends without waiting (from an event loop).
-    pub fn try_send(&self, cmd: LoopCmd) -> Result<(), Overloaded> {
+    pub fn try_send(&self, cmd: T) -> Result<(), Overloaded> {
         match self.tx.try_send(cmd) {
             Ok(()) => {
                 self.wake();
@@ -86,7 +97,7 @@ impl LoopHandle {
     }
 
     /// Sends, waiting at most `patience` for room (from threads that may wait).
-    pub fn send_waiting(&self, cmd: LoopCmd, patience: Duration) -> Result<(), Overloaded> {
+    pub fn send_waiting(&self, cmd: T, patience: Duration) -> Result<(), Overloaded> {
         self.wake_if_backlogged();
         match self.tx.send_timeout(cmd, patience) {
             Ok(()) => {
@@ -128,9 +139,8 @@ pub type Loops = Arc<[LoopHandle]>;
 /// Creates a loop's poller and mailbox; the poller and receiver move into the loop thread.
 pub fn prepare() -> std::io::Result<(Poll, LoopHandle, Receiver<LoopCmd>)> {
     let poll = Poll::new()?;
-    let waker = Waker::new(poll.registry(), WAKER)?;
-    let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
-    Ok((poll, LoopHandle { tx, waker, wake_pending: AtomicBool::new(false) }, rx))
+    let (handle, rx) = Mailbox::new(&poll, WAKER, INBOX_CAPACITY)?;
+    Ok((poll, handle, rx))
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
-//! The route table: which event loops hold at least one connection of each user and topic.
+//! The route table: for each user and topic, which event loops hold at least one connection
+//! that receives it, and (for users) how many connections this instance holds on any path.
 //!
-//! Written only when a loop's first connection of a target arrives or its last one leaves;
-//! read by whoever routes a message (the Redis reader, or the loop that parsed an HTTP
-//! publish), which then sends the shared frame straight to each owning loop. There is no
-//! router thread between a publisher and the loops.
+//! Loop bits change only when a loop's first connection of a target arrives or its last one
+//! leaves; the table is read by whoever routes a message (the Redis reader, or the loop that
+//! parsed an HTTP publish), which then sends the shared frame straight to each owning loop.
+//! There is no router thread between a publisher and the loops. Connection counts change at
+//! every upgrade and close; they answer the per-user cap, `/health`'s user count and presence.
 //!
-//! Targets are keyed by a 64-bit keyed hash (random keys per process), so an entry costs 16
+//! Targets are keyed by a 64-bit keyed hash (random keys per process), so an entry costs 24
 //! bytes whatever the id's length. A collision could only send a loop a message it then finds
 //! no connection for: each loop's own index matches exact targets, so delivery never depends on
 //! the hash.
@@ -47,13 +49,28 @@ impl Hasher for Prehashed {
     }
 }
 
-type Shard = HashMap<u64, LoopMask, BuildHasherDefault<Prehashed>>;
+/// What the instance holds of one target. Invariant: an entry exists only while one of its
+/// fields is non-zero.
+#[derive(Debug, Default, Clone, Copy)]
+struct Entry {
+    loops: LoopMask,
+    /// Connections of this user on any path (always 0 for topics).
+    connections: u32,
+}
+
+type Shard = HashMap<u64, Entry, BuildHasherDefault<Prehashed>>;
+
+/// The per-user cap was reached.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AtCap;
 
 pub struct RouteTable {
     shards: Box<[RwLock<Shard>]>,
     hasher: RandomState,
     /// Topics held by at least one loop.
     topics: AtomicU64,
+    /// Users with at least one connection.
+    users: AtomicU64,
 }
 
 impl Default for RouteTable {
@@ -62,6 +79,7 @@ impl Default for RouteTable {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             hasher: RandomState::new(),
             topics: AtomicU64::new(0),
+            users: AtomicU64::new(0),
         }
     }
 }
@@ -87,25 +105,49 @@ pub enum Sender {
 }
 
 impl RouteTable {
-    fn key(&self, target: &Target) -> u64 {
+    fn key(&self, is_user: bool, name: &str) -> u64 {
         let mut h = self.hasher.build_hasher();
-        h.write_u8(u8::from(target.is_user()));
-        h.write(target.name().as_bytes());
+        h.write_u8(u8::from(is_user));
+        h.write(name.as_bytes());
         h.finish()
+    }
+
+    fn key_of(&self, target: &Target) -> u64 {
+        self.key(target.is_user(), target.name())
     }
 
     fn shard(&self, key: u64) -> &RwLock<Shard> {
         &self.shards[(key >> 58) as usize % SHARDS]
     }
 
+    /// Changes the entry of `key`, creating it if needed and dropping it once empty.
+    fn update<R>(&self, key: u64, change: impl FnOnce(&mut Entry) -> R) -> R {
+        let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
+        let entry = shard.entry(key).or_default();
+        let result = change(entry);
+        if entry.loops == 0 && entry.connections == 0 {
+            shard.remove(&key);
+            if shard.capacity() > 64 && shard.len() * 4 < shard.capacity() {
+                // After a burst leaves, keep the table proportional to those remaining.
+                let keep = shard.len() * 2;
+                shard.shrink_to(keep);
+            }
+        }
+        result
+    }
+
+    fn read(&self, key: u64) -> Entry {
+        self.shard(key).read().unwrap_or_else(|e| e.into_inner()).get(&key).copied().unwrap_or_default()
+    }
+
     /// Records that `loop_id` now holds `target`. Returns true when it is the first loop of
     /// this instance to hold it.
     pub fn join(&self, loop_id: LoopId, target: &Target) -> bool {
-        let key = self.key(target);
-        let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
-        let mask = shard.entry(key).or_insert(0);
-        let first = *mask == 0;
-        *mask |= 1 << loop_id;
+        let first = self.update(self.key_of(target), |entry| {
+            let first = entry.loops == 0;
+            entry.loops |= 1 << loop_id;
+            first
+        });
         if first && !target.is_user() {
             self.topics.fetch_add(1, Relaxed);
         }
@@ -115,29 +157,57 @@ impl RouteTable {
     /// Records that `loop_id` no longer holds `target`. Returns true when no loop of this
     /// instance holds it any more.
     pub fn leave(&self, loop_id: LoopId, target: &Target) -> bool {
-        let key = self.key(target);
-        let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
-        let Some(mask) = shard.get_mut(&key) else { return false };
-        *mask &= !(1 << loop_id);
-        if *mask != 0 {
-            return false;
-        }
-        shard.remove(&key);
-        if shard.capacity() > 64 && shard.len() * 4 < shard.capacity() {
-            // After a burst of users leaves, keep the table proportional to those remaining.
-            let keep = shard.len() * 2;
-            shard.shrink_to(keep);
-        }
-        if !target.is_user() {
+        let last = self.update(self.key_of(target), |entry| {
+            let held = entry.loops != 0;
+            entry.loops &= !(1 << loop_id);
+            held && entry.loops == 0
+        });
+        if last && !target.is_user() {
             self.topics.fetch_sub(1, Relaxed);
         }
-        true
+        last
     }
 
     /// The loops holding `target`.
     pub fn holders(&self, target: &Target) -> LoopMask {
-        let key = self.key(target);
-        self.shard(key).read().unwrap_or_else(|e| e.into_inner()).get(&key).copied().unwrap_or(0)
+        self.read(self.key_of(target)).loops
+    }
+
+    /// Counts one more connection of `user`, unless it already has `cap` (0 = no cap).
+    pub fn add_connection(&self, user: &str, cap: u32) -> Result<(), AtCap> {
+        let first = self.update(self.key(true, user), |entry| {
+            if cap != 0 && entry.connections >= cap {
+                return Err(AtCap);
+            }
+            entry.connections += 1;
+            Ok(entry.connections == 1)
+        })?;
+        if first {
+            self.users.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Counts one connection of `user` less.
+    pub fn remove_connection(&self, user: &str) {
+        let last = self.update(self.key(true, user), |entry| {
+            let had = entry.connections > 0;
+            entry.connections = entry.connections.saturating_sub(1);
+            had && entry.connections == 0
+        });
+        if last {
+            self.users.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Open connections of `user` on this instance, on any path.
+    pub fn connections_of(&self, user: &str) -> u32 {
+        self.read(self.key(true, user)).connections
+    }
+
+    /// Distinct users with a connection on this instance.
+    pub fn user_count(&self) -> u64 {
+        self.users.load(Relaxed)
     }
 
     /// Topics held anywhere on this instance.
@@ -215,10 +285,9 @@ pub fn bits(mut mask: LoopMask) -> impl Iterator<Item = usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn user(id: &str) -> Target {
-        Target::User(Arc::from(id))
+        Target::user(id)
     }
 
     #[test]
@@ -238,10 +307,27 @@ mod tests {
         assert!(table.leave(3, &user("a")));
         assert_eq!(table.holders(&user("a")), 0);
         assert!(!table.leave(3, &user("a")), "leaving twice is harmless");
-        let topic = Target::Topic(Arc::from("a"));
+        let topic = Target::topic("a");
         assert!(table.join(1, &topic));
         assert_eq!(table.holders(&user("a")), 0, "a user and a topic of the same name are distinct");
         assert_eq!(table.topic_count(), 1);
+    }
+
+    #[test]
+    fn connections_are_counted_per_user_on_any_path_and_capped() {
+        let table = RouteTable::default();
+        assert_eq!(table.add_connection("a", 2), Ok(()));
+        assert!(table.join(0, &user("a")));
+        assert_eq!(table.add_connection("a", 2), Ok(()));
+        assert_eq!(table.add_connection("a", 2), Err(AtCap));
+        assert_eq!((table.connections_of("a"), table.user_count()), (2, 1));
+        table.leave(0, &user("a"));
+        assert_eq!(table.connections_of("a"), 2, "a topic-path connection still counts");
+        table.remove_connection("a");
+        table.remove_connection("a");
+        table.remove_connection("a");
+        assert_eq!((table.connections_of("a"), table.user_count()), (0, 0));
+        assert!(table.shards.iter().all(|s| s.read().unwrap().is_empty()), "no entry outlives its last use");
     }
 
     #[test]

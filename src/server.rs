@@ -74,11 +74,11 @@ pub fn start(config: Config) -> Result<Running, String> {
         handles.push(handle);
         inboxes.push(inbox);
     }
-    let metrics = Arc::new(Metrics::new(config.threads, config.redis_url.is_some()));
+    let metrics = Arc::new(Metrics::new(config.threads, config.redis.is_some()));
     let routing = Arc::new(Routing::default());
     let loops: Loops = handles.into();
     routing.attach(loops);
-    let broker = match &config.redis_url {
+    let broker = match &config.redis {
         None => Broker::Embedded,
         Some(url) => {
             let settings = redis::Settings {
@@ -138,6 +138,25 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
     );
     let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
     let base = format!("{host}:{}", addr.port());
+    let message = r#"{"type":"notification","payload":{"title":"hi"}}"#;
+    // Host, port and db only: a Redis password never reaches the banner (redis-cli asks for it).
+    let redis = config.redis.as_ref().map(|url| {
+        let host = if url.host_is_ipv6() { format!("[{}]", url.host) } else { url.host.clone() };
+        let mut cli = format!("redis-cli -h {host} -p {}", url.port);
+        if url.tls {
+            cli.push_str(" --tls");
+        }
+        if url.db != 0 {
+            cli.push_str(&format!(" -n {}", url.db));
+        }
+        if let Some(name) = &url.user {
+            cli.push_str(&format!(" --user {name}"));
+        }
+        if url.password.is_some() {
+            cli.push_str(" --askpass");
+        }
+        format!("  redis:    {cli} PUBLISH {}{user} '{message}'\n", config.user_channel_prefix)
+    });
     println!(
         "\n  herald is in DEV MODE: no HERALD_JWT_SECRET was set, so a random secret signs tokens\n  \
          for this run only. Never run production like this.\n\n  \
@@ -145,9 +164,9 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
          connect:  websocat 'ws://{base}/ws?token={token}'\n  \
          ws url:   ws://{base}/ws?token={token}\n  \
          publish:  curl -s -X POST http://{base}/publish -H 'Authorization: Bearer {token}' \
-         -H 'Content-Type: application/json' \
-         -d '{{\"user_id\":\"{user}\",\"message\":{{\"type\":\"notification\",\"payload\":{{\"title\":\"hi\"}}}}}}'\n  \
-         demo:     http://{base}/\n"
+         -H 'Content-Type: application/json' -d '{{\"user_id\":\"{user}\",\"message\":{message}}}'\n\
+         {}  demo:     http://{base}/\n",
+        redis.unwrap_or_default()
     );
 }
 
@@ -157,7 +176,7 @@ pub fn run(config: Config) -> Result<(), String> {
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot handle signals: {e}"))?;
     let grace = config.shutdown_grace;
     let dev_mode = config.dev_mode;
-    let mode = if config.redis_url.is_some() { "redis" } else { "embedded broker" };
+    let mode = if config.redis.is_some() { "redis" } else { "embedded broker" };
     let threads = config.threads;
     let banner_config = config.clone();
     let running = start(config)?;

@@ -219,7 +219,7 @@ fuzz_target!(|data: &[u8]| {
     let user = Some(user);
     let duplicated = duplicate.is_some();
     let wall = SystemTime::now();
-    let ticks = [0, u64::from(b.u32()), Tick::MAX - u64::from(b.byte()), Tick::MAX];
+    let ticks = [0, b.u32(), Tick::MAX - Tick::from(b.byte()), Tick::MAX];
 
     let plain = hs256_verifier().verify(&token);
     if let Ok(identity) = &plain {

@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
     let peer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, data.len() as u8));
     let before = shared.admission.websockets();
     assert_eq!(before, 0, "admission counter leaked between runs");
-    assert_eq!(shared.admission.unique_users(), 0, "per-user counts leaked between runs");
+    assert_eq!(shared.routing.table.user_count(), 0, "per-user counts leaked between runs");
     let outcome = routes::handle(&request, peer, shared, &mut scratch);
     let route = dialect::for_path(&request.path);
     match outcome {
@@ -115,7 +115,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(identity.allows_topic(topic), "topic {topic:?} not allowed by {:?}", identity.topics);
                     }
                     // The connection closes again: give back what admission took.
-                    shared.admission.release(&identity.user);
+                    shared.admission.release(&shared.routing.table, &identity.user);
                 }
                 Err(code) => {
                     assert_eq!(dialect.auth_failure, AuthFailure::CloseAfterOpen(*code));
@@ -137,5 +137,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     assert_eq!(shared.admission.websockets(), 0, "admission counter leaked");
-    assert_eq!(shared.admission.unique_users(), 0, "per-user counts leaked");
+    assert_eq!(shared.routing.table.user_count(), 0, "per-user counts leaked");
 });

@@ -125,10 +125,8 @@ impl Broker {
 
 /// The channel a target's notifications travel on in Redis.
 pub fn channel_of(target: &Target, user_prefix: &str, topic_prefix: &str) -> String {
-    match target {
-        Target::User(u) => format!("{user_prefix}{u}"),
-        Target::Topic(t) => format!("{topic_prefix}{t}"),
-    }
+    let prefix = if target.is_user() { user_prefix } else { topic_prefix };
+    format!("{prefix}{}", target.name())
 }
 
 /// The target a Redis channel stands for, if it has one of herald's prefixes.

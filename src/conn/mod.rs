@@ -9,14 +9,13 @@
 pub mod inbound;
 pub mod send_queue;
 
-use std::net::IpAddr;
-use std::sync::Arc;
-
 use mio::Interest;
 use mio::net::TcpStream;
+use std::net::IpAddr;
 
 use crate::dialect::Dialect;
 use crate::http::publish::Responder;
+use crate::ids::Target;
 use inbound::FrameReader;
 use send_queue::SendQueue;
 
@@ -46,9 +45,6 @@ pub struct Conn {
     pub queue: SendQueue,
     /// Tick of this connection's live timer entry, or `NO_TIMER`.
     pub timer_tick: Tick,
-    /// Sequence number of the last delivery queued here, so a message addressed to several
-    /// targets reaches a connection once.
-    pub delivery_seq: u32,
     /// Interest currently registered with the poller.
     pub registered: Interest,
     /// The last write hit WouldBlock; WRITABLE interest is needed.
@@ -96,8 +92,9 @@ impl Conn {
 pub enum Phase {
     /// HTTP/1.1 on the WebSocket port: keep-alive requests, possibly pipelined.
     Http(Box<Http>),
-    /// An upgraded WebSocket.
-    Open(Box<Session>),
+    /// An upgraded WebSocket (inline: most connections are in this phase, and a box would
+    /// cost them an allocation's overhead and a pointer).
+    Open(Session),
     /// Last bytes queued; after they are written the write side is shut, and the
     /// connection is dropped at the peer's EOF or at `deadline`.
     Closing { deadline: Tick, fin_sent: bool },
@@ -149,32 +146,41 @@ impl Http {
 /// A connection's membership in a topic: the topic and its node in the loop's index.
 #[derive(Debug, Clone)]
 pub struct Membership {
-    pub topic: Arc<str>,
+    pub topic: Target,
     pub node: u32,
 }
 
 /// A live WebSocket.
 pub struct Session {
-    pub user: Arc<str>,
-    pub dialect: &'static Dialect,
+    /// The token's user (also this connection's index key on a personal path).
+    pub user: Target,
+    /// What a connection with topics holds; `None` for the many that have none and may
+    /// subscribe to none.
+    pub topics: Option<Box<Topics>>,
+    pub reader: FrameReader,
     /// Index node of the user's personal stream, or `NO_NODE` on a topic-only path.
     pub user_node: u32,
-    /// Topics this connection receives. On a topic path the first entry is the path's own
-    /// topic, set at the upgrade and never removed: relays go there and only there. Later
-    /// entries are runtime subscriptions.
-    pub topics: Vec<Membership>,
-    /// The token's `topics` claim, for runtime subscriptions.
-    pub allowed_topics: Box<[String]>,
+    /// The path's dialect, by [`Dialect::id`] (a byte, not a pointer: sessions are many).
+    pub dialect_id: u8,
     pub expires: Tick,
     pub last_received: Tick,
     pub last_ping: Tick,
     /// Last data message queued (seed 000 heartbeats count silence from here).
     pub last_data_sent: Tick,
+}
+
+/// A session's topics: what it receives, what its token allows, and its relay allowance.
+#[derive(Debug, Default)]
+pub struct Topics {
+    /// On a topic path the first entry is the path's own topic, set at the upgrade and never
+    /// removed: relays go there and only there. Later entries are runtime subscriptions.
+    pub held: Vec<Membership>,
+    /// The token's `topics` claim, for runtime subscriptions.
+    pub allowed: Box<[String]>,
     /// The one-second window of the relay rate (in ticks / ticks-per-second), and relays
     /// sent in it.
     pub relay_window: Tick,
     pub relays_in_window: u16,
-    pub reader: FrameReader,
 }
 
 /// The connection timeouts, in ticks.
@@ -205,9 +211,18 @@ pub enum Due {
 pub const RELAYS_PER_SECOND: u16 = 20;
 
 impl Session {
+    pub fn dialect(&self) -> &'static Dialect {
+        Dialect::by_id(self.dialect_id)
+    }
+
     /// The topic a topic path was opened for, fixed for the connection's life.
-    pub fn path_topic(&self) -> Option<&Arc<str>> {
-        if self.user_node == NO_NODE { self.topics.first().map(|m| &m.topic) } else { None }
+    pub fn path_topic(&self) -> Option<&Target> {
+        if self.user_node == NO_NODE { self.held().first().map(|m| &m.topic) } else { None }
+    }
+
+    /// The topics this connection receives.
+    pub fn held(&self) -> &[Membership] {
+        self.topics.as_ref().map_or(&[], |t| &t.held)
     }
 
     /// Whether the connection receives the user's personal stream.
@@ -218,7 +233,7 @@ impl Session {
     pub fn next_deadline(&self, t: &Timeouts) -> Tick {
         let mut at =
             self.last_ping.saturating_add(t.ping).min(self.last_received.saturating_add(t.idle)).min(self.expires);
-        if self.dialect.json_heartbeat {
+        if self.dialect().json_heartbeat {
             at = at.min(self.last_data_sent.saturating_add(t.heartbeat));
         }
         at
@@ -233,7 +248,7 @@ impl Session {
             return Due::Idle;
         }
         let ping = now >= self.last_ping.saturating_add(t.ping);
-        let heartbeat = self.dialect.json_heartbeat && now >= self.last_data_sent.saturating_add(t.heartbeat);
+        let heartbeat = self.dialect().json_heartbeat && now >= self.last_data_sent.saturating_add(t.heartbeat);
         if ping {
             self.last_ping = now;
         }
@@ -243,17 +258,19 @@ impl Session {
         if ping || heartbeat { Due::Keepalive { ping, heartbeat } } else { Due::Nothing }
     }
 
-    /// Takes one relay from this second's allowance; `false` when it is used up.
+    /// Takes one relay from this second's allowance; `false` when it is used up (or the
+    /// session has no topic to relay to).
     pub fn take_relay(&mut self, now: Tick, t: &Timeouts) -> bool {
+        let Some(topics) = self.topics.as_mut() else { return false };
         let window = now / t.ticks_per_second.max(1);
-        if self.relay_window != window {
-            self.relay_window = window;
-            self.relays_in_window = 0;
+        if topics.relay_window != window {
+            topics.relay_window = window;
+            topics.relays_in_window = 0;
         }
-        if self.relays_in_window >= RELAYS_PER_SECOND {
+        if topics.relays_in_window >= RELAYS_PER_SECOND {
             return false;
         }
-        self.relays_in_window += 1;
+        topics.relays_in_window += 1;
         true
     }
 }
@@ -268,18 +285,15 @@ mod tests {
 
     fn session(dialect: &'static Dialect, expires: Tick) -> Session {
         Session {
-            user: Arc::from("u"),
-            dialect,
+            user: Target::user("u"),
+            dialect_id: dialect.id,
+            topics: None,
+            reader: FrameReader::default(),
             user_node: 0,
-            topics: Vec::new(),
-            allowed_topics: Box::new([]),
             expires,
             last_received: 0,
             last_ping: 0,
             last_data_sent: 0,
-            relay_window: 0,
-            relays_in_window: 0,
-            reader: FrameReader::default(),
         }
     }
 
@@ -287,8 +301,10 @@ mod tests {
     fn connection_state_stays_small() {
         // Memory per idle connection decides how many fit on a host; see README "Performance".
         eprintln!("Conn {} Session {} Phase {}", size_of::<Conn>(), size_of::<Session>(), size_of::<Phase>());
-        assert!(size_of::<Conn>() <= 112, "Conn grew to {} bytes", size_of::<Conn>());
-        assert!(size_of::<Session>() <= 120, "Session grew to {} bytes", size_of::<Session>());
+        assert!(size_of::<Session>() <= 64, "Session grew to {} bytes", size_of::<Session>());
+        // Release builds; mio's TcpStream carries 12 more bytes in debug builds.
+        let conn = size_of::<Conn>() - if cfg!(debug_assertions) { 16 } else { 0 };
+        assert!(conn <= 88, "Conn grew to {conn} bytes");
     }
 
     #[test]
@@ -329,6 +345,8 @@ mod tests {
     #[test]
     fn relays_are_limited_per_second() {
         let mut s = session(&dialect::FOCUS_SESSION, Tick::MAX);
+        assert!(!s.take_relay(5, &T), "no topic, nowhere to relay");
+        s.topics = Some(Box::default());
         let allowed = (0..30).filter(|_| s.take_relay(5, &T)).count();
         assert_eq!(allowed, RELAYS_PER_SECOND as usize);
         assert!(s.take_relay(10, &T), "a new second, a new allowance");

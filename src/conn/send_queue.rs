@@ -29,8 +29,79 @@ pub enum Flushed {
     Budget,
 }
 
+/// A connection's output. Nothing at all while it is empty, which is most of the time: an
+/// idle connection pays one pointer, and its frames and counters exist only while it has
+/// something to write.
 #[derive(Debug, Default)]
 pub struct SendQueue {
+    /// Invariant: `None` if and only if nothing is queued.
+    pending: Option<Box<Pending>>,
+}
+
+impl SendQueue {
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_none()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.frames.len())
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn bytes(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.unsent as usize)
+    }
+
+    fn pending(&mut self) -> &mut Pending {
+        self.pending.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the pending state once it holds nothing.
+    fn settle(&mut self) {
+        if self.pending.as_ref().is_some_and(|p| p.frames.is_empty()) {
+            self.pending = None;
+        }
+    }
+
+    /// Queues a notification unless `limit` notifications are already waiting.
+    pub fn push_notification(&mut self, frame: SharedFrame, limit: usize) -> Result<(), Full> {
+        let result = self.pending().push_notification(frame, limit);
+        self.settle();
+        result
+    }
+
+    /// Queues a reply (control frame or HTTP response), outside the notification bound.
+    pub fn push_reply(&mut self, frame: SharedFrame) {
+        self.pending().push(frame);
+    }
+
+    /// Queues a Pong, replacing a Pong still waiting at the tail: RFC 6455 §5.5.3 lets an
+    /// endpoint answer only the most recent of several Pings, so a Ping flood costs one frame.
+    pub fn push_pong(&mut self, pong: SharedFrame) {
+        self.pending().push_pong(pong);
+    }
+
+    /// Drops every frame not yet started (a partly written head stays, or the peer would see a
+    /// torn frame).
+    pub fn discard_unsent(&mut self) -> Discarded {
+        let discarded = self.pending.as_mut().map(|p| p.discard_unsent()).unwrap_or_default();
+        self.settle();
+        discarded
+    }
+
+    /// Writes queued frames until the queue is empty, the socket would block, or `budget`
+    /// bytes went out. `on_sent` sees each frame once its last byte is written.
+    pub fn flush<W: Write>(&mut self, sink: &mut W, budget: usize, on_sent: impl FnMut(&Frame)) -> io::Result<Flushed> {
+        let Some(pending) = self.pending.as_mut() else { return Ok(Flushed::Empty) };
+        let result = pending.flush(sink, budget, on_sent);
+        self.settle();
+        result
+    }
+}
+
+/// What a non-empty queue holds.
+#[derive(Debug, Default)]
+struct Pending {
     frames: VecDeque<SharedFrame>,
     /// Bytes of `frames[0]` already written. Invariant: zero if `frames` is empty.
     /// (u32: frames are bounded far below 4 GiB, and idle connections are many.)
@@ -48,27 +119,13 @@ pub struct Discarded {
     pub bytes: usize,
 }
 
-impl SendQueue {
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.frames.len()
-    }
-
-    /// Bytes queued and not yet written.
-    pub fn bytes(&self) -> usize {
-        self.unsent as usize
-    }
-
+impl Pending {
     fn push(&mut self, frame: SharedFrame) {
         self.unsent = self.unsent.saturating_add(frame.bytes.len().try_into().unwrap_or(u32::MAX));
         self.frames.push_back(frame);
     }
 
-    /// Queues a notification unless `limit` notifications are already waiting.
-    pub fn push_notification(&mut self, frame: SharedFrame, limit: usize) -> Result<(), Full> {
+    fn push_notification(&mut self, frame: SharedFrame, limit: usize) -> Result<(), Full> {
         if self.notifications as usize >= limit {
             return Err(Full);
         }
@@ -77,14 +134,7 @@ impl SendQueue {
         Ok(())
     }
 
-    /// Queues a reply (control frame or HTTP response), outside the notification bound.
-    pub fn push_reply(&mut self, frame: SharedFrame) {
-        self.push(frame);
-    }
-
-    /// Queues a Pong, replacing a Pong still waiting at the tail: RFC 6455 §5.5.3 lets an
-    /// endpoint answer only the most recent of several Pings, so a Ping flood costs one frame.
-    pub fn push_pong(&mut self, pong: SharedFrame) {
+    fn push_pong(&mut self, pong: SharedFrame) {
         let tail_unstarted = self.frames.len() > 1 || self.head_written == 0;
         if let Some(tail) = self.frames.back_mut().filter(|t| tail_unstarted && is_pong(t)) {
             let old = tail.bytes.len() as u32;
@@ -95,9 +145,7 @@ impl SendQueue {
         self.push(pong);
     }
 
-    /// Drops every frame not yet started (a partly written head stays, or the peer would see a
-    /// torn frame).
-    pub fn discard_unsent(&mut self) -> Discarded {
+    fn discard_unsent(&mut self) -> Discarded {
         let keep = usize::from(self.head_written > 0);
         let mut discarded = Discarded::default();
         for frame in self.frames.drain(keep..) {
@@ -106,20 +154,10 @@ impl SendQueue {
         }
         self.notifications -= discarded.notifications as u32;
         self.unsent = self.frames.front().map_or(0, |head| (head.bytes.len() as u32) - self.head_written);
-        if self.frames.capacity() > 16 {
-            self.frames.shrink_to_fit();
-        }
         discarded
     }
 
-    /// Writes queued frames until the queue is empty, the socket would block, or `budget`
-    /// bytes went out. `on_sent` sees each frame once its last byte is written.
-    pub fn flush<W: Write>(
-        &mut self,
-        sink: &mut W,
-        budget: usize,
-        mut on_sent: impl FnMut(&Frame),
-    ) -> io::Result<Flushed> {
+    fn flush<W: Write>(&mut self, sink: &mut W, budget: usize, mut on_sent: impl FnMut(&Frame)) -> io::Result<Flushed> {
         let mut written_total = 0;
         while !self.frames.is_empty() {
             if written_total >= budget {
@@ -157,10 +195,6 @@ impl SendQueue {
                     on_sent(&done);
                 }
             }
-        }
-        // A burst can leave a large ring behind; idle connections should cost little.
-        if self.frames.capacity() > 32 {
-            self.frames.shrink_to_fit();
         }
         Ok(Flushed::Empty)
     }

@@ -74,7 +74,6 @@ impl EventLoop {
             phase: Phase::Http(Box::new(Http::new(peer, deadline))),
             queue: Default::default(),
             timer_tick: NO_TIMER,
-            delivery_seq: 0,
             registered: Interest::READABLE,
             write_blocked: false,
             dirty: false,

@@ -7,7 +7,6 @@ use std::time::Duration;
 use super::EventLoop;
 use crate::conn::{NO_TIMER, Phase, Session};
 use crate::frame::{self, code};
-use crate::ids::Target;
 
 impl EventLoop {
     /// Queues a close frame after whatever is queued, and stops deliveries to the connection.
@@ -34,13 +33,13 @@ impl EventLoop {
     /// Removes a session from the index, the route table and admission.
     fn detach(&mut self, session: &Session) {
         if session.personal() {
-            self.index_remove(&Target::User(session.user.clone()), session.user_node);
+            self.index_remove(&session.user, session.user_node);
         }
-        for membership in &session.topics {
-            self.index_remove(&Target::Topic(membership.topic.clone()), membership.node);
+        for membership in session.held() {
+            self.index_remove(&membership.topic, membership.node);
         }
         self.shared.metrics.loops[self.id].connections.fetch_sub(1, Ordering::Relaxed);
-        self.shared.admission.release(&session.user);
+        self.shared.admission.release(&self.shared.routing.table, session.user.name());
     }
 
     /// Drops a connection now.

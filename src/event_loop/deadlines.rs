@@ -79,7 +79,7 @@ impl EventLoop {
             }
             Phase::Open(session) => match session.due(now, &timeouts) {
                 Due::Expired => {
-                    let code = session.dialect.auth_close_code;
+                    let code = session.dialect().auth_close_code;
                     self.counters.token_expired_closes += 1;
                     self.close_with(key, code, "token expired");
                 }
@@ -116,7 +116,8 @@ impl EventLoop {
         self.released_bytes >= TRIM_RELEASED_BYTES
     }
 
-    /// After most of a burst of connections has gone, or after many replies were freed,
+    /// After most of a burst of connections has gone (or a burst arrived), or after many
+    /// replies were freed,
     /// returns the freed heap to the kernel: glibc keeps freed chunks mapped, so without this
     /// a peak stays in RSS for good.
     fn trim_memory(&mut self) {
@@ -126,8 +127,13 @@ impl EventLoop {
         let due = self.now_tick >= self.last_trim.saturating_add(ticks(TRIM_EVERY));
         let churned = self.peak_connections >= TRIM_MIN_DROP && held * 2 < self.peak_connections && (emptied || due);
         let replies_freed = self.trim_pending() && self.now_tick >= self.last_trim.saturating_add(ticks(TRIM_MIN_GAP));
-        if churned || replies_freed {
+        // A burst of connects leaves the handshakes' buffers (requests, JWT decoding, 101s)
+        // freed but mapped.
+        let grew = due && held >= self.held_at_trim + TRIM_MIN_DROP;
+        self.held_at_trim = self.held_at_trim.min(held);
+        if churned || replies_freed || grew {
             release_free_heap();
+            self.held_at_trim = held;
             self.released_bytes = 0;
             self.peak_connections = held;
             self.last_trim = self.now_tick;

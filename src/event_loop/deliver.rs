@@ -14,41 +14,61 @@ use crate::ids::{ConnRef, DeliverTo, Exclusion};
 
 impl EventLoop {
     pub(super) fn deliver(&mut self, to: &DeliverTo, frame: &SharedFrame, exclusion: &Exclusion) {
+        match to {
+            DeliverTo::One(target) => {
+                // A connection is in a target's list once: no duplicates to rule out.
+                let mut keys = std::mem::take(&mut self.delivery_keys);
+                keys.extend(self.index.connections(target));
+                self.deliver_to(&keys, frame, exclusion);
+                keys.clear();
+                self.delivery_keys = keys;
+            }
+            DeliverTo::Many(targets) => {
+                // A connection holding several of the targets gets the message once.
+                let mut keys = std::mem::take(&mut self.delivery_keys);
+                for target in targets.iter() {
+                    keys.extend(self.index.connections(target));
+                }
+                keys.sort_unstable();
+                keys.dedup();
+                self.deliver_to(&keys, frame, exclusion);
+                keys.clear();
+                self.delivery_keys = keys;
+            }
+        }
+    }
+
+    fn deliver_to(&mut self, keys: &[u32], frame: &SharedFrame, exclusion: &Exclusion) {
         let excluded_conn =
             exclusion.origin.filter(|o| o.instance == self.shared.instance_id && o.loop_id == self.id).map(|o| o.conn);
-        self.delivery_seq = self.delivery_seq.wrapping_add(1);
-        let seq = self.delivery_seq;
         let limit = self.shared.config.send_queue;
         let now_tick = self.now_tick;
         let mut flush_time: Option<Instant> = None;
-        for target in to.as_slice() {
-            for key in self.index.connections(target) {
-                let Some(conn) = self.conns.get_mut(key as usize) else { continue };
-                if conn.delivery_seq == seq || excluded_conn == Some(ConnRef { key, id: conn.id }) {
-                    continue;
-                }
-                conn.delivery_seq = seq;
-                let Phase::Open(session) = &mut conn.phase else { continue };
-                if exclusion.users.as_ref().is_some_and(|users| users.contains(&session.user)) {
-                    continue;
-                }
-                session.last_data_sent = now_tick;
+        for &key in keys {
+            let Some(conn) = self.conns.get_mut(key as usize) else { continue };
+            if excluded_conn == Some(ConnRef { key, id: conn.id }) {
+                continue;
+            }
+            let Phase::Open(session) = &mut conn.phase else { continue };
+            if exclusion.excludes_user(session.user.name()) {
+                continue;
+            }
+            session.last_data_sent = now_tick;
+            if conn.queue.push_notification(frame.clone(), limit).is_err() {
+                // A full queue is only slow if the socket is full too: a burst larger
+                // than the queue must reach a client that reads. Write what the kernel
+                // takes now, then judge. (Errors are left for the flush to find: this
+                // loop must not remove connections while it delivers.)
+                let now = *flush_time.get_or_insert_with(Instant::now);
+                let _ = write_queued(conn, &mut self.counters, &mut self.released_bytes, now);
                 if conn.queue.push_notification(frame.clone(), limit).is_err() {
-                    // A full queue is only slow if the socket is full too: a burst larger
-                    // than the queue must reach a client that reads. Write what the kernel
-                    // takes now, then judge. (Errors are left for the flush to find: this
-                    // loop must not remove connections while it walks the index.)
-                    let now = *flush_time.get_or_insert_with(Instant::now);
-                    let _ = write_queued(conn, &mut self.counters, &mut self.released_bytes, now);
-                    if conn.queue.push_notification(frame.clone(), limit).is_err() {
-                        self.slow.push(key);
-                        continue;
-                    }
+                    self.slow.push(key);
+                    continue;
                 }
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.push(key);
-                }
+            }
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
             }
         }
         for key in std::mem::take(&mut self.slow) {

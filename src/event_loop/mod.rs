@@ -79,7 +79,8 @@ pub struct EventLoop {
     json: JsonScratch,
     counters: LocalCounters,
     next_conn_id: u32,
-    delivery_seq: u32,
+    /// The connections of the delivery in progress (reused: deliveries allocate nothing).
+    delivery_keys: Vec<u32>,
     ping: SharedFrame,
     more_commands: bool,
     accept_paused_until: Option<Instant>,
@@ -88,6 +89,8 @@ pub struct EventLoop {
     /// Most connections held since memory was last handed back, and when that was.
     peak_connections: usize,
     last_trim: Tick,
+    /// Connections held at the last trim.
+    held_at_trim: usize,
     /// Bytes of replies written or discarded since the last trim: memory freed back to malloc.
     released_bytes: usize,
     /// Plain (not upgraded) connections in accept order, oldest first; entries for
@@ -142,7 +145,7 @@ impl EventLoop {
             json: JsonScratch::default(),
             counters: LocalCounters::default(),
             next_conn_id: 0,
-            delivery_seq: 0,
+            delivery_keys: Vec::new(),
             ping: frame::ping(),
             more_commands: false,
             accept_paused_until: None,
@@ -150,6 +153,7 @@ impl EventLoop {
             shutting_down: false,
             peak_connections: 0,
             last_trim: 0,
+            held_at_trim: 0,
             released_bytes: 0,
             plain_order: VecDeque::new(),
             plain_count: 0,

@@ -162,7 +162,7 @@ impl EventLoop {
             .conns
             .iter()
             .filter_map(|(k, c)| {
-                c.session().filter(|s| &*s.user == user).map(|s| (k as u32, s.dialect.auth_close_code))
+                c.session().filter(|s| s.user.name() == user).map(|s| (k as u32, s.dialect().auth_close_code))
             })
             .collect();
         let closed = keys.len() as u64;

@@ -30,7 +30,7 @@ impl Default for TimerWheel {
 impl TimerWheel {
     /// Schedules `entry` at `tick` (clamped into the wheel's window); returns the tick used.
     pub fn insert(&mut self, tick: Tick, entry: Entry) -> Tick {
-        let tick = tick.clamp(self.next, self.next + SLOTS as Tick - 1);
+        let tick = tick.clamp(self.next, self.next.saturating_add(SLOTS as Tick - 1));
         self.slots[(tick % SLOTS as Tick) as usize].push(entry);
         self.len += 1;
         tick
@@ -43,7 +43,7 @@ impl TimerWheel {
     /// Removes `entry` filed at `tick` (a connection that closed or moved its deadline), so
     /// closed connections leave nothing behind under churn.
     pub fn cancel(&mut self, tick: Tick, entry: Entry) {
-        if tick < self.next || tick >= self.next + SLOTS as Tick {
+        if tick < self.next || tick >= self.next.saturating_add(SLOTS as Tick) {
             return;
         }
         let slot = &mut self.slots[(tick % SLOTS as Tick) as usize];
@@ -61,16 +61,19 @@ impl TimerWheel {
     /// Moves every entry due at or before `now` into `due`, with the tick it was filed at.
     pub fn expire(&mut self, now: Tick, due: &mut Vec<(Entry, Tick)>) {
         // After a long stall, one lap of the wheel visits every slot.
-        let last = now.min(self.next + SLOTS as Tick - 1);
+        let last = now.min(self.next.saturating_add(SLOTS as Tick - 1));
         while self.next <= last {
             // Taken, not drained: a slot is next used a whole lap later, and keeping every
             // slot's peak capacity would hold memory long after a burst of connections.
             let slot = std::mem::take(&mut self.slots[(self.next % SLOTS as Tick) as usize]);
             self.len -= slot.len();
             due.extend(slot.into_iter().map(|e| (e, self.next)));
+            if self.next == Tick::MAX {
+                return;
+            }
             self.next += 1;
         }
-        self.next = self.next.max(now + 1);
+        self.next = self.next.max(now.saturating_add(1));
     }
 }
 
@@ -110,7 +113,7 @@ mod tests {
     fn a_long_stall_still_expires_everything() {
         let mut wheel = TimerWheel::default();
         for t in 0..100 {
-            wheel.insert(t * 7, (t as u32, 0));
+            wheel.insert(t * 7, (t, 0));
         }
         let mut due = Vec::new();
         wheel.expire(1_000_000, &mut due);

@@ -2,7 +2,6 @@
 //! Frames are parsed into actions first and applied after, so the parser's borrow of the
 //! session never overlaps the loop's other work.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -11,7 +10,7 @@ use tracing::debug;
 use super::EventLoop;
 use crate::broker::{Outgoing, Published};
 use crate::conn::inbound::{Flow, Inbound, Violation};
-use crate::conn::{Membership, NO_NODE, Phase, Session};
+use crate::conn::{Membership, NO_NODE, Phase, Session, Topics};
 use crate::dialect::Stream;
 use crate::frame::{self, SharedFrame, code};
 use crate::http::routes::Upgrade;
@@ -61,30 +60,32 @@ impl EventLoop {
         };
         let expires = crate::auth::expiry_tick(identity.exp, SystemTime::now(), self.now_tick);
         let now = self.now_tick;
-        let mut session = Box::new(Session {
-            user: identity.user,
-            dialect: upgrade.dialect,
+        let topic_path = matches!(upgrade.stream, Stream::Topic(_));
+        let topics = (topic_path || !identity.topics.is_empty())
+            .then(|| Box::new(Topics { allowed: identity.topics.into_boxed_slice(), ..Topics::default() }));
+        let mut session = Session {
+            user: Target::user(&identity.user),
+            dialect_id: upgrade.dialect.id,
+            topics,
+            reader: Default::default(),
             user_node: NO_NODE,
-            topics: Vec::new(),
-            allowed_topics: identity.topics.into_boxed_slice(),
             expires,
             last_received: now,
             last_ping: now,
             last_data_sent: now,
-            relay_window: 0,
-            relays_in_window: 0,
-            reader: Default::default(),
-        });
+        };
         match upgrade.stream {
             // A topic path receives that topic only, not the user's personal stream.
             Stream::Topic(topic) => {
-                let topic: Arc<str> = Arc::from(topic);
-                let node = self.index_add(&Target::Topic(topic.clone()), key);
-                session.topics.push(Membership { topic, node });
+                let topic = Target::topic(&topic);
+                let node = self.index_add(&topic, key);
+                if let Some(topics) = session.topics.as_mut() {
+                    topics.held.push(Membership { topic, node });
+                }
             }
-            Stream::Personal => session.user_node = self.index_add(&Target::User(session.user.clone()), key),
+            Stream::Personal => session.user_node = self.index_add(&session.user.clone(), key),
         }
-        let greets = session.dialect.greets;
+        let greets = session.dialect().greets;
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         conn.phase = Phase::Open(session);
         self.shared.metrics.loops[self.id].connections.fetch_add(1, Ordering::Relaxed);
@@ -107,7 +108,7 @@ impl EventLoop {
         let max = self.shared.config.max_message_bytes;
         let json = &mut self.json;
         let counters = &mut self.counters;
-        let dialect = session.dialect;
+        let dialect = session.dialect();
         let mut actions = Vec::new();
         let result = session.reader.feed(input, max, |event| match event {
             Inbound::Ping(payload) => {
@@ -175,17 +176,17 @@ impl EventLoop {
             self.counters.ignored_client_messages += 1;
             return;
         }
-        let session_id = topic.strip_prefix("focus-session:").unwrap_or(&topic);
+        let session_id = topic.name().strip_prefix("focus-session:").unwrap_or(topic.name());
         let update = format!(
             "{{\"type\":\"focus_session_update\",\"session_id\":{},\"sender_id\":{},\"data\":{data}}}",
             serde_json::Value::from(session_id),
-            crate::http::publish::id_as_json(&session.user),
+            crate::http::publish::id_as_json(session.user.name()),
         );
         // Built by herald around an object the inbound limit already bounded: valid, and its
         // envelope must never be what makes it too large.
         let valid = message::Valid { raw: update.as_bytes(), has_timestamp: false };
         let exclusion = Exclusion { users: None, origin: Some(origin) };
-        let item = Outgoing::new(vec![Target::Topic(topic)], valid, exclusion);
+        let item = Outgoing::new(vec![topic], valid, exclusion);
         let shared = self.shared.clone();
         let from = Sender::Loop { here: self.id };
         if let Published::Routed { local, .. } =
@@ -197,17 +198,21 @@ impl EventLoop {
 
     fn subscribe(&mut self, key: u32, topic: String, silent: bool) {
         let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) else { return };
-        let held = session.topics.iter().any(|m| *m.topic == *topic);
-        let reply = if !crate::auth::topic_allowed(&session.allowed_topics, &topic) {
+        let held = session.held().iter().any(|m| m.topic.name() == topic);
+        let allowed = session.topics.as_ref().is_some_and(|t| crate::auth::topic_allowed(&t.allowed, &topic));
+        let reply = if !allowed {
             Some(serde_json::json!({"type": "error", "message": format!("not allowed to subscribe to {topic}")}))
-        } else if !held && session.topics.len() >= MAX_TOPICS_PER_CONNECTION {
+        } else if !held && session.held().len() >= MAX_TOPICS_PER_CONNECTION {
             Some(serde_json::json!({"type": "error", "message": "too many topics on this connection"}))
         } else {
             if !held {
-                let name: Arc<str> = Arc::from(topic.as_str());
-                let node = self.index_add(&Target::Topic(name.clone()), key);
+                let name = Target::topic(&topic);
+                let node = self.index_add(&name, key);
                 if let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) {
-                    session.topics.push(Membership { topic: name, node });
+                    // Allowed implies the session has topic state (its token grants topics).
+                    if let Some(topics) = session.topics.as_mut() {
+                        topics.held.push(Membership { topic: name, node });
+                    }
                 }
             }
             (!silent).then(|| serde_json::json!({"type": "subscribed", "topic": topic}))
@@ -219,15 +224,17 @@ impl EventLoop {
 
     fn unsubscribe(&mut self, key: u32, topic: String, silent: bool) {
         let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) else { return };
-        if session.path_topic().is_some_and(|t| **t == *topic) {
+        if session.path_topic().is_some_and(|t| t.name() == topic) {
             let reply = serde_json::json!({"type": "error", "message": format!("{topic} is this path's own topic")});
             self.queue_reply(key, frame::reply_text(reply.to_string().as_bytes()));
             return;
         }
-        if let Some(i) = session.topics.iter().position(|m| *m.topic == *topic) {
-            // Never index 0 on a topic path (refused above), so the path topic stays first.
-            let removed = session.topics.swap_remove(i);
-            self.index_remove(&Target::Topic(removed.topic), removed.node);
+        if let Some(topics) = session.topics.as_mut() {
+            if let Some(i) = topics.held.iter().position(|m| m.topic.name() == topic) {
+                // Never index 0 on a topic path (refused above), so the path topic stays first.
+                let removed = topics.held.swap_remove(i);
+                self.index_remove(&removed.topic, removed.node);
+            }
         }
         if !silent {
             let reply = serde_json::json!({"type": "unsubscribed", "topic": topic});

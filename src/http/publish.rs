@@ -132,7 +132,7 @@ fn caller(req: &Request, peer: IpAddr, shared: &Shared) -> Result<Caller, Respon
 /// A plain user may address only its own user.
 fn permitted(caller: &Caller, targets: &[Target]) -> Result<(), Response> {
     match caller {
-        Caller::User { user } if targets.iter().any(|t| *t != Target::User(user.clone())) => {
+        Caller::User { user } if targets.iter().any(|t| !t.is_user() || t.name() != &**user) => {
             Err(Response::api_error(Status::FORBIDDEN, "a user token may publish to its own user only"))
         }
         _ => Ok(()),
@@ -167,13 +167,7 @@ fn bad_request(message: &str) -> Response {
 }
 
 fn sort_dedup(targets: &mut Vec<Target>) {
-    fn key(target: &Target) -> (u8, &str) {
-        match target {
-            Target::User(u) => (0, u),
-            Target::Topic(t) => (1, t),
-        }
-    }
-    targets.sort_by(|a, b| key(a).cmp(&key(b)));
+    targets.sort();
     targets.dedup();
 }
 
@@ -233,16 +227,16 @@ fn publish_item(
     let mut targets = Vec::new();
     if let Some(user) = &body.user_id {
         let user = id_from_json(user).ok_or_else(|| bad_request("user_id must be a string or integer"))?;
-        targets.push(Target::User(Arc::from(user)));
+        targets.push(Target::user(&user));
     }
     for user in body.user_ids.iter().flatten() {
         let user = id_from_json(user).ok_or_else(|| bad_request("user_ids must hold strings or integers"))?;
-        targets.push(Target::User(Arc::from(user)));
+        targets.push(Target::user(&user));
     }
     if let Some(topic) = &body.topic {
         let topic =
             topic.as_str().filter(|t| !t.is_empty()).ok_or_else(|| bad_request("topic must be a non-empty string"))?;
-        targets.push(Target::Topic(Arc::from(topic)));
+        targets.push(Target::topic(topic));
     }
     if targets.is_empty() {
         return Err(bad_request("missing user_id, user_ids or topic"));
@@ -308,7 +302,7 @@ pub fn notify(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
         let title = body.title.ok_or_else(|| bad_request("missing title"))?;
         let text = body.message.ok_or_else(|| bad_request("missing message"))?;
         let kind = body.kind.unwrap_or_else(|| "info".into());
-        let targets = vec![Target::User(Arc::from(user))];
+        let targets = vec![Target::user(&user)];
         permitted(&caller, &targets)?;
         let message = json!({"channel": "notifications", "title": title, "message": text, "type": kind});
         let item = prepare(shared, scratch, targets, message.to_string().as_bytes(), Exclusion::default())?;
@@ -395,15 +389,15 @@ pub fn event(kind: &str, req: &Request, peer: IpAddr, shared: &Shared, scratch: 
                 let task_id = scalar_id(&event.task_id, "task_id")?;
                 let mut targets = Vec::new();
                 for user in event.target_user_ids.iter().flatten() {
-                    targets.push(Target::User(Arc::from(scalar_id(user, "target_user_ids")?)));
+                    targets.push(Target::user(&scalar_id(user, "target_user_ids")?));
                 }
                 if targets.is_empty() {
-                    targets.push(Target::User(default_user(&caller, "target_user_ids")?));
+                    targets.push(Target::user(&default_user(&caller, "target_user_ids")?));
                 }
                 let recipients = targets.len();
                 let workspace = event.workspace_id.as_ref().map(|w| scalar_id(w, "workspace_id")).transpose()?;
                 if let Some(workspace) = &workspace {
-                    targets.push(Target::Topic(Arc::from(format!("workspace:{workspace}"))));
+                    targets.push(Target::topic(&format!("workspace:{workspace}")));
                 }
                 permitted(&caller, &targets)?;
                 let content = format!("Task '{}' was {}", event.title, event.action);
@@ -433,7 +427,7 @@ pub fn event(kind: &str, req: &Request, peer: IpAddr, shared: &Shared, scratch: 
                 for user in event.exclude_user_ids.iter().flatten() {
                     excluded.push(Arc::<str>::from(scalar_id(user, "exclude_user_ids")?));
                 }
-                let targets = vec![Target::Topic(Arc::from(format!("workspace:{workspace}")))];
+                let targets = vec![Target::topic(&format!("workspace:{workspace}"))];
                 permitted(&caller, &targets)?;
                 let kind = event.kind.unwrap_or_else(|| "workspace".into());
                 let message = seed004_message(
@@ -458,7 +452,7 @@ pub fn event(kind: &str, req: &Request, peer: IpAddr, shared: &Shared, scratch: 
                     Some(user) => Arc::from(scalar_id(user, "user_id")?),
                     None => default_user(&caller, "user_id")?,
                 };
-                let targets = vec![Target::User(user)];
+                let targets = vec![Target::user(&user)];
                 permitted(&caller, &targets)?;
                 let message = seed004_message(
                     shared,
@@ -494,7 +488,7 @@ pub fn disconnect_target(req: &Request, peer: IpAddr, shared: &Shared) -> Result
             .and_then(id_from_json)
             .ok_or_else(|| bad_request("missing user_id (a string or integer)"))?,
     );
-    permitted(&caller, &[Target::User(user.clone())])?;
+    permitted(&caller, &[Target::user(&user)])?;
     Ok(user)
 }
 

@@ -123,7 +123,7 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
     if shared.shutting_down.load(Relaxed) {
         return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "shutting down").closing());
     }
-    match shared.admission.reserve(&identity.user) {
+    match shared.admission.reserve(&shared.routing.table, &identity.user) {
         Ok(()) => {}
         Err(Refusal::InstanceFull) => {
             return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "connection limit reached").closing());
@@ -155,7 +155,7 @@ fn now_rfc3339() -> String {
 
 /// Every counter, with the gauges that live outside the metrics.
 fn snapshot(shared: &Shared) -> metrics::Snapshot {
-    shared.metrics.snapshot(shared.admission.unique_users(), shared.routing.table.topic_count())
+    shared.metrics.snapshot(shared.routing.table.user_count(), shared.routing.table.topic_count())
 }
 
 fn health(shared: &Shared) -> Response {

@@ -1,0 +1,118 @@
+//! Redis, on herald's own sockets: the reader thread (subscribed; routes what Redis pushes
+//! straight to the loops) and the publisher thread (pipelined PUBLISHes on behalf of HTTP
+//! publishes and relays). Both speak RESP through [`resp`], connect as [`redis_url`] says,
+//! reconnect by themselves with capped, jittered backoff, and report their state to
+//! `/health`. Pub/sub has no replay: what was published while herald was disconnected is gone.
+
+mod conn;
+mod publisher;
+mod reader;
+pub mod redis_url;
+pub mod resp;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::{Outgoing, Routing};
+use crate::ids::ReplyTo;
+use crate::mailbox::Mailbox;
+use crate::message;
+use crate::metrics::Metrics;
+use publisher::PublishJob;
+pub use reader::pattern_for;
+use redis_url::RedisUrl;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a Redis thread waits for room in a loop's inbox before that loop misses a message
+/// (or an answer): meanwhile a burst backs up into Redis, which bounds it with
+/// client-output-buffer-limit, instead of into herald's memory.
+const LOOP_PATIENCE: Duration = Duration::from_millis(500);
+/// Publish jobs waiting for the publisher before HTTP publishes are refused (503).
+const JOBS_CAPACITY: usize = 16 * 1024;
+
+/// Capped exponential backoff with jitter, so a fleet of instances does not reconnect in step.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: BACKOFF_START }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_START;
+    }
+
+    fn wait(&mut self) {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let jitter = self.next.mul_f64(0.25 * f64::from(nanos % 1000) / 1000.0);
+        std::thread::sleep(self.next + jitter);
+        self.next = (self.next * 2).min(BACKOFF_CAP);
+    }
+}
+
+/// What the Redis threads need to know of the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub user_prefix: String,
+    pub topic_prefix: String,
+    pub max_message_bytes: usize,
+}
+
+/// What the Redis threads share with the rest of herald.
+#[derive(Clone)]
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub routing: Arc<Routing>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The event loops' handle on Redis: publishing goes through the publisher thread.
+pub struct RedisBroker {
+    jobs: Arc<Mailbox<PublishJob>>,
+    settings: Arc<Settings>,
+}
+
+impl RedisBroker {
+    /// Starts the reader and publisher threads.
+    pub fn start(url: &RedisUrl, ctx: Context) -> Result<RedisBroker, String> {
+        let poll = mio::Poll::new().map_err(|e| format!("cannot create a poller for Redis: {e}"))?;
+        let (jobs, inbox) = Mailbox::new(&poll, publisher::WAKER, JOBS_CAPACITY)
+            .map_err(|e| format!("cannot create a waker for Redis: {e}"))?;
+        let jobs = Arc::new(jobs);
+        let settings = ctx.settings.clone();
+        let (reader_url, reader_ctx) = (url.clone(), ctx.clone());
+        spawn("herald-redis-read", move || reader::run(reader_url, reader_ctx))?;
+        let (publisher_url, wake) = (url.clone(), jobs.clone());
+        spawn("herald-redis-pub", move || publisher::run(publisher_url, ctx, inbox, poll, wake))?;
+        Ok(RedisBroker { jobs, settings })
+    }
+
+    /// Queues `items` for the publisher; the answer goes to `reply`.
+    pub fn publish(&self, items: Vec<Outgoing>, reply: Option<ReplyTo>) -> Result<(), String> {
+        let mut messages = Vec::new();
+        let mut counts = Vec::with_capacity(items.len());
+        for item in items {
+            // Published as it came, with any exclusion embedded so that every instance
+            // honours it; each receiving instance stamps and frames it once.
+            let payload: Arc<[u8]> = Arc::from(message::embed_exclusion(&item.message, &item.exclusion));
+            counts.push(item.targets.len() as u32);
+            for target in &item.targets {
+                let channel = super::channel_of(target, &self.settings.user_prefix, &self.settings.topic_prefix);
+                messages.push((channel.into_bytes(), payload.clone()));
+            }
+        }
+        self.jobs.try_send(PublishJob { messages, counts, reply }).map_err(|_| "redis publisher overloaded".to_string())
+    }
+}
+
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(body)
+        .map(|_| ())
+        .map_err(|e| format!("cannot start thread {name}: {e}"))
+}

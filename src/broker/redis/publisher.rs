@@ -1,0 +1,283 @@
+//! The Redis publisher: one thread, one connection, pipelined. Every job waiting when the
+//! thread wakes is encoded into one write; replies come back in order and are matched to the
+//! jobs in flight, so concurrent HTTP publishers share round trips instead of queueing for
+//! them. A PING while idle keeps `/health` honest (and measures the round trip).
+//!
+//! When the connection dies, a job none of whose replies had arrived is sent once more on
+//! the next connection (after a Redis restart the old connection's writes were never read);
+//! any other job in flight is answered with the error.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::{Events, Interest, Poll, Token};
+use tracing::warn;
+
+use super::conn::{Conn, Failure};
+use super::redis_url::RedisUrl;
+use super::resp;
+use super::{BACKOFF_CAP, BACKOFF_START, CONNECT_TIMEOUT, Context, LOOP_PATIENCE};
+use crate::ids::{Answer, ReplyTo};
+use crate::mailbox::{LoopCmd, Mailbox};
+
+pub const WAKER: Token = Token(0);
+const CONN: Token = Token(1);
+/// An idle connection is PINGed this often.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// A reply not back after this long means the connection is wedged.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// PUBLISH commands on behalf of one request: `counts[i]` consecutive messages belong to
+/// item `i`, whose receivers are summed for the answer.
+#[derive(Debug)]
+pub struct PublishJob {
+    pub messages: Vec<(Vec<u8>, Arc<[u8]>)>,
+    pub counts: Vec<u32>,
+    pub reply: Option<ReplyTo>,
+}
+
+/// A job (or a PING) whose replies are awaited, in the order its commands were written.
+struct InFlight {
+    job: Option<PublishJob>,
+    sent: Instant,
+    /// Receivers per message, as replies arrive.
+    receivers: Vec<u64>,
+    /// Sent once already on a connection that died before answering.
+    retried: bool,
+}
+
+impl InFlight {
+    fn expects(&self) -> usize {
+        self.job.as_ref().map_or(1, |job| job.messages.len())
+    }
+}
+
+struct Publisher {
+    url: RedisUrl,
+    ctx: Context,
+    jobs: Receiver<PublishJob>,
+    conn: Option<Conn>,
+    poll: Poll,
+    /// Jobs to (re)send once connected, oldest first.
+    waiting: VecDeque<InFlight>,
+    in_flight: VecDeque<InFlight>,
+    retry_at: Instant,
+    backoff: Duration,
+    last_write: Instant,
+}
+
+/// Publisher thread body: returns when every job sender is gone.
+pub fn run(url: RedisUrl, ctx: Context, jobs: Receiver<PublishJob>, poll: Poll, wake: Arc<Mailbox<PublishJob>>) {
+    let now = Instant::now();
+    let mut publisher = Publisher {
+        url,
+        ctx,
+        jobs,
+        conn: None,
+        poll,
+        waiting: VecDeque::new(),
+        in_flight: VecDeque::new(),
+        retry_at: now,
+        backoff: Duration::ZERO,
+        // Ping at once, so /health is accurate from the first second.
+        last_write: now - PING_EVERY,
+    };
+    let mut events = Events::with_capacity(16);
+    loop {
+        let timeout = publisher.next_wake();
+        if let Err(e) = publisher.poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                warn!(error = %e, "redis publisher cannot poll; it stops");
+                return;
+            }
+        }
+        wake.clear_wake();
+        if !publisher.take_jobs() {
+            return;
+        }
+        publisher.step();
+    }
+}
+
+impl Publisher {
+    /// Moves every queued job to `waiting`. `false` once no sender is left.
+    fn take_jobs(&mut self) -> bool {
+        loop {
+            match self.jobs.try_recv() {
+                Ok(job) => self.waiting.push_back(InFlight {
+                    receivers: Vec::with_capacity(job.messages.len()),
+                    job: Some(job),
+                    sent: Instant::now(),
+                    retried: false,
+                }),
+                Err(crossbeam_channel::TryRecvError::Empty) => return true,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return !self.waiting.is_empty(),
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Duration {
+        let now = Instant::now();
+        let ping = (self.last_write + PING_EVERY).saturating_duration_since(now);
+        let reply =
+            self.in_flight.front().map_or(Duration::MAX, |f| (f.sent + REPLY_TIMEOUT).saturating_duration_since(now));
+        let retry = if self.conn.is_none() && !self.waiting.is_empty() {
+            self.retry_at.saturating_duration_since(now)
+        } else {
+            Duration::MAX
+        };
+        ping.min(reply).min(retry).max(Duration::from_millis(1))
+    }
+
+    fn step(&mut self) {
+        let now = Instant::now();
+        let wants_ping = now >= self.last_write + PING_EVERY && self.in_flight.is_empty() && self.waiting.is_empty();
+        if self.conn.is_none() && (!self.waiting.is_empty() || wants_ping) {
+            if now < self.retry_at {
+                self.fail_waiting("redis unavailable");
+                return;
+            }
+            self.connect();
+            if self.conn.is_none() {
+                return;
+            }
+        }
+        if wants_ping && self.conn.is_some() {
+            self.waiting.push_back(InFlight { job: None, sent: now, receivers: Vec::new(), retried: false });
+        }
+        if let Err(failure) = self.exchange() {
+            self.lost(failure);
+        }
+    }
+
+    fn connect(&mut self) {
+        match Conn::open(&self.url, CONNECT_TIMEOUT, 64 * 1024) {
+            Ok(mut conn) => {
+                if let Err(e) =
+                    self.poll.registry().register(&mut conn.stream, CONN, Interest::READABLE | Interest::WRITABLE)
+                {
+                    self.failed(Failure::Io(e));
+                    return;
+                }
+                self.conn = Some(conn);
+                self.backoff = Duration::ZERO;
+            }
+            Err(failure) => self.failed(failure),
+        }
+    }
+
+    /// Records a failure to connect and answers everyone waiting.
+    fn failed(&mut self, failure: Failure) {
+        warn!(error = %failure, redis = %self.url.redacted(), "redis publisher cannot connect");
+        self.ctx.metrics.redis.set_error(failure.kind());
+        self.ctx.metrics.redis.publisher_up.store(false, Relaxed);
+        self.backoff = (self.backoff * 2).clamp(BACKOFF_START, BACKOFF_CAP);
+        self.retry_at = Instant::now() + self.backoff;
+        self.fail_waiting(&format!("redis error: {}", failure.kind()));
+    }
+
+    fn fail_waiting(&mut self, why: &str) {
+        for entry in std::mem::take(&mut self.waiting) {
+            self.answer(entry, Answer::Failed(why.to_string()));
+        }
+    }
+
+    /// Writes every waiting command, then reads every reply that has arrived.
+    fn exchange(&mut self) -> Result<(), Failure> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+        while let Some(mut entry) = self.waiting.pop_front() {
+            match &entry.job {
+                Some(job) => {
+                    for (channel, payload) in &job.messages {
+                        resp::encode_publish(conn.commands(), channel, payload);
+                    }
+                }
+                None => resp::encode_command(conn.commands(), [b"PING"]),
+            }
+            entry.sent = Instant::now();
+            self.in_flight.push_back(entry);
+            self.last_write = Instant::now();
+        }
+        conn.flush()?;
+        conn.fill()?;
+        let mut done = Vec::new();
+        loop {
+            let reply = conn.next(|value| match value.error() {
+                Some(error) => Err(Failure::from_reply(error)),
+                None => Ok(value.as_integer().unwrap_or(0).max(0) as u64),
+            })?;
+            let Some(reply) = reply else { break };
+            let receivers = reply?;
+            let Some(front) = self.in_flight.front_mut() else {
+                return Err(Failure::Protocol("a reply nobody asked for".into()));
+            };
+            front.receivers.push(receivers);
+            if front.receivers.len() == front.expects() {
+                done.extend(self.in_flight.pop_front());
+            }
+        }
+        for entry in done {
+            self.complete(entry);
+        }
+        if self.in_flight.front().is_some_and(|f| f.sent.elapsed() >= REPLY_TIMEOUT) {
+            return Err(Failure::Timeout);
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, done: InFlight) {
+        let health = &self.ctx.metrics.redis;
+        health.publisher_up.store(true, Relaxed);
+        let Some(job) = &done.job else {
+            health.ping_micros.store(done.sent.elapsed().as_micros() as u64, Relaxed);
+            return;
+        };
+        let mut receivers = done.receivers.iter();
+        let per_item: Box<[u64]> = job.counts.iter().map(|&n| receivers.by_ref().take(n as usize).sum()).collect();
+        self.answer(done, Answer::Published(per_item));
+    }
+
+    /// The connection died: resend what Redis cannot have seen, answer the rest.
+    fn lost(&mut self, failure: Failure) {
+        warn!(error = %failure, redis = %self.url.redacted(), "redis publisher connection lost");
+        self.ctx.metrics.redis.set_error(failure.kind());
+        self.ctx.metrics.redis.publisher_up.store(false, Relaxed);
+        self.conn = None;
+        let why = format!("redis error: {}", failure.kind());
+        let mut resend = VecDeque::new();
+        for mut entry in std::mem::take(&mut self.in_flight) {
+            if entry.job.is_none() {
+                continue;
+            }
+            if entry.receivers.is_empty() && !entry.retried {
+                entry.retried = true;
+                resend.push_back(entry);
+            } else {
+                self.answer(entry, Answer::Failed(why.clone()));
+            }
+        }
+        resend.append(&mut self.waiting);
+        self.waiting = resend;
+        if !self.waiting.is_empty() {
+            // One attempt on a fresh connection right away; the backoff applies after that.
+            self.connect();
+            if let Err(failure) = self.exchange() {
+                self.conn = None;
+                self.failed(failure);
+                for entry in std::mem::take(&mut self.in_flight) {
+                    self.answer(entry, Answer::Failed(why.clone()));
+                }
+            }
+        }
+    }
+
+    fn answer(&self, entry: InFlight, answer: Answer) {
+        let Some(reply) = entry.job.and_then(|job| job.reply) else { return };
+        if let Some(handle) = self.ctx.routing.loops().get(reply.loop_id) {
+            let _ = handle.send_waiting(LoopCmd::Answer { conn: reply.conn, answer }, LOOP_PATIENCE);
+        }
+    }
+}
