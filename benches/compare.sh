@@ -42,7 +42,7 @@ SECRET=compare-secret
 API_KEY=compare-api-key
 
 if [[ -z ${SKIP_BUILD:-} ]]; then
-    cargo build --release --quiet --bin herald --bin herald-load
+    cargo build --release --quiet -p herald -p herald-load
 fi
 HERALD=$ROOT/target/release/herald
 LOAD=$ROOT/target/release/herald-load

@@ -57,15 +57,7 @@ fn jwt(c: &mut Criterion) {
 
 fn inbound(c: &mut Criterion) {
     // Ten masked client text frames, as one read would return them.
-    let mut bytes = Vec::new();
-    let mask = [1u8, 2, 3, 4];
-    for _ in 0..10 {
-        let payload = br#"{"action":"ping"}"#;
-        bytes.push(0x81);
-        bytes.push(0x80 | payload.len() as u8);
-        bytes.extend_from_slice(&mask);
-        bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    }
+    let bytes = wsframe::masked_text(br#"{"action":"ping"}"#, [1, 2, 3, 4]).repeat(10);
     let mut group = c.benchmark_group("inbound");
     group.throughput(Throughput::Elements(10));
     group.bench_function("parse_10_client_frames", |b| {

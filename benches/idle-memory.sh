@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-19000}
 PORT=${PORT:-18181}
-if [ "${SKIP_BUILD:-0}" != 1 ]; then cargo build --release -q --bin herald --bin herald-load; fi
+if [ "${SKIP_BUILD:-0}" != 1 ]; then cargo build --release -q -p herald -p herald-load; fi
 HERALD=./target/release/herald
 LOAD=./target/release/herald-load
 HERALD_JWT_SECRET=s HERALD_LISTEN=127.0.0.1:$PORT HERALD_THREADS=2 HERALD_MAX_CONNECTIONS=$((N + 1000)) \

@@ -36,7 +36,7 @@ MAX_PER_INSTANCE=${MAX_PER_INSTANCE:-19500}
 SECRET=run-100k-secret
 
 if [[ -z ${SKIP_BUILD:-} ]]; then
-    cargo build --release --quiet --bin herald --bin herald-load
+    cargo build --release --quiet -p herald -p herald-load
 fi
 HERALD=$ROOT/target/release/herald
 LOAD=$ROOT/target/release/herald-load

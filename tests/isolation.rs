@@ -94,12 +94,7 @@ impl Client {
     }
 
     fn send_text(&mut self, text: &str) {
-        let mask = [7u8, 1, 9, 3];
-        let mut frame = vec![0x81, 0x80 | text.len() as u8];
-        assert!(text.len() < 126);
-        frame.extend_from_slice(&mask);
-        frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&frame).expect("send");
+        self.stream.write_all(&wsframe::masked_text(text.as_bytes(), [7, 1, 9, 3])).expect("send");
     }
 
     /// Text messages up to and including the first one for which `last` holds.

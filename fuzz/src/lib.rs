@@ -1,5 +1,6 @@
 //! Helpers shared by the fuzz targets: a deterministic byte-driven RNG, a real `Shared`
-//! built the way `server::start` builds one, token minting, and WebSocket frame codecs.
+//! built the way `server::start` builds one, token minting, and checks of herald's frames
+//! (the framing itself is the shared `wsframe` crate).
 //!
 //! Strict mode (`HERALD_FUZZ_STRICT=1`) turns the known, already-reported deviations listed in
 //! fuzz/README.md back into assertion failures, to reproduce them from fuzz/regressions/.
@@ -146,21 +147,10 @@ impl<'a> Bytes<'a> {
 }
 
 /// A masked client frame (what a browser sends).
+/// `first_byte` goes out as given, RSV bits included.
 pub fn client_frame(first_byte: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![first_byte];
-    match payload.len() {
-        0..=125 => out.push(0x80 | payload.len() as u8),
-        126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut out = Vec::new();
+    wsframe::encode_into(&mut out, first_byte, payload, Some(mask));
     out
 }
 
@@ -184,33 +174,19 @@ pub fn decode_server_frames(mut bytes: &[u8]) -> (Vec<ServerFrame<'_>>, usize) {
         assert_eq!(b0 & 0xF0, 0x80, "server frame must be FIN with no RSV bits: {b0:#x}");
         assert!(matches!(b0 & 0x0F, 0x1 | 0x8 | 0x9 | 0xA), "unexpected server opcode {b0:#x}");
         assert_eq!(b1 & 0x80, 0, "server frames are never masked");
-        let (len, header) = match b1 & 0x7F {
-            126 => {
-                if bytes.len() < 4 {
-                    return (frames, bytes.len());
-                }
-                let n = u16::from_be_bytes([bytes[2], bytes[3]]) as usize;
-                assert!(n >= 126, "non-minimal 16-bit length {n}");
-                (n, 4)
-            }
-            127 => {
-                if bytes.len() < 10 {
-                    return (frames, bytes.len());
-                }
-                let n = u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize;
-                assert!(n > 0xFFFF, "non-minimal 64-bit length {n}");
-                (n, 10)
-            }
-            n => (n as usize, 2),
-        };
+        let Some(header) = wsframe::parse_header(bytes) else { return (frames, bytes.len()) };
+        let len = header.payload_len;
+        match header.header_len {
+            4 => assert!(len >= 126, "non-minimal 16-bit length {len}"),
+            10 => assert!(len > 0xFFFF, "non-minimal 64-bit length {len}"),
+            _ => {}
+        }
         if b0 & 0x08 != 0 {
             assert!(len <= 125, "control frame of {len} bytes");
         }
-        if bytes.len() < header + len {
-            return (frames, bytes.len());
-        }
-        frames.push(ServerFrame { first_byte: b0, payload: &bytes[header..header + len] });
-        bytes = &bytes[header + len..];
+        let Some(frame) = wsframe::decode(bytes) else { return (frames, bytes.len()) };
+        frames.push(ServerFrame { first_byte: b0, payload: frame.payload });
+        bytes = &bytes[frame.len..];
     }
 }
 

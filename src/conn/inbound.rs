@@ -293,21 +293,8 @@ pub(crate) mod tests {
 
     /// A masked client frame, as a browser would send it.
     pub(crate) fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut out = vec![first_byte];
-        match payload.len() {
-            0..=125 => out.push(0x80 | payload.len() as u8),
-            126..=0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            }
-            _ => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let mut out = Vec::new();
+        wsframe::encode_into(&mut out, first_byte, payload, Some(wsframe::FIXED_MASK));
         out
     }
 

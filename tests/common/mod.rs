@@ -1261,7 +1261,7 @@ impl RawWs {
 
     /// A final, masked frame.
     pub fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
-        self.send_frame(true, opcode, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+        self.send_frame(true, opcode, payload, Some(wsframe::FIXED_MASK))
     }
 
     fn fill(&mut self, deadline: Instant) -> Result<(), RawRead> {
@@ -1334,71 +1334,17 @@ impl RawWs {
     }
 }
 
-pub fn encode_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | (opcode & 0x0f)];
-    let mbit = if mask.is_some() { 0x80 } else { 0 };
-    let len = payload.len();
-    if len < 126 {
-        out.push(mbit | len as u8);
-    } else if len <= 0xffff {
-        out.push(mbit | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(mbit | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    match mask {
-        Some(m) => {
-            out.extend_from_slice(&m);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
-        }
-        None => out.extend_from_slice(payload),
-    }
-    out
-}
+/// One frame as a client writes it (`mask` None leaves it unmasked, to test that herald
+/// refuses it); length in its shortest encoding.
+pub use wsframe::encode as encode_frame;
 
+/// The frame at the start of `buf` (payload unmasked) and the bytes it took; None until all of
+/// it has arrived.
 pub fn decode_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let fin = buf[0] & 0x80 != 0;
-    let opcode = buf[0] & 0x0f;
-    let masked = buf[1] & 0x80 != 0;
-    let mut len = (buf[1] & 0x7f) as usize;
-    let mut pos = 2;
-    if len == 126 {
-        if buf.len() < 4 {
-            return None;
-        }
-        len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-        pos = 4;
-    } else if len == 127 {
-        if buf.len() < 10 {
-            return None;
-        }
-        len = u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize;
-        pos = 10;
-    }
-    let mask = if masked {
-        if buf.len() < pos + 4 {
-            return None;
-        }
-        let m = [buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]];
-        pos += 4;
-        Some(m)
-    } else {
-        None
-    };
-    if buf.len() < pos + len {
-        return None;
-    }
-    let mut payload = buf[pos..pos + len].to_vec();
-    if let Some(m) = mask {
-        for (i, b) in payload.iter_mut().enumerate() {
-            *b ^= m[i % 4];
-        }
-    }
-    Some((RawFrame { fin, opcode, masked, payload }, pos + len))
+    let f = wsframe::decode(buf)?;
+    let raw =
+        RawFrame { fin: f.header.fin, opcode: f.header.opcode, masked: f.header.mask.is_some(), payload: f.unmasked() };
+    Some((raw, f.len))
 }
 
 /// Sets SO_RCVBUF on a socket (to make a non-reading client's buffers fill quickly).

@@ -261,9 +261,7 @@ impl Worker {
         for (k, conn) in conns.iter_mut().enumerate() {
             if let Some(stream) = conn.stream.as_mut() {
                 if matches!(conn.state, State::Open | State::Subscribing) && conn.wbuf.is_empty() {
-                    let mut frame = Vec::with_capacity(8);
-                    ws::masked_frame(&mut frame, ws::OP_CLOSE, &1000u16.to_be_bytes(), sink.rng.next_u64() as u32);
-                    let _ = stream.write(&frame);
+                    let _ = stream.write(&wsframe::masked_close(1000, sink.rng.mask()));
                 }
                 sink.user_index = plan.users.index_of_conn(self.global(k));
                 set_live(conn, &mut sink, false);
@@ -549,8 +547,7 @@ fn consume(conn: &mut Conn, data: &[u8], sink: &mut Sink<'_>) -> usize {
                 match sink.plan.subscribe.as_deref() {
                     Some(text) => {
                         conn.state = State::Subscribing;
-                        let mut frame = Vec::with_capacity(text.len() + 8);
-                        ws::masked_frame(&mut frame, ws::OP_TEXT, text, sink.rng.next_u64() as u32);
+                        let frame = wsframe::masked_text(text, sink.rng.mask());
                         send(conn, sink, &frame);
                     }
                     None => open(conn, sink),
@@ -573,10 +570,8 @@ fn consume(conn: &mut Conn, data: &[u8], sink: &mut Sink<'_>) -> usize {
             ws::OP_TEXT | ws::OP_BINARY | ws::OP_CONT => sink.counts.other_messages += 1,
             ws::OP_PING => {
                 sink.counts.pings += 1;
-                let mut pong = Vec::with_capacity(frame.payload.len() + 8);
-                ws::masked_frame(&mut pong, ws::OP_PONG, &frame.payload[..frame.payload.len().min(125)], {
-                    sink.rng.next_u64() as u32
-                });
+                let echo = &frame.payload[..frame.payload.len().min(125)];
+                let pong = wsframe::encode(true, ws::OP_PONG, echo, Some(sink.rng.mask()));
                 send(conn, sink, &pong);
             }
             ws::OP_PONG => {}

@@ -127,25 +127,6 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into()))
 }
 
-/// An unmasked, unfragmented text frame.
-fn text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(payload.len() + 10);
-    f.push(0x81);
-    match payload.len() {
-        n if n < 126 => f.push(n as u8),
-        n if n <= 0xffff => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f
-}
-
 struct Loop {
     id: usize,
     poll: Poll,
@@ -319,7 +300,7 @@ impl Loop {
                     return true;
                 }
                 Request::Publish { len, body } => {
-                    let frame = Arc::new(text_frame(&conn.rbuf[body.0..body.1]));
+                    let frame = Arc::new(wsframe::encode(true, wsframe::OP_TEXT, &conn.rbuf[body.0..body.1], None));
                     conn.rbuf.drain(..len);
                     // Answer first, as herald does (it delivers after answering): the
                     // publisher's next request then overlaps this broadcast.
@@ -410,9 +391,7 @@ mod tests {
             _ => panic!("not a publish"),
         }
         assert!(matches!(parse_request(&p[..30]), Request::Partial));
-        assert_eq!(text_frame(b"hi"), vec![0x81, 2, b'h', b'i']);
         let head = RESPONSE.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         assert_eq!(RESPONSE.len() - head, 32);
-        assert_eq!(text_frame(&[b'x'; 200])[..4], [0x81, 126, 0, 200]);
     }
 }

@@ -1,6 +1,6 @@
 //! The client side of RFC 6455, as much as a load generator needs: the upgrade request and
-//! its answer, a parser for the server's (unmasked) frames, masked control frames, and a
-//! scanner for the `"seq"` and `"t"` fields of the load messages.
+//! its answer, which server frames it accepts (framing itself is the shared `wsframe`
+//! crate), and a scanner for the `"seq"` and `"t"` fields of the load messages.
 
 /// A small, fast PRNG (xorshift64*) for WebSocket keys and masks; not for secrets.
 #[derive(Debug, Clone)]
@@ -25,6 +25,11 @@ impl Rng {
         x ^= x >> 27;
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A fresh masking key for one client frame.
+    pub fn mask(&mut self) -> [u8; 4] {
+        (self.next_u64() as u32).to_be_bytes()
     }
 }
 
@@ -109,12 +114,7 @@ pub fn parse_handshake(buf: &[u8], key: &str) -> Handshake {
     }
 }
 
-pub const OP_CONT: u8 = 0x0;
-pub const OP_TEXT: u8 = 0x1;
-pub const OP_BINARY: u8 = 0x2;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PING: u8 = 0x9;
-pub const OP_PONG: u8 = 0xA;
+pub use wsframe::{OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 
 /// Largest server frame accepted; anything bigger is a protocol error for this client.
 pub const MAX_FRAME: u64 = 1 << 20;
@@ -129,53 +129,24 @@ pub struct Frame<'a> {
     pub len: usize,
 }
 
-/// Parses the frame at the start of `buf`: `Ok(None)` when it is not complete yet.
+/// Parses the frame at the start of `buf`: `Ok(None)` when it is not complete yet; `Err`
+/// for what no server may send this client (a mask, RSV bits with no extension negotiated)
+/// or a frame over [`MAX_FRAME`], refused from its header alone.
 pub fn parse_frame(buf: &[u8]) -> Result<Option<Frame<'_>>, &'static str> {
-    let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else { return Ok(None) };
-    if b1 & 0x80 != 0 {
+    let Some(header) = wsframe::parse_header(buf) else { return Ok(None) };
+    if header.mask.is_some() {
         return Err("masked frame from server");
     }
-    if b0 & 0x70 != 0 {
+    if header.rsv != 0 {
         return Err("reserved bits set");
     }
-    let (header, len) = match b1 & 0x7F {
-        126 => match buf.get(2..4) {
-            Some(b) => (4, u64::from(u16::from_be_bytes([b[0], b[1]]))),
-            None => return Ok(None),
-        },
-        127 => match buf.get(2..10) {
-            Some(b) => {
-                let mut raw = [0u8; 8];
-                raw.copy_from_slice(b);
-                (10, u64::from_be_bytes(raw))
-            }
-            None => return Ok(None),
-        },
-        n => (2, u64::from(n)),
-    };
-    if len > MAX_FRAME {
+    if header.payload_len > MAX_FRAME {
         return Err("frame too large");
     }
-    let total = header + len as usize;
-    match buf.get(header..total) {
-        Some(payload) => Ok(Some(Frame { fin: b0 & 0x80 != 0, opcode: b0 & 0x0F, payload, len: total })),
+    match wsframe::decode(buf) {
+        Some(f) => Ok(Some(Frame { fin: f.header.fin, opcode: f.header.opcode, payload: f.payload, len: f.len })),
         None => Ok(None),
     }
-}
-
-/// Appends a masked, final client frame (payload at most 125 bytes: control frames and
-/// short texts) to `out`.
-pub fn masked_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: u32) {
-    let mask = mask.to_be_bytes();
-    out.push(0x80 | opcode);
-    if payload.len() < 126 {
-        out.push(0x80 | payload.len() as u8);
-    } else {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(payload.len().min(0xFFFF) as u16).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().take(0xFFFF).enumerate().map(|(i, b)| b ^ mask[i & 3]));
 }
 
 /// Finds `needle` in `hay`.
@@ -304,16 +275,6 @@ mod tests {
         }
         assert!(parse_frame(&[0x81, 0x85, 1, 2, 3, 4, 0]).is_err());
         assert!(parse_frame(&[0x82, 127, 0xFF, 0, 0, 0, 0, 0, 0, 0]).is_err());
-    }
-
-    #[test]
-    fn masked_frames_unmask_to_the_payload() {
-        let mut out = Vec::new();
-        masked_frame(&mut out, OP_PONG, b"abc", 0x01020304);
-        assert_eq!(out[..2], [0x8A, 0x83]);
-        let mask = &out[2..6];
-        let unmasked: Vec<u8> = out[6..].iter().enumerate().map(|(i, b)| b ^ mask[i & 3]).collect();
-        assert_eq!(unmasked, b"abc");
     }
 
     #[test]
