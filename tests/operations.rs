@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-
 fn ready(h: &Herald) -> (u16, serde_json::Value) {
     let r = h.http("GET", "/ready", &[], b"");
     (r.status, r.json())
