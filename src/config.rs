@@ -118,6 +118,12 @@ pub struct ServerArgs {
     /// On SIGTERM/SIGINT: time to flush and close before exit (after the drain period).
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// PEM certificate chain: with HERALD_TLS_KEY, the port serves TLS only (wss://, https://).
+    #[arg(long, env = "HERALD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of HERALD_TLS_CERT.
+    #[arg(long, env = "HERALD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// On SIGTERM/SIGINT: /ready turns 503 at once and open connections are closed (1001)
     /// spread evenly over this period, so clients do not all reconnect at the same instant.
     #[arg(long, env = "HERALD_DRAIN_PERIOD", default_value = "0s", value_parser = parse_duration)]
@@ -167,6 +173,8 @@ impl std::fmt::Debug for ServerArgs {
             handshake_timeout,
             shutdown_grace,
             drain_period,
+            tls_cert,
+            tls_key,
             api_key,
             api_key_file,
             allowed_origins,
@@ -196,6 +204,8 @@ impl std::fmt::Debug for ServerArgs {
             .field("handshake_timeout", handshake_timeout)
             .field("shutdown_grace", shutdown_grace)
             .field("drain_period", drain_period)
+            .field("tls_cert", tls_cert)
+            .field("tls_key", tls_key)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
             .field("api_key_file", api_key_file)
             .field("allowed_origins", allowed_origins)
@@ -305,6 +315,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub shutdown_grace: Duration,
     pub drain_period: Duration,
+    /// Certificate and key files when the port serves TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub api_key: Option<String>,
     /// `None` allows every Origin.
     pub allowed_origins: Option<Vec<String>>,
@@ -340,6 +352,7 @@ impl std::fmt::Debug for Config {
             handshake_timeout,
             shutdown_grace,
             drain_period,
+            tls,
             api_key,
             allowed_origins,
             connect_rate_per_ip,
@@ -366,6 +379,7 @@ impl std::fmt::Debug for Config {
             .field("handshake_timeout", handshake_timeout)
             .field("shutdown_grace", shutdown_grace)
             .field("drain_period", drain_period)
+            .field("tls", tls)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
             .field("allowed_origins", allowed_origins)
             .field("connect_rate_per_ip", connect_rate_per_ip)
@@ -513,6 +527,15 @@ impl ServerArgs {
                 return Err(format!("{name} must be at most 24h"));
             }
         }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => {
+                // Checked now so a bad pair stops herald with one line, before anything starts.
+                crate::tls::Acceptor::load(&cert, &key)?;
+                Some((cert, key))
+            }
+            (None, None) => None,
+            _ => return Err("HERALD_TLS_CERT and HERALD_TLS_KEY go together: set both or neither".into()),
+        };
         let allowed_origins = {
             let list: Vec<String> = self
                 .allowed_origins
@@ -542,6 +565,7 @@ impl ServerArgs {
             handshake_timeout: self.handshake_timeout,
             shutdown_grace: self.shutdown_grace,
             drain_period: self.drain_period,
+            tls,
             api_key,
             allowed_origins,
             connect_rate_per_ip: self.connect_rate_per_ip,

@@ -30,3 +30,4 @@ pub mod route;
 pub mod server;
 pub mod shared;
 pub mod tick;
+pub mod tls;

@@ -33,6 +33,11 @@ pub struct LocalCounters {
     pub http_evicted: u64,
     /// Connections refused over HERALD_CONNECT_RATE_PER_IP.
     pub rate_limited: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// Connections dropped for not speaking TLS or failing it (plain HTTP, garbage, handshake
+    /// errors).
+    pub tls_failures: u64,
     pub latency_buckets: [u64; BUCKETS],
     pub latency_sum_micros: u64,
 }
@@ -66,6 +71,8 @@ pub struct LoopMetrics {
     output_stalled: AtomicU64,
     http_evicted: AtomicU64,
     rate_limited: AtomicU64,
+    tls_handshakes: AtomicU64,
+    tls_failures: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS],
     latency_sum_micros: AtomicU64,
     /// Connections of any kind (HTTP included) in this loop's slab.
@@ -96,6 +103,8 @@ impl LoopMetrics {
         add(&self.output_stalled, &mut local.output_stalled);
         add(&self.http_evicted, &mut local.http_evicted);
         add(&self.rate_limited, &mut local.rate_limited);
+        add(&self.tls_handshakes, &mut local.tls_handshakes);
+        add(&self.tls_failures, &mut local.tls_failures);
         for (shared, value) in self.latency_buckets.iter().zip(local.latency_buckets.iter_mut()) {
             add(shared, value);
         }
@@ -174,6 +183,8 @@ pub struct Snapshot {
     pub output_stalled: u64,
     pub http_evicted: u64,
     pub rate_limited: u64,
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
     pub slab_entries: u64,
     pub index_entries: u64,
     pub latency_buckets: [u64; BUCKETS],
@@ -234,6 +245,8 @@ impl Metrics {
             s.output_stalled += l.output_stalled.load(Relaxed);
             s.http_evicted += l.http_evicted.load(Relaxed);
             s.rate_limited += l.rate_limited.load(Relaxed);
+            s.tls_handshakes += l.tls_handshakes.load(Relaxed);
+            s.tls_failures += l.tls_failures.load(Relaxed);
             s.slab_entries += l.slab_entries.load(Relaxed);
             s.index_entries += l.index_entries.load(Relaxed);
             for (total, b) in s.latency_buckets.iter_mut().zip(l.latency_buckets.iter()) {
@@ -277,10 +290,12 @@ impl Snapshot {
                 "output_stalled": self.output_stalled,
                 "http_evicted": self.http_evicted,
                 "rate_limited": self.rate_limited,
+                "tls_failures": self.tls_failures,
                 "api_auth_failures": self.api_auth_failures,
                 "api_auth_rate_limited": self.api_auth_rate_limited,
             },
             "redis": { "reconnects": self.redis_reconnects },
+            "tls": { "handshakes": self.tls_handshakes, "failures": self.tls_failures },
             "internals": { "slab_entries": self.slab_entries, "index_entries": self.index_entries },
         })
         .to_string()
@@ -301,7 +316,7 @@ impl Snapshot {
         );
         metric("herald_users_unique", "gauge", "Distinct users with a connection.", self.unique_users.to_string());
         metric("herald_topics_unique", "gauge", "Distinct topics with a subscriber.", self.unique_topics.to_string());
-        let counters: [(&str, &str, u64); 20] = [
+        let counters: [(&str, &str, u64); 22] = [
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),
             ("herald_messages_sent_total", "Notifications written to clients.", self.sent),
@@ -339,6 +354,12 @@ impl Snapshot {
             ),
             ("herald_http_evicted_total", "Plain HTTP connections closed to make room at the cap.", self.http_evicted),
             ("herald_rate_limited_total", "Connections refused over the per-IP connect rate.", self.rate_limited),
+            ("herald_tls_handshakes_total", "TLS handshakes completed.", self.tls_handshakes),
+            (
+                "herald_tls_failures_total",
+                "Connections dropped for not speaking TLS or failing its handshake.",
+                self.tls_failures,
+            ),
             ("herald_redis_reconnects_total", "Redis reconnections.", self.redis_reconnects),
             (
                 "herald_api_auth_failures_total",

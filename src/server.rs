@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
 use crate::auth::Verifier;
@@ -91,7 +91,13 @@ pub fn start(config: Config) -> Result<Running, String> {
             Broker::Redis(redis::RedisBroker::start(url, ctx)?)
         }
     };
-    let shared = Arc::new(Shared::new(config, verifier, metrics, routing, broker));
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(crate::tls::Acceptor::load(cert, key)?),
+        None => None,
+    };
+    let mut shared = Shared::new(config, verifier, metrics, routing, broker);
+    shared.tls = tls;
+    let shared = Arc::new(shared);
     let mut loop_threads = Vec::new();
     for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
         let event_loop = EventLoop::new(id, shared.clone(), poll, listener, inbox)
@@ -182,10 +188,21 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
     );
 }
 
+/// SIGHUP: loads again what may have been replaced on disk (the TLS certificate and key).
+/// What cannot be loaded is logged and the current material stays in use.
+fn reload(shared: &Shared) {
+    if let Some(acceptor) = &shared.tls {
+        match acceptor.reload() {
+            Ok(()) => info!("TLS certificate reloaded: new handshakes use it"),
+            Err(e) => warn!(error = %e, "TLS certificate not reloaded; the current one stays in use"),
+        }
+    }
+}
+
 /// Runs until a signal stops it.
 pub fn run(config: Config) -> Result<(), String> {
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot handle signals: {e}"))?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("cannot handle signals: {e}"))?;
     let grace = config.shutdown_grace;
     let drain = config.drain_period;
     let dev_mode = config.dev_mode;
@@ -198,10 +215,16 @@ pub fn run(config: Config) -> Result<(), String> {
         warn!("dev mode: tokens are signed with a random secret; set HERALD_JWT_SECRET in production");
         dev_banner(&banner_config, running.local_addr);
     }
-    let first = signals.forever().next();
+    let first = signals.forever().find(|&signal| {
+        if signal == SIGHUP {
+            reload(&running.shared);
+            return false;
+        }
+        true
+    });
     info!(signal = ?first, "shutting down: closing connections (grace {:?})", grace);
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        if signals.forever().any(|signal| signal != SIGHUP) {
             warn!("second signal: exiting now");
             std::process::exit(130);
         }

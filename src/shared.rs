@@ -17,6 +17,8 @@ pub struct Shared {
     pub admission: Admission,
     pub routing: Arc<Routing>,
     pub broker: Broker,
+    /// Present when the port serves TLS: the certificate in use, reloadable.
+    pub tls: Option<crate::tls::Acceptor>,
     /// Failed publish-API authentications per client address.
     pub auth_failures: AuthFailureLimit,
     pub shutting_down: AtomicBool,
@@ -47,6 +49,7 @@ impl Shared {
             metrics,
             routing,
             broker,
+            tls: None,
             auth_failures: AuthFailureLimit::default(),
             shutting_down: AtomicBool::new(false),
             next_notification_id: AtomicU64::new(0),

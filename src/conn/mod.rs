@@ -39,6 +39,8 @@ pub const MAX_KEEPALIVE_REQUESTS: u16 = 1000;
 
 pub struct Conn {
     pub stream: TcpStream,
+    /// The TLS session when the port serves TLS; everything read and written goes through it.
+    pub tls: Option<Box<crate::tls::Session>>,
     /// Distinguishes this connection from later ones reusing its slab slot.
     pub id: u32,
     pub phase: Phase,
@@ -65,6 +67,12 @@ impl Conn {
                 Phase::Http(http) => http.waiting.is_some() || self.queue.len() >= MAX_PIPELINED,
                 _ => false,
             }
+    }
+
+    /// Whether anything waits to be written: queued frames, or TLS records the socket did not
+    /// take yet.
+    pub fn has_output(&self) -> bool {
+        !self.queue.is_empty() || self.tls.as_ref().is_some_and(|t| !t.pending_output().is_empty())
     }
 
     /// Interest follows from state: readable always, writable only while output is blocked.
@@ -304,7 +312,7 @@ mod tests {
         assert!(size_of::<Session>() <= 64, "Session grew to {} bytes", size_of::<Session>());
         // Release builds; mio's TcpStream carries 12 more bytes in debug builds.
         let conn = size_of::<Conn>() - if cfg!(debug_assertions) { 16 } else { 0 };
-        assert!(conn <= 88, "Conn grew to {conn} bytes");
+        assert!(conn <= 96, "Conn grew to {conn} bytes");
     }
 
     #[test]

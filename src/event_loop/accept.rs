@@ -61,6 +61,16 @@ impl EventLoop {
             self.evict_oldest_plain();
         }
         let _ = stream.set_nodelay(true);
+        let tls = match &self.shared.tls {
+            None => None,
+            Some(acceptor) => match acceptor.session() {
+                Ok(session) => Some(Box::new(session)),
+                Err(e) => {
+                    warn!(error = %e, "cannot start a TLS session");
+                    return;
+                }
+            },
+        };
         let entry = self.conns.vacant_entry();
         let key = entry.key() as u32;
         if self.poll.registry().register(&mut stream, Token(key as usize), Interest::READABLE).is_err() {
@@ -70,6 +80,7 @@ impl EventLoop {
         let deadline = self.now_tick.saturating_add(self.timeouts.handshake);
         entry.insert(Conn {
             stream,
+            tls,
             id: self.next_conn_id,
             phase: Phase::Http(Box::new(Http::new(peer, deadline))),
             queue: Default::default(),
@@ -84,8 +95,13 @@ impl EventLoop {
         self.arm(key);
         if !self.shared.admission.admit_connection(peer, self.now) {
             // Every connection counts against the per-IP rate, not only upgrades: a plain
-            // socket costs a descriptor just the same.
+            // socket costs a descriptor just the same. Over TLS there is no way to say 429
+            // before a handshake the peer should not get: it is dropped.
             self.counters.rate_limited += 1;
+            if self.conns.get(key as usize).is_some_and(|c| c.tls.is_some()) {
+                self.reset(key);
+                return;
+            }
             let refusal = Response::error(Status::TOO_MANY_REQUESTS, "too many connections from this address");
             self.respond(key, refusal, false, true);
             return;

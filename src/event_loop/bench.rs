@@ -114,6 +114,7 @@ impl EventLoop {
         self.next_conn_id = self.next_conn_id.wrapping_add(1);
         entry.insert(Conn {
             stream,
+            tls: None,
             id: self.next_conn_id,
             phase: Phase::Http(Box::new(Http::new(peer, self.now_tick.saturating_add(self.timeouts.handshake)))),
             queue: Default::default(),

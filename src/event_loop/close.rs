@@ -107,7 +107,7 @@ impl EventLoop {
         }
         let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
         for key in keys {
-            match self.conns.get(key as usize).map(|c| (&c.phase, c.queue.is_empty())) {
+            match self.conns.get(key as usize).map(|c| (&c.phase, !c.has_output())) {
                 Some((Phase::Open(_), _)) => self.close_with(key, code::GOING_AWAY, "server shutdown"),
                 Some((Phase::Http(_), true)) => self.remove(key),
                 Some((Phase::Http(_), false)) => self.set_phase_closing(key),

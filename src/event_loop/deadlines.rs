@@ -69,7 +69,7 @@ impl EventLoop {
                 None => self.reject(key, Status::REQUEST_TIMEOUT),
             },
             Phase::Closing { deadline, .. } if now >= *deadline => {
-                if conn.queue.is_empty() {
+                if !conn.has_output() {
                     self.remove(key);
                 } else {
                     // The peer would not take even our last bytes (a slow consumer with a

@@ -78,6 +78,8 @@ pub struct EventLoop {
     slow: Vec<u32>,
     due: Vec<(timers::Entry, Tick)>,
     read_buf: Vec<u8>,
+    /// Plaintext of the TLS records one read brought (reused).
+    tls_plain: Vec<u8>,
     json: JsonScratch,
     counters: LocalCounters,
     next_conn_id: u32,
@@ -146,6 +148,7 @@ impl EventLoop {
             slow: Vec::new(),
             due: Vec::new(),
             read_buf: vec![0; READ_CHUNK],
+            tls_plain: Vec::new(),
             json: JsonScratch::default(),
             counters: LocalCounters::default(),
             next_conn_id: 0,

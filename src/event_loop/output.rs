@@ -11,6 +11,7 @@ use super::EventLoop;
 use crate::conn::send_queue::Flushed;
 use crate::conn::{Conn, Phase};
 use crate::metrics::LocalCounters;
+use crate::tls;
 
 /// Bytes written to one connection per pass before others get their turn.
 const WRITE_BUDGET: usize = 256 * 1024;
@@ -44,12 +45,23 @@ impl EventLoop {
     pub(super) fn flush(&mut self, key: u32) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         let was_paused = conn.input_paused();
-        let result = if conn.queue.is_empty() {
+        let mut result = if conn.has_output() {
+            write_queued(conn, &mut self.counters, &mut self.released_bytes, Instant::now())
+        } else {
             // Nothing to write, but a closing connection may still owe its FIN.
             Ok(Flushed::Empty)
-        } else {
-            write_queued(conn, &mut self.counters, &mut self.released_bytes, Instant::now())
         };
+        if let (Ok(Flushed::Empty), Phase::Closing { fin_sent: false, .. }, Some(tls)) =
+            (&result, &conn.phase, conn.tls.as_mut())
+        {
+            // A TLS peer is told the stream ends before the FIN says so.
+            tls.close_notify();
+            result = match tls::drain(tls, &mut conn.stream) {
+                Ok(true) => Ok(Flushed::Empty),
+                Ok(false) => Ok(Flushed::WouldBlock),
+                Err(e) => Err(e),
+            };
+        }
         if was_paused && !conn.input_paused() && !matches!(conn.phase, Phase::Closing { .. }) {
             // The peer took enough of its output: read (and serve) what it sent meanwhile.
             self.reread.push(key);
@@ -92,15 +104,26 @@ impl EventLoop {
 
 /// Writes a connection's queue (up to the per-pass budget), counting each notification whose
 /// last byte left as a delivery with its latency, and each reply's bytes as memory released.
+/// On a TLS connection frames are encrypted here, as they go out, and records the socket does
+/// not take yet count as unwritten output (`Flushed::WouldBlock`).
 pub(super) fn write_queued(
     conn: &mut Conn,
     counters: &mut LocalCounters,
     released_bytes: &mut usize,
     now: Instant,
 ) -> io::Result<Flushed> {
-    conn.queue.flush(&mut conn.stream, WRITE_BUDGET, |frame| match frame.born {
+    let on_sent = |frame: &crate::frame::Frame| match frame.born {
         Some(born) => counters.delivered(now.saturating_duration_since(born)),
         // Replies belong to this connection alone: writing one frees it.
         None => *released_bytes += frame.bytes.len(),
-    })
+    };
+    let Some(session) = conn.tls.as_mut() else {
+        return conn.queue.flush(&mut conn.stream, WRITE_BUDGET, on_sent);
+    };
+    let mut writer = tls::Writer { session, sink: &mut conn.stream };
+    let flushed = conn.queue.flush(&mut writer, WRITE_BUDGET, on_sent)?;
+    match (flushed, tls::drain(writer.session, writer.sink)?) {
+        (Flushed::Empty, false) => Ok(Flushed::WouldBlock),
+        (flushed, _) => Ok(flushed),
+    }
 }

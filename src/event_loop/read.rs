@@ -3,6 +3,8 @@
 
 use std::io::{self, Read};
 
+use tracing::debug;
+
 use super::{EventLoop, READ_CHUNK};
 use crate::conn::Phase;
 use crate::http::{self, Status};
@@ -37,23 +39,63 @@ impl EventLoop {
                     return;
                 }
             };
-            match &mut conn.phase {
-                Phase::Http(http) => {
-                    if http.buf.len() + n > http::MAX_HEAD_BYTES + http::MAX_BATCH_BODY_BYTES + READ_CHUNK {
-                        self.reject(key, Status::HEADERS_TOO_LARGE);
-                        return;
-                    }
-                    http.buf.extend_from_slice(&self.read_buf[..n]);
-                    self.serve_requests(key);
-                }
-                Phase::Open(_) => {
+            match conn.tls.as_mut() {
+                None => {
                     let mut input = std::mem::take(&mut self.read_buf);
-                    self.on_frames(key, &mut input[..n]);
+                    self.on_input(key, &mut input[..n]);
                     self.read_buf = input;
                 }
-                // Bytes after our close are discarded; we only wait for the peer's EOF.
-                Phase::Closing { .. } => {}
+                Some(tls) => {
+                    let mut plain = std::mem::take(&mut self.tls_plain);
+                    plain.clear();
+                    let received = tls.receive(&mut self.read_buf[..n], &mut plain);
+                    let has_records = !tls.pending_output().is_empty();
+                    match received {
+                        Err(failed) => {
+                            // Plain HTTP, garbage or a failed handshake: nothing to answer it
+                            // with that it could read.
+                            self.counters.tls_failures += 1;
+                            debug!(reason = %failed.0, "dropping a connection that does not speak TLS");
+                            self.tls_plain = plain;
+                            self.reset(key);
+                            return;
+                        }
+                        Ok(received) => {
+                            self.counters.tls_handshakes += u64::from(received.handshake_done);
+                            if has_records {
+                                self.mark_dirty(key);
+                            }
+                            self.on_input(key, &mut plain);
+                            if plain.capacity() > READ_CHUNK {
+                                plain = Vec::new();
+                            }
+                            self.tls_plain = plain;
+                            if received.peer_closed {
+                                self.on_eof(key);
+                                return;
+                            }
+                        }
+                    }
+                }
             }
+        }
+    }
+
+    /// Hands received plaintext to the connection's phase.
+    fn on_input(&mut self, key: u32, input: &mut [u8]) {
+        let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        match &mut conn.phase {
+            Phase::Http(http) => {
+                if http.buf.len() + input.len() > http::MAX_HEAD_BYTES + http::MAX_BATCH_BODY_BYTES + READ_CHUNK {
+                    self.reject(key, Status::HEADERS_TOO_LARGE);
+                    return;
+                }
+                http.buf.extend_from_slice(input);
+                self.serve_requests(key);
+            }
+            Phase::Open(_) => self.on_frames(key, input),
+            // Bytes after our close are discarded; we only wait for the peer's EOF.
+            Phase::Closing { .. } => {}
         }
     }
 
@@ -70,7 +112,7 @@ impl EventLoop {
         let Some(conn) = self.conns.get(key as usize) else { return };
         match conn.phase {
             // A client that half-closed after sending its last request still gets its answers.
-            Phase::Http(_) if !conn.queue.is_empty() => self.set_phase_closing(key),
+            Phase::Http(_) if conn.has_output() => self.set_phase_closing(key),
             Phase::Closing { fin_sent: false, .. } => {}
             _ => self.remove(key),
         }

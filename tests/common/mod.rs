@@ -881,6 +881,20 @@ impl HttpResponse {
     }
 }
 
+/// Parses one complete response held in `raw` (read to EOF): status, headers, and the body by
+/// its Content-Length (or everything after the head).
+pub fn parse_http_response(raw: &[u8]) -> Option<HttpResponse> {
+    let he = find_header_end(raw)?;
+    let (status, headers) = parse_head(&raw[..he])?;
+    let cl: Option<usize> =
+        headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse().ok());
+    let body = match cl {
+        Some(cl) => raw.get(he..he + cl)?.to_vec(),
+        None => raw[he..].to_vec(),
+    };
+    Some(HttpResponse { status, headers, body })
+}
+
 fn find_header_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
