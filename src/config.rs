@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::broker::redis::SubscribeMode;
 use crate::broker::redis::redis_url::RedisUrl;
 
 /// A Redis URL as the raw arguments hold it, fit for a log line: its password hidden.
@@ -82,6 +83,10 @@ pub struct ServerArgs {
     /// File holding the Redis password (trailing newline ignored), added to HERALD_REDIS_URL.
     #[arg(long, env = "HERALD_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
+    /// `exact`: subscribe to each user's and topic's channel while this instance holds it;
+    /// `pattern`: one PSUBSCRIBE per prefix (every instance receives every message).
+    #[arg(long, env = "HERALD_REDIS_SUBSCRIBE", default_value = "exact", value_parser = ["exact", "pattern"])]
+    pub redis_subscribe: String,
     /// Redis channel of a user = prefix + user id.
     #[arg(long, env = "HERALD_USER_CHANNEL_PREFIX", default_value = "user_noti:")]
     pub user_channel_prefix: String,
@@ -160,6 +165,7 @@ impl std::fmt::Debug for ServerArgs {
             jwt_issuer,
             redis_url,
             redis_password_file,
+            redis_subscribe,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -191,6 +197,7 @@ impl std::fmt::Debug for ServerArgs {
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis_url.as_deref().map(redact_url))
             .field("redis_password_file", redis_password_file)
+            .field("redis_subscribe", redis_subscribe)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -302,6 +309,7 @@ pub struct Config {
     /// Parsed, with the password from HERALD_REDIS_PASSWORD_FILE, if any, already in it
     /// (its `Debug` hides the password).
     pub redis: Option<RedisUrl>,
+    pub redis_subscribe: SubscribeMode,
     pub user_channel_prefix: String,
     pub topic_channel_prefix: String,
     pub threads: usize,
@@ -339,6 +347,7 @@ impl std::fmt::Debug for Config {
             jwt_audience,
             jwt_issuer,
             redis,
+            redis_subscribe,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -366,6 +375,7 @@ impl std::fmt::Debug for Config {
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis.as_ref().map(|r| r.redacted().to_string()))
+            .field("redis_subscribe", redis_subscribe)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -552,6 +562,11 @@ impl ServerArgs {
             jwt_audience: non_empty(self.jwt_audience),
             jwt_issuer: non_empty(self.jwt_issuer),
             redis,
+            redis_subscribe: if self.redis_subscribe == "pattern" {
+                SubscribeMode::Pattern
+            } else {
+                SubscribeMode::Exact
+            },
             user_channel_prefix: self.user_channel_prefix,
             topic_channel_prefix: self.topic_channel_prefix,
             threads,
