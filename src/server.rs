@@ -1,5 +1,6 @@
-//! Starts herald: listeners, event loops, the broker's threads; then waits for SIGTERM/SIGINT
-//! and shuts down gracefully (a second signal exits at once).
+//! Starts herald: listeners, event loops, the broker's threads, the JWKS fetcher; then waits
+//! for signals: SIGHUP reloads (see [`reload`]), SIGTERM/SIGINT shut down gracefully (a
+//! second one exits at once).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,10 +8,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
-use crate::auth::Verifier;
 use crate::broker::{Broker, Routing, redis};
 use crate::config::{Config, JwtKey};
 use crate::event_loop::EventLoop;
@@ -57,8 +57,10 @@ fn raise_fd_limit() {
 /// Starts every thread; returns once the listeners are bound.
 pub fn start(config: Config) -> Result<Running, String> {
     raise_fd_limit();
-    let verifier =
-        Verifier::new(&config.jwt_key)?.requiring(config.jwt_audience.as_deref(), config.jwt_issuer.as_deref());
+    let metrics = Arc::new(Metrics::new(config.threads, config.redis.is_some()));
+    // Before listening: a key set that cannot be loaded stops herald here, with one line.
+    let (keyring, jwks_fetcher) = crate::jwks::keyring(&config, &metrics)?;
+    info!(keys = %keyring.keys().describe(), "accepting tokens");
     let first = bind(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = first.local_addr().map_err(|e| e.to_string())?;
     let mut listeners = vec![first];
@@ -74,7 +76,6 @@ pub fn start(config: Config) -> Result<Running, String> {
         handles.push(handle);
         inboxes.push(inbox);
     }
-    let metrics = Arc::new(Metrics::new(config.threads, config.redis.is_some()));
     let routing = Arc::new(Routing::default());
     let loops: Loops = handles.into();
     routing.attach(loops);
@@ -91,7 +92,10 @@ pub fn start(config: Config) -> Result<Running, String> {
             Broker::Redis(redis::RedisBroker::start(url, ctx)?)
         }
     };
-    let shared = Arc::new(Shared::new(config, verifier, metrics, routing, broker));
+    let shared = Arc::new(Shared::new(config, keyring, metrics, routing, broker));
+    if let Some(fetcher) = jwks_fetcher {
+        fetcher.spawn(Arc::downgrade(&shared.verifier))?;
+    }
     let mut loop_threads = Vec::new();
     for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
         let event_loop = EventLoop::new(id, shared.clone(), poll, listener, inbox)
@@ -170,10 +174,36 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
     );
 }
 
+/// What SIGHUP does: re-reads what can change without a restart and logs what it did. Every
+/// reloadable thing belongs here (TLS certificates, when herald serves TLS, too). A reload
+/// that fails keeps what is in force.
+pub fn reload(shared: &Shared) {
+    let keys = &shared.verifier;
+    let mut reloaded = false;
+    if let Some(result) = keys.reload_public_key() {
+        reloaded = true;
+        let path = keys.public_key_file().map(|p| p.display().to_string()).unwrap_or_default();
+        match result {
+            Ok(algorithm) => info!(%path, ?algorithm, "SIGHUP: HERALD_JWT_PUBLIC_KEY reloaded"),
+            Err(e) => warn!(%path, error = %e, "SIGHUP: HERALD_JWT_PUBLIC_KEY not reloaded; the key in force stays"),
+        }
+    }
+    // The fetcher's thread does the reading and logs the outcome: the signal thread never
+    // waits on the network.
+    if keys.request_jwks_reload() {
+        reloaded = true;
+        info!("SIGHUP: HERALD_JWKS refresh requested");
+    }
+    if !reloaded {
+        info!("SIGHUP: nothing to reload (neither HERALD_JWT_PUBLIC_KEY nor HERALD_JWKS is set)");
+    }
+}
+
 /// Runs until a signal stops it.
 pub fn run(config: Config) -> Result<(), String> {
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot handle signals: {e}"))?;
+    // SIGHUP is handled from here on: before, its default action would end the process.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("cannot handle signals: {e}"))?;
     let grace = config.shutdown_grace;
     let dev_mode = config.dev_mode;
     let mode = if config.redis.is_some() { "redis" } else { "embedded broker" };
@@ -185,10 +215,16 @@ pub fn run(config: Config) -> Result<(), String> {
         warn!("dev mode: tokens are signed with a random secret; set HERALD_JWT_SECRET in production");
         dev_banner(&banner_config, running.local_addr);
     }
-    let first = signals.forever().next();
+    let first = signals.forever().find(|&signal| {
+        if signal == SIGHUP {
+            reload(&running.shared);
+        }
+        signal != SIGHUP
+    });
     info!(signal = ?first, "shutting down: closing connections (grace {:?})", grace);
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        // A reload while shutting down is pointless: SIGHUP is ignored from here on.
+        if signals.forever().any(|signal| signal != SIGHUP) {
             warn!("second signal: exiting now");
             std::process::exit(130);
         }
