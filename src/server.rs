@@ -56,10 +56,10 @@ fn raise_fd_limit() {
 
 /// Starts every thread; returns once the listeners are bound.
 pub fn start(config: Config) -> Result<Running, String> {
-    raise_fd_limit();
     let metrics = Arc::new(Metrics::new(config.threads, config.redis.is_some()));
-    // Before listening: a key set that cannot be loaded stops herald here, with one line.
+    // First of all: a key set that cannot be loaded stops herald with its one error line.
     let (keyring, jwks_fetcher) = crate::jwks::keyring(&config, &metrics)?;
+    raise_fd_limit();
     info!(keys = %keyring.keys().describe(), "accepting tokens");
     let first = bind(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = first.local_addr().map_err(|e| e.to_string())?;
