@@ -188,7 +188,10 @@ impl std::fmt::Debug for ServerArgs {
             .field("jwt_secret_previous", &jwt_secret_previous.as_ref().map(|_| "<redacted>"))
             .field("jwt_secret_previous_file", jwt_secret_previous_file)
             .field("jwt_public_key", jwt_public_key)
-            .field("jwks", &jwks.as_deref().map(|text| JwksSource::parse(text).map_or_else(|e| e, |s| s.shown())))
+            .field(
+                "jwks",
+                &jwks.as_deref().map(|text| JwksSource::parse(text).map_or_else(|_| "<invalid>".into(), |s| s.shown())),
+            )
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis_url.as_deref().map(redact_url))
@@ -308,7 +311,8 @@ impl JwksSource {
         let https = lower.starts_with("https://");
         if !https && !lower.starts_with("http://") {
             if text.contains("://") {
-                return Err(format!("HERALD_JWKS `{text}` must be an http:// or https:// URL or a file path"));
+                // Not echoed: a URL may carry credentials.
+                return Err("HERALD_JWKS must be an http:// or https:// URL or a file path".into());
             }
             return Ok(JwksSource::File(PathBuf::from(text)));
         }
@@ -510,10 +514,26 @@ impl ServerArgs {
             }
         };
         let jwks = non_empty(self.jwks).map(|text| JwksSource::parse(&text)).transpose()?;
-        // Every key source may be combined with the others: each key keeps its one algorithm,
-        // and a token is checked only against keys of the algorithm its header names (see
-        // `auth::KeySet`). That lets an issuer move between HS256 and public keys without a
-        // moment in which either kind of token is refused.
+        if secret.is_none() && previous.is_some() {
+            return Err("HERALD_JWT_SECRET_PREVIOUS is set but HERALD_JWT_SECRET is not: \
+                        the previous secret is accepted only beside a current one"
+                .into());
+        }
+        // A public key decides: with HERALD_JWT_PUBLIC_KEY or HERALD_JWKS only RS256/ES256
+        // tokens are accepted, and secrets are ignored (with a warning). That was herald's rule
+        // before key rotation, and keeping it means a secret left over in the environment
+        // never widens what an upgraded herald accepts. The PEM key and the JWKS combine.
+        let public_keys = jwt_public_key.is_some() || jwks.is_some();
+        let (secret, previous) = if public_keys && secret.is_some() {
+            warnings.push(
+                "HERALD_JWT_SECRET (and HERALD_JWT_SECRET_PREVIOUS) are ignored: with HERALD_JWT_PUBLIC_KEY or \
+                 HERALD_JWKS herald accepts RS256/ES256 tokens only"
+                    .into(),
+            );
+            (None, None)
+        } else {
+            (secret, previous)
+        };
         for (name, value) in [("HERALD_JWT_SECRET", &secret), ("HERALD_JWT_SECRET_PREVIOUS", &previous)] {
             if let Some(value) = value.as_ref().filter(|v| v.len() < MIN_SECRET_BYTES) {
                 warnings.push(format!(
@@ -528,12 +548,7 @@ impl ServerArgs {
         }
         let (jwt_key, dev_mode) = match secret {
             Some(secret) => (JwtKey::Secret(secret), false),
-            None if previous.is_some() => {
-                return Err("HERALD_JWT_SECRET_PREVIOUS is set but HERALD_JWT_SECRET is not: \
-                            the previous secret is accepted only beside a current one"
-                    .into());
-            }
-            None if jwt_public_key.is_some() || jwks.is_some() => (JwtKey::Unset, false),
+            None if public_keys => (JwtKey::Unset, false),
             None => (JwtKey::Secret(crate::auth::random_secret()), true),
         };
         let redis_url = non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL"));
@@ -785,11 +800,22 @@ mod tests {
             let config = parse(&args).unwrap();
             assert!(matches!(config.jwt_key, JwtKey::Unset) && !config.dev_mode, "{args:?}");
         }
-        let all =
-            parse(&["--jwt-secret", current, "--jwt-public-key", &pem, "--jwks", "/etc/herald/jwks.json"]).unwrap();
-        assert!(matches!(all.jwt_key, JwtKey::Secret(_)));
+        // The PEM key and the JWKS combine; a public key makes the secrets ignored, loudly.
+        let all = parse(&[
+            "--jwt-secret",
+            current,
+            "--jwt-secret-previous-file",
+            &previous,
+            "--jwt-public-key",
+            &pem,
+            "--jwks",
+            "/etc/herald/jwks.json",
+        ])
+        .unwrap();
+        assert!(matches!(all.jwt_key, JwtKey::Unset) && all.jwt_secret_previous.is_none() && !all.dev_mode);
         assert!(all.jwt_public_key.is_some());
         assert_eq!(all.jwks, Some(JwksSource::File("/etc/herald/jwks.json".into())));
+        assert!(all.warnings.iter().any(|w| w.contains("ignored")), "{:?}", all.warnings);
         let scheme = parse(&["--jwks", "ftp://idp.example/keys"]).unwrap_err();
         assert!(scheme.starts_with("HERALD_JWKS"), "{scheme}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -166,6 +166,12 @@ fn claims(sub: &str) -> Value {
     json!({"sub": sub, "exp": now_secs() + 3600})
 }
 
+/// A herald with HERALD_JWKS = `source`. herald honours the HTTP(S)_PROXY variables for the
+/// fetch; the key server here is local, so no proxy set around the tests may take it.
+fn herald_with_jwks(source: &str) -> HeraldBuilder {
+    herald().no_secret().env("HERALD_JWKS", source).env("NO_PROXY", "*")
+}
+
 /// Whether an upgrade with `token` is accepted (101) or refused with 401.
 fn accepted(h: &Herald, token: &str) -> bool {
     match ws_try_connect(h.port, &format!("/ws?token={token}"), &[]) {
@@ -235,13 +241,15 @@ impl Drop for Scratch {
 #[test]
 fn rotated_jwks_keys_are_fetched_on_an_unknown_kid_at_most_once_a_minute() {
     let server = JwksServer::start(Reply::Body(jwks(&[("rsa_private.pem", "k1")])));
-    let h = herald().env("HERALD_JWKS", &server.url()).start();
+    let h = herald_with_jwks(&server.url()).env("HERALD_JWT_SECRET", SECRET).start();
     server.wait_requests(1);
     let old = token_rs256_kid(&claims("alice"), "rsa_private.pem", "k1");
     let new = token_rs256_kid(&claims("bob"), "rsa_other_private.pem", "k2");
     let ec = token_es256_kid(&claims("carol"), "ec_private.pem", "k3");
     assert!(accepted(&h, &old));
-    assert!(accepted(&h, &token("dave")), "the HS256 secret is accepted beside the JWKS");
+    // A public key decides: the secret left beside the JWKS is ignored, and said so.
+    assert!(!accepted(&h, &token("dave")), "an HS256 token was accepted beside a JWKS");
+    assert!(h.stderr().contains("HERALD_JWT_SECRET (and HERALD_JWT_SECRET_PREVIOUS) are ignored"), "{}", h.stderr());
 
     // The issuer rotates: k1 retires, k2 and k3 arrive. A token with k2 is refused at once
     // (nothing waits for the key server) and makes herald fetch the set again.
@@ -279,7 +287,7 @@ fn rotated_jwks_keys_are_fetched_on_an_unknown_kid_at_most_once_a_minute() {
 #[test]
 fn a_jwks_endpoint_that_is_down_keeps_the_keys_and_is_counted() {
     let mut server = JwksServer::start(Reply::Body(jwks(&[("rsa_private.pem", "k1")])));
-    let h = herald().env("HERALD_JWKS", &server.url()).start();
+    let h = herald_with_jwks(&server.url()).start();
     server.wait_requests(1);
     let old = token_rs256_kid(&claims("alice"), "rsa_private.pem", "k1");
     assert!(accepted(&h, &old));
@@ -305,7 +313,7 @@ fn a_jwks_endpoint_that_is_down_keeps_the_keys_and_is_counted() {
 #[test]
 fn a_hanging_jwks_endpoint_never_holds_up_a_handshake() {
     let server = JwksServer::start(Reply::Body(jwks(&[("rsa_private.pem", "k1")])));
-    let h = herald().env("HERALD_JWKS", &server.url()).start();
+    let h = herald_with_jwks(&server.url()).start();
     server.wait_requests(1);
     server.set(Reply::Hang);
     let old = token_rs256_kid(&claims("alice"), "rsa_private.pem", "k1");
@@ -324,7 +332,7 @@ fn a_hanging_jwks_endpoint_never_holds_up_a_handshake() {
 #[test]
 fn a_malformed_jwks_at_a_refresh_keeps_the_old_keys() {
     let server = JwksServer::start(Reply::Body(jwks(&[("rsa_private.pem", "k1")])));
-    let h = herald().env("HERALD_JWKS", &server.url()).start();
+    let h = herald_with_jwks(&server.url()).start();
     server.wait_requests(1);
     let old = token_rs256_kid(&claims("alice"), "rsa_private.pem", "k1");
     let mut expected = (0, 0);
@@ -368,7 +376,7 @@ fn a_jwks_that_cannot_be_loaded_at_start_exits_2_with_one_line() {
         (&closed, "cannot be fetched"),
         ("ftp://127.0.0.1/jwks.json", "http://"),
     ] {
-        let env = [("HERALD_LISTEN", "127.0.0.1:0"), ("HERALD_JWT_SECRET", SECRET), ("HERALD_JWKS", source)];
+        let env = [("HERALD_LISTEN", "127.0.0.1:0"), ("HERALD_JWKS", source), ("NO_PROXY", "*")];
         let out = run_herald(&[], &env, T);
         assert_eq!(out.code, Some(2), "{source}: {}", out.stderr);
         let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -385,7 +393,7 @@ fn sighup_reloads_the_jwks_file_and_the_public_key_file() {
     let ec_pem = std::fs::read_to_string(fixture("ec_public.pem")).unwrap();
     let rsa_pem = std::fs::read_to_string(fixture("rsa_public.pem")).unwrap();
     let pem = dir.write("key.pem", &ec_pem);
-    let h = herald().env("HERALD_JWKS", &set).env("HERALD_JWT_PUBLIC_KEY", &pem).start();
+    let h = herald_with_jwks(&set).env("HERALD_JWT_PUBLIC_KEY", &pem).start();
     let k1 = token_rs256_kid(&claims("alice"), "rsa_private.pem", "k1");
     let k2 = token_rs256_kid(&claims("bob"), "rsa_other_private.pem", "k2");
     let es256 = token_es256(&claims("carol"), "ec_private.pem");
