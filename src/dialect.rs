@@ -43,6 +43,10 @@ pub struct Dialect {
     pub project_subscriptions: bool,
     /// Relay other JSON objects to the topic's other members (seed 004 focus sessions).
     pub relays: bool,
+    /// Not a WebSocket: a Server-Sent Events response (`GET /sse`). Notifications go out in
+    /// their event-stream form, keepalives are comments, the end of the body is the close,
+    /// and nothing the client sends is read as a message.
+    pub event_stream: bool,
 }
 
 pub static SEED_003: Dialect = Dialect {
@@ -54,6 +58,7 @@ pub static SEED_003: Dialect = Dialect {
     json_heartbeat: false,
     project_subscriptions: false,
     relays: false,
+    event_stream: false,
 };
 
 pub static SEED_000: Dialect = Dialect {
@@ -65,6 +70,7 @@ pub static SEED_000: Dialect = Dialect {
     json_heartbeat: true,
     project_subscriptions: false,
     relays: false,
+    event_stream: false,
 };
 
 pub static SEED_001: Dialect = Dialect {
@@ -76,6 +82,7 @@ pub static SEED_001: Dialect = Dialect {
     json_heartbeat: false,
     project_subscriptions: false,
     relays: false,
+    event_stream: false,
 };
 
 pub static SEED_002: Dialect = Dialect {
@@ -87,6 +94,7 @@ pub static SEED_002: Dialect = Dialect {
     json_heartbeat: false,
     project_subscriptions: true,
     relays: false,
+    event_stream: false,
 };
 
 pub static FOCUS_SESSION: Dialect = Dialect {
@@ -98,10 +106,25 @@ pub static FOCUS_SESSION: Dialect = Dialect {
     json_heartbeat: false,
     project_subscriptions: false,
     relays: true,
+    event_stream: false,
+};
+
+/// `GET /sse` (SPEC §10): seed 003's auth failures, answered before the stream starts.
+pub static EVENT_STREAM: Dialect = Dialect {
+    id: 5,
+    seed: "sse",
+    auth_failure: AuthFailure::Http401Json,
+    // An event stream has no close code: its end is the close. Kept for the table's shape.
+    auth_close_code: code::POLICY_VIOLATION,
+    greets: false,
+    json_heartbeat: false,
+    project_subscriptions: false,
+    relays: false,
+    event_stream: true,
 };
 
 /// Every dialect, indexed by its `id`.
-pub static ALL: [&Dialect; 5] = [&SEED_003, &SEED_000, &SEED_001, &SEED_002, &FOCUS_SESSION];
+pub static ALL: [&Dialect; 6] = [&SEED_003, &SEED_000, &SEED_001, &SEED_002, &FOCUS_SESSION, &EVENT_STREAM];
 
 impl Dialect {
     /// The dialect with index `id` (an id a `Dialect` gave out; anything else is seed 003's).
@@ -113,7 +136,8 @@ impl Dialect {
 /// Longest id accepted in a topic path segment.
 const MAX_PATH_ID: usize = 128;
 
-/// Finds the dialect for a WebSocket path, and the topic the path fixes, if any.
+/// Finds the dialect for a WebSocket path, and the topic the path fixes, if any. (`/sse` is
+/// no WebSocket path: it has its own route.)
 pub fn for_path(path: &str) -> Option<(&'static Dialect, Stream)> {
     match path {
         "/ws" => return Some((&SEED_003, Stream::Personal)),
@@ -162,5 +186,7 @@ mod tests {
         assert_eq!(for_path("/ws/project/"), None);
         assert_eq!(for_path("/ws/project/a/b"), None);
         assert_eq!(for_path("/other"), None);
+        assert_eq!(for_path("/sse"), None);
+        assert!(EVENT_STREAM.event_stream && ALL.iter().filter(|d| d.event_stream).count() == 1);
     }
 }

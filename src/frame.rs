@@ -4,9 +4,16 @@
 //! `Arc`; every recipient's send queue holds a clone of the pointer, never a copy of the bytes.
 //! HTTP responses and control frames travel the same queues as `Frame`s too, so a
 //! connection has exactly one ordered output stream.
+//!
+//! Server-Sent Events sessions need the same notification in another encoding: the first of
+//! them to receive a frame builds that form and stores it in the frame, and every other one
+//! (on any loop) shares it. A broadcast to N event streams encodes once, and a frame no event
+//! stream receives pays one empty slot.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use crate::sse;
 
 /// Bytes ready for the socket.
 #[derive(Debug)]
@@ -15,9 +22,36 @@ pub struct Frame {
     /// When the notification entered herald; `None` for control frames and HTTP responses,
     /// which are not counted as deliveries.
     pub born: Option<Instant>,
+    /// This notification as a Server-Sent Event, once an event stream has needed it.
+    event: OnceLock<SharedFrame>,
 }
 
 pub type SharedFrame = Arc<Frame>;
+
+impl Frame {
+    fn shared(bytes: Box<[u8]>, born: Option<Instant>) -> SharedFrame {
+        Arc::new(Frame { bytes, born, event: OnceLock::new() })
+    }
+
+    /// The payload of a frame this module encoded as a WebSocket frame.
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[header_len_of(&self.bytes).min(self.bytes.len())..]
+    }
+
+    /// The same notification as a Server-Sent Event (same `born`, so it counts as the same
+    /// delivery), built on the first call and shared afterwards; the flag says whether this
+    /// call built it. Only for notification frames: the payload is read past the WebSocket
+    /// header.
+    pub fn event_stream_form(&self) -> (&SharedFrame, bool) {
+        let mut built = false;
+        let event = self.event.get_or_init(|| {
+            built = true;
+            // The notification's stream id goes here once history assigns one.
+            Frame::shared(sse::encode_event(self.payload(), None).into_boxed_slice(), self.born)
+        });
+        (event, built)
+    }
+}
 
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
@@ -63,7 +97,7 @@ fn control(opcode: u8, payload: &[u8]) -> SharedFrame {
     let mut out = Vec::with_capacity(2 + payload.len());
     write_header(&mut out, opcode, payload.len());
     out.extend_from_slice(payload);
-    Arc::new(Frame { bytes: out.into_boxed_slice(), born: None })
+    Frame::shared(out.into_boxed_slice(), None)
 }
 
 /// A text frame for a notification; `born` feeds the delivery-latency histogram.
@@ -71,7 +105,7 @@ pub fn notification(payload: &[u8], born: Instant) -> SharedFrame {
     let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
     write_header(&mut out, OP_TEXT, payload.len());
     out.extend_from_slice(payload);
-    Arc::new(Frame { bytes: out.into_boxed_slice(), born: Some(born) })
+    Frame::shared(out.into_boxed_slice(), Some(born))
 }
 
 /// A text frame that is a reply to one client (pong, error), not a delivery.
@@ -79,7 +113,7 @@ pub fn reply_text(payload: &[u8]) -> SharedFrame {
     let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
     write_header(&mut out, OP_TEXT, payload.len());
     out.extend_from_slice(payload);
-    Arc::new(Frame { bytes: out.into_boxed_slice(), born: None })
+    Frame::shared(out.into_boxed_slice(), None)
 }
 
 pub fn ping() -> SharedFrame {
@@ -106,7 +140,19 @@ pub fn close(code: u16, reason: &str) -> SharedFrame {
 
 /// Raw bytes (an HTTP response) wrapped for the send queue.
 pub fn raw(bytes: Vec<u8>) -> SharedFrame {
-    Arc::new(Frame { bytes: bytes.into_boxed_slice(), born: None })
+    Frame::shared(bytes.into_boxed_slice(), None)
+}
+
+/// The event-stream keepalive comment (one shared buffer for every stream).
+pub fn event_stream_ping() -> SharedFrame {
+    static PING: OnceLock<SharedFrame> = OnceLock::new();
+    PING.get_or_init(|| raw(sse::PING.to_vec())).clone()
+}
+
+/// An event stream's last words: a comment with the reason it ends (an event stream has no
+/// close frame; the end of the response body is the close).
+pub fn event_stream_close(reason: &str) -> SharedFrame {
+    raw(sse::comment(&format!("close {reason}")))
 }
 
 /// Close codes herald sends (RFC 6455 §7.4.1 and the registry).
@@ -126,6 +172,32 @@ pub mod code {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_event_stream_form_is_built_once_and_shared() {
+        let born = Instant::now();
+        let json = br#"{"type":"t","payload":{"n":1}}"#;
+        let f = notification(json, born);
+        let (first, built) = f.event_stream_form();
+        assert!(built);
+        assert_eq!(&first.bytes[..], &sse::encode_event(json, None)[..]);
+        assert_eq!(first.born, Some(born), "an event is the same delivery as its frame");
+        for _ in 0..1000 {
+            let (again, built) = f.event_stream_form();
+            assert!(!built);
+            assert!(Arc::ptr_eq(first, again));
+        }
+        // Frames cloned to other loops share the cache: built once across threads.
+        let g = notification(&[b'x'; 300], born);
+        let built_total: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| usize::from(g.event_stream_form().1))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(built_total, 1);
+        let long = notification(&[b'y'; 70_000], born);
+        assert_eq!(long.payload().len(), 70_000);
+        assert_eq!(long.event_stream_form().0.bytes.len(), 70_000 + 8);
+    }
 
     #[test]
     fn headers_use_the_shortest_length_form() {

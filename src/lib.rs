@@ -5,7 +5,7 @@
 //! the user or topic) → [`mailbox`] → [`event_loop`] (which connections, bounded queues,
 //! writev) → sockets. [`broker`] is the seam between herald and where publishes travel.
 //!
-//! Imports point downward only: [`ids`], [`frame`], [`metrics`], [`config`] at the bottom;
+//! Imports point downward only: [`ids`], [`sse`], [`frame`], [`metrics`], [`config`] at the bottom;
 //! then [`message`], [`conn`], [`mailbox`], [`route`], [`admission`], [`jwks`]; then [`broker`];
 //! [`shared`]; [`http`]; [`event_loop`]; [`server`] at the top.
 
@@ -31,6 +31,7 @@ pub mod presence;
 pub mod route;
 pub mod server;
 pub mod shared;
+pub mod sse;
 pub mod tick;
 pub mod tls;
 pub mod webhook;

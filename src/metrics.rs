@@ -40,6 +40,9 @@ pub struct LocalCounters {
     /// Connections dropped for not speaking TLS or failing it (plain HTTP, garbage, handshake
     /// errors).
     pub tls_failures: u64,
+    /// Notifications encoded into their Server-Sent Events form (once each, however many
+    /// event streams receive them).
+    pub events_encoded: u64,
     pub latency_buckets: [u64; BUCKETS],
     pub latency_sum_micros: u64,
 }
@@ -60,6 +63,8 @@ impl LocalCounters {
 #[repr(align(64))]
 pub struct LoopMetrics {
     pub connections: AtomicI64,
+    /// Of `connections`, the Server-Sent Events streams.
+    pub event_streams: AtomicI64,
     sent: AtomicU64,
     failed: AtomicU64,
     slow_consumers: AtomicU64,
@@ -75,6 +80,7 @@ pub struct LoopMetrics {
     rate_limited: AtomicU64,
     tls_handshakes: AtomicU64,
     tls_failures: AtomicU64,
+    events_encoded: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS],
     latency_sum_micros: AtomicU64,
     /// Connections of any kind (HTTP included) in this loop's slab.
@@ -107,6 +113,7 @@ impl LoopMetrics {
         add(&self.rate_limited, &mut local.rate_limited);
         add(&self.tls_handshakes, &mut local.tls_handshakes);
         add(&self.tls_failures, &mut local.tls_failures);
+        add(&self.events_encoded, &mut local.events_encoded);
         for (shared, value) in self.latency_buckets.iter().zip(local.latency_buckets.iter_mut()) {
             add(shared, value);
         }
@@ -173,6 +180,7 @@ pub struct Metrics {
 pub struct Snapshot {
     pub uptime_seconds: u64,
     pub active_connections: i64,
+    pub event_streams: i64,
     pub unique_users: u64,
     pub unique_topics: u64,
     pub received_from_redis: u64,
@@ -204,6 +212,7 @@ pub struct Snapshot {
     pub rate_limited: u64,
     pub tls_handshakes: u64,
     pub tls_failures: u64,
+    pub events_encoded: u64,
     pub slab_entries: u64,
     pub index_entries: u64,
     pub latency_buckets: [u64; BUCKETS],
@@ -262,6 +271,7 @@ impl Metrics {
         };
         for l in self.loops.iter() {
             s.active_connections += l.connections.load(Relaxed);
+            s.event_streams += l.event_streams.load(Relaxed);
             s.sent += l.sent.load(Relaxed);
             s.failed += l.failed.load(Relaxed);
             s.slow_consumers += l.slow_consumers.load(Relaxed);
@@ -277,6 +287,7 @@ impl Metrics {
             s.rate_limited += l.rate_limited.load(Relaxed);
             s.tls_handshakes += l.tls_handshakes.load(Relaxed);
             s.tls_failures += l.tls_failures.load(Relaxed);
+            s.events_encoded += l.events_encoded.load(Relaxed);
             s.slab_entries += l.slab_entries.load(Relaxed);
             s.index_entries += l.index_entries.load(Relaxed);
             for (total, b) in s.latency_buckets.iter_mut().zip(l.latency_buckets.iter()) {
@@ -299,6 +310,7 @@ impl Snapshot {
                 "active": self.active_connections,
                 "total_unique_users": self.unique_users,
                 "total_unique_topics": self.unique_topics,
+                "sse": self.event_streams,
             },
             "messages": {
                 "received_from_redis": self.received_from_redis,
@@ -310,6 +322,7 @@ impl Snapshot {
                 "slow_consumers": self.slow_consumers,
                 "acked": self.acked,
                 "ignored_client_messages": self.ignored_client_messages,
+                "sse_encoded": self.events_encoded,
             },
             "errors": {
                 "protocol": self.protocol_errors,
@@ -350,8 +363,14 @@ impl Snapshot {
         metric(
             "herald_connections_active",
             "gauge",
-            "Open WebSocket connections.",
+            "Open connections (WebSocket and Server-Sent Events).",
             self.active_connections.to_string(),
+        );
+        metric(
+            "herald_connections_sse",
+            "gauge",
+            "Open Server-Sent Events streams (included in herald_connections_active).",
+            self.event_streams.to_string(),
         );
         metric("herald_users_unique", "gauge", "Distinct users with a connection.", self.unique_users.to_string());
         metric("herald_topics_unique", "gauge", "Distinct topics with a subscriber.", self.unique_topics.to_string());
@@ -361,10 +380,15 @@ impl Snapshot {
             "Redis channels (exact mode) or patterns this instance is subscribed to.",
             self.redis_subscriptions.to_string(),
         );
-        let counters: [(&str, &str, u64); 28] = [
+        let counters: [(&str, &str, u64); 29] = [
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),
             ("herald_messages_sent_total", "Notifications written to clients.", self.sent),
+            (
+                "herald_sse_events_encoded_total",
+                "Notifications encoded as Server-Sent Events (once each, shared by every stream).",
+                self.events_encoded,
+            ),
             ("herald_messages_failed_total", "Deliveries that failed (slow consumers, closed sockets).", self.failed),
             ("herald_messages_dropped_invalid_total", "Published messages dropped as invalid.", self.dropped_invalid),
             (
@@ -502,6 +526,22 @@ mod tests {
         assert!(text.contains("herald_delivery_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("herald_messages_sent_total 3\n"));
         assert_eq!(local.sent, 0);
+    }
+
+    #[test]
+    fn event_stream_gauge_and_counter_are_in_both_renderings() {
+        let m = Metrics::new(2, false);
+        m.loops[0].connections.fetch_add(3, Relaxed);
+        m.loops[0].event_streams.fetch_add(2, Relaxed);
+        m.loops[1].event_streams.fetch_add(1, Relaxed);
+        m.loops[1].absorb(&mut LocalCounters { events_encoded: 4, ..LocalCounters::default() });
+        let snapshot = m.snapshot(0, 0);
+        let text = snapshot.to_prometheus();
+        assert!(text.contains("herald_connections_sse 3\n"), "{text}");
+        assert!(text.contains("herald_sse_events_encoded_total 4\n"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&snapshot.to_json("t")).unwrap();
+        assert_eq!(json["connections"]["sse"], 3);
+        assert_eq!(json["messages"]["sse_encoded"], 4);
     }
 
     #[test]

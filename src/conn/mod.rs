@@ -86,6 +86,17 @@ impl Conn {
         if self.write_blocked { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE }
     }
 
+    /// After a write attempt: an event stream whose output moved (fewer bytes unsent than the
+    /// `unsent_before`, or nothing left) is not stuck.
+    pub fn note_output_progress(&mut self, unsent_before: usize, now: Tick) {
+        let moved = !self.has_output() || self.queue.bytes() < unsent_before;
+        if let Phase::Open(session) = &mut self.phase {
+            if moved && session.is_event_stream() {
+                session.last_received = now;
+            }
+        }
+    }
+
     pub fn session(&self) -> Option<&Session> {
         match &self.phase {
             Phase::Open(session) => Some(session),
@@ -180,6 +191,9 @@ pub struct Session {
     /// until none is left, so nothing published after the client hears from us is missed.
     pub awaiting_subscriptions: u8,
     pub expires: Tick,
+    /// Last input from the client. An event stream's client never writes, so for it this is
+    /// the last time its output moved (written on, or found empty): its idle deadline means
+    /// "output stuck", not "client silent".
     pub last_received: Tick,
     pub last_ping: Tick,
     /// Last data message queued (seed 000 heartbeats count silence from here).
@@ -242,6 +256,11 @@ impl Session {
         self.topics.as_ref().map_or(&[], |t| &t.held)
     }
 
+    /// A Server-Sent Events stream rather than a WebSocket.
+    pub fn is_event_stream(&self) -> bool {
+        self.dialect().event_stream
+    }
+
     /// Whether the connection receives the user's personal stream.
     pub fn personal(&self) -> bool {
         self.user_node != NO_NODE
@@ -273,6 +292,15 @@ impl Session {
             self.last_data_sent = now;
         }
         if ping || heartbeat { Due::Keepalive { ping, heartbeat } } else { Due::Nothing }
+    }
+
+    /// [`Session::due`], knowing whether the connection's output is `drained`: an event stream
+    /// with nothing waiting to be written is not stuck, so its idle clock restarts first.
+    pub fn due_given_output(&mut self, now: Tick, drained: bool, t: &Timeouts) -> Due {
+        if drained && self.is_event_stream() {
+            self.last_received = now;
+        }
+        self.due(now, t)
     }
 
     /// Takes one relay from this second's allowance; `false` when it is used up (or the
@@ -358,6 +386,22 @@ mod tests {
         s.last_data_sent = Tick::MAX - 1;
         assert_eq!(s.next_deadline(&T), Tick::MAX);
         assert_eq!(s.due(Tick::MAX - 1, &T), Due::Nothing);
+    }
+
+    #[test]
+    fn an_event_stream_is_idle_only_while_its_output_is_stuck() {
+        let mut s = session(&dialect::EVENT_STREAM, Tick::MAX);
+        assert_eq!(s.next_deadline(&T), 300);
+        assert_eq!(s.due_given_output(300, true, &T), Due::Keepalive { ping: true, heartbeat: false });
+        // Nothing ever arrives from an event-stream client; with nothing to write it is fine.
+        assert_eq!(s.due_given_output(2_000, true, &T), Due::Keepalive { ping: true, heartbeat: false });
+        assert_eq!(s.last_received, 2_000);
+        assert_eq!(s.due_given_output(2_300, false, &T), Due::Keepalive { ping: true, heartbeat: false });
+        assert_eq!(s.due_given_output(2_599, false, &T), Due::Nothing);
+        assert_eq!(s.due_given_output(2_600, false, &T), Due::Idle, "output waiting since 2000 without moving");
+        // A WebSocket's idle clock is its client's: drained output does not restart it.
+        let mut ws = session(&dialect::SEED_003, Tick::MAX);
+        assert_eq!(ws.due_given_output(600, true, &T), Due::Idle);
     }
 
     #[test]

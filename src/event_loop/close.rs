@@ -15,7 +15,11 @@ impl EventLoop {
         if matches!(conn.phase, Phase::Closing { .. }) {
             return;
         }
-        conn.queue.push_reply(frame::close(code, reason));
+        let last = match &conn.phase {
+            Phase::Open(session) if session.is_event_stream() => frame::event_stream_close(reason),
+            _ => frame::close(code, reason),
+        };
+        conn.queue.push_reply(last);
         self.mark_dirty(key);
         self.set_phase_closing(key);
     }
@@ -39,6 +43,9 @@ impl EventLoop {
             self.index_remove(&membership.topic, membership.node);
         }
         self.shared.metrics.loops[self.id].connections.fetch_sub(1, Ordering::Relaxed);
+        if session.is_event_stream() {
+            self.shared.metrics.loops[self.id].event_streams.fetch_sub(1, Ordering::Relaxed);
+        }
         let connections = self.shared.admission.release(&self.shared.routing.table, session.user.name());
         self.shared.broker.presence_changed(session.user.name(), connections, false, &self.shared.metrics);
     }

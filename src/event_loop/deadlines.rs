@@ -56,6 +56,7 @@ impl EventLoop {
         let timeouts = self.timeouts;
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         let paused = conn.input_paused();
+        let drained = !conn.has_output();
         let conn_ref = ConnRef { key, id: conn.id };
         match &mut conn.phase {
             Phase::Http(http) if now >= http.deadline => match http.waiting {
@@ -77,14 +78,15 @@ impl EventLoop {
                     self.reset(key);
                 }
             }
-            Phase::Open(session) => match session.due(now, &timeouts) {
+            Phase::Open(session) => match session.due_given_output(now, drained, &timeouts) {
                 Due::Expired => {
                     let code = session.dialect().auth_close_code;
                     self.counters.token_expired_closes += 1;
                     self.close_with(key, code, "token expired");
                 }
-                // Silent only because herald stopped reading it: its output sat unread.
-                Due::Idle if paused => {
+                // Silent only because herald stopped reading it: its output sat unread. (An
+                // event stream is never silent by choice: idle, its output is stuck.)
+                Due::Idle if paused || session.is_event_stream() => {
                     self.counters.output_stalled += 1;
                     self.close_with(key, code::POLICY_VIOLATION, "slow consumer");
                 }
@@ -94,7 +96,9 @@ impl EventLoop {
                 }
                 Due::Keepalive { ping, heartbeat } => {
                     if ping {
-                        conn.queue.push_reply(self.ping.clone());
+                        let ping =
+                            if session.is_event_stream() { frame::event_stream_ping() } else { self.ping.clone() };
+                        conn.queue.push_reply(ping);
                     }
                     if heartbeat {
                         let beat = format!(

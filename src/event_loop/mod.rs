@@ -11,6 +11,7 @@
 //! | `read.rs` | reading sockets, backpressure, EOF |
 //! | `requests.rs` | HTTP requests: answering, parking, publishing, disconnecting |
 //! | `websocket.rs` | upgrades and client messages (subscriptions, relays) |
+//! | `sse.rs` | opening Server-Sent Events streams |
 //! | `deliver.rs` | notifications into send queues, slow consumers |
 //! | `output.rs` | flushing queues with writev |
 //! | `close.rs` | closing and removing connections, shutdown |
@@ -29,8 +30,11 @@ pub mod index;
 mod output;
 mod read;
 mod requests;
+mod sse;
 pub mod timers;
 mod websocket;
+
+pub use websocket::MAX_TOPICS_PER_CONNECTION;
 
 use std::collections::VecDeque;
 use std::io;

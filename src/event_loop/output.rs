@@ -49,6 +49,7 @@ impl EventLoop {
             return;
         }
         let was_paused = conn.input_paused();
+        let unsent_before = conn.queue.bytes();
         let mut result = if conn.has_output() {
             write_queued(conn, &mut self.counters, &mut self.released_bytes, Instant::now())
         } else {
@@ -69,6 +70,9 @@ impl EventLoop {
         if was_paused && !conn.input_paused() && !matches!(conn.phase, Phase::Closing { .. }) {
             // The peer took enough of its output: read (and serve) what it sent meanwhile.
             self.reread.push(key);
+        }
+        if result.is_ok() {
+            conn.note_output_progress(unsent_before, self.now_tick);
         }
         match result {
             Err(_) => {

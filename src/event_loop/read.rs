@@ -93,6 +93,8 @@ impl EventLoop {
                 http.buf.extend_from_slice(input);
                 self.serve_requests(key);
             }
+            // An event stream is one-way: what its client sends is dropped unread.
+            Phase::Open(session) if session.is_event_stream() => {}
             Phase::Open(_) => self.on_frames(key, input),
             // Bytes after our close are discarded; we only wait for the peer's EOF.
             Phase::Closing { .. } => {}

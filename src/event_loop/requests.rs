@@ -45,7 +45,8 @@ impl EventLoop {
             let head_only = request.method() == http::Method::Head;
             match routes::handle(&request, peer, &self.shared, &mut self.json) {
                 Outcome::Respond(response) => {
-                    if crate::dialect::for_path(&request.path).is_some() {
+                    let event_stream_refused = request.path == crate::sse::PATH && response.status.0 >= 400;
+                    if crate::dialect::for_path(&request.path).is_some() || event_stream_refused {
                         self.counters.rejected_upgrades += 1;
                     }
                     let close = response.close || !keep_alive;
@@ -56,6 +57,10 @@ impl EventLoop {
                 }
                 Outcome::Upgrade(upgrade) => {
                     self.open(key, *upgrade);
+                    return;
+                }
+                Outcome::EventStream(open) => {
+                    self.open_event_stream(key, *open);
                     return;
                 }
                 Outcome::Publish(publish) => self.publish(key, publish.items, publish.respond, keep_alive),

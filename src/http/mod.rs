@@ -5,6 +5,7 @@ pub mod demo;
 pub mod presence;
 pub mod publish;
 pub mod routes;
+pub mod sse;
 
 use std::fmt::Write as _;
 
@@ -26,6 +27,7 @@ pub enum Method {
     Get,
     Head,
     Post,
+    Options,
     Other,
 }
 
@@ -45,6 +47,8 @@ pub struct Request {
     pub authorization: Option<String>,
     pub accept: Option<String>,
     pub host: Option<String>,
+    /// An EventSource's reconnection names the last event it received (SSE resume).
+    pub last_event_id: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -105,6 +109,7 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
             "GET" => Method::Get,
             "HEAD" => Method::Head,
             "POST" => Method::Post,
+            "OPTIONS" => Method::Options,
             _ => Method::Other,
         }),
         keep_alive: version == 1,
@@ -147,6 +152,8 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
             request.accept = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("host") {
             request.host = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("last-event-id") {
+            request.last_event_id = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("content-length") {
             // Digits only (RFC 9112 §6.3): usize::from_str would also take "+39".
             let Some(n) = value.bytes().all(|b| b.is_ascii_digit()).then(|| value.parse::<usize>().ok()).flatten()
@@ -180,6 +187,7 @@ pub struct Status(pub u16, pub &'static str);
 
 impl Status {
     pub const OK: Status = Status(200, "OK");
+    pub const NO_CONTENT: Status = Status(204, "No Content");
     pub const BAD_REQUEST: Status = Status(400, "Bad Request");
     pub const UNAUTHORIZED: Status = Status(401, "Unauthorized");
     pub const FORBIDDEN: Status = Status(403, "Forbidden");
@@ -257,14 +265,12 @@ impl Response {
     /// The response as bytes; `head_only` omits the body (HEAD requests).
     pub fn render(&self, head_only: bool) -> Vec<u8> {
         let mut head = String::with_capacity(160);
-        let _ = write!(
-            head,
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
-            self.status.0,
-            self.status.1,
-            self.content_type,
-            self.body.len()
-        );
+        let _ = write!(head, "HTTP/1.1 {} {}\r\n", self.status.0, self.status.1);
+        // A 204 has no body, and no Content-Length either (RFC 9110 §8.6).
+        if self.status != Status::NO_CONTENT {
+            let _ = write!(head, "Content-Type: {}\r\nContent-Length: {}\r\n", self.content_type, self.body.len());
+        }
+        head.push_str("Cache-Control: no-store\r\n");
         for (name, value) in &self.extra_headers {
             let _ = write!(head, "{name}: {value}\r\n");
         }

@@ -26,6 +26,8 @@ pub enum Outcome {
     Disconnect(Arc<str>),
     /// Answer with these users' connections (fleet-wide with Redis).
     Presence(PresenceQuery),
+    /// Start a Server-Sent Events stream (admitted: its connection slot is reserved).
+    EventStream(Box<super::sse::Open>),
 }
 
 /// An accepted upgrade. When `identity` is `Err`, the dialect wants the failure reported
@@ -47,6 +49,9 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
         return upgrade(req, dialect, stream, shared);
     }
     let respond = Outcome::Respond;
+    if req.path == crate::sse::PATH {
+        return super::sse::route(req, shared);
+    }
     match (req.method(), req.path.as_str()) {
         (Method::Get | Method::Head, "/health") => respond(health(shared)),
         (Method::Get | Method::Head, "/ready") => respond(ready(shared)),
@@ -91,7 +96,6 @@ fn publishing(accepted: publish::Accepted) -> Outcome {
 }
 
 fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Shared) -> Outcome {
-    let config = &shared.config;
     let refuse = Outcome::Respond;
     if !(req.upgrade_websocket && req.connection_upgrade) || req.method() != Method::Get {
         return refuse(
@@ -109,19 +113,11 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
     let Some(key) = req.ws_key.as_deref().filter(|k| is_valid_ws_key(k)) else {
         return refuse(Response::error(Status::BAD_REQUEST, "missing or invalid Sec-WebSocket-Key").closing());
     };
-    if let (Some(allowed), Some(origin)) = (&config.allowed_origins, req.origin.as_deref()) {
-        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        if !allowed.contains(&origin) {
-            return refuse(Response::error(Status::FORBIDDEN, "origin not allowed").closing());
-        }
+    if !origin_allowed(req, shared) {
+        return refuse(Response::error(Status::FORBIDDEN, "origin not allowed").closing());
     }
     let response = switching_protocols(key);
-    let token = req.query_param("token").filter(|t| !t.is_empty()).or_else(|| req.bearer().map(str::to_owned));
-    let verified = match token.as_deref() {
-        None => Err("missing token parameter"),
-        Some(token) => shared.verifier.verify(token).map_err(|_| "invalid or expired token"),
-    };
-    let verified = verified.and_then(|identity| match &stream {
+    let verified = authenticate(req, shared).and_then(|identity| match &stream {
         Stream::Topic(topic) if !identity.allows_topic(topic) => Err("token does not allow this topic"),
         _ => Ok(identity),
     });
@@ -137,20 +133,50 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
             };
         }
     };
+    if let Err(refusal) = admit(&identity, shared) {
+        return refuse(refusal);
+    }
+    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Ok(identity), response }))
+}
+
+/// Whether the request's Origin may open a connection: any, when HERALD_ALLOWED_ORIGINS is
+/// `*`; no Origin at all (a non-browser client) is not subject to the list.
+pub(super) fn origin_allowed(req: &Request, shared: &Shared) -> bool {
+    match (&shared.config.allowed_origins, req.origin.as_deref()) {
+        (Some(allowed), Some(origin)) => allowed.contains(&origin.trim_end_matches('/').to_ascii_lowercase()),
+        _ => true,
+    }
+}
+
+/// The connection's token (query `token`, else `Authorization: Bearer`), verified; the error
+/// is seed 003's message for the client.
+pub(super) fn authenticate(req: &Request, shared: &Shared) -> Result<Identity, &'static str> {
+    let token = req.query_param("token").filter(|t| !t.is_empty()).or_else(|| req.bearer().map(str::to_owned));
+    match token.as_deref() {
+        None => Err("missing token parameter"),
+        Some(token) => shared.verifier.verify(token).map_err(|_| "invalid or expired token"),
+    }
+}
+
+/// Reserves the connection's slot under the instance and per-user limits (the last check
+/// before a connection opens: a reservation is released only by the session it becomes).
+pub(super) fn admit(identity: &Identity, shared: &Shared) -> Result<(), Response> {
     if shared.shutting_down.load(Relaxed) {
-        return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "shutting down").closing());
+        return Err(Response::error(Status::SERVICE_UNAVAILABLE, "shutting down").closing());
     }
     match shared.admission.reserve(&shared.routing.table, &identity.user) {
         // Reported here, where the count changed: embedded, this count decides transitions.
-        Ok(connections) => shared.broker.presence_changed(&identity.user, connections, true, &shared.metrics),
+        Ok(connections) => {
+            shared.broker.presence_changed(&identity.user, connections, true, &shared.metrics);
+            Ok(())
+        }
         Err(Refusal::InstanceFull) => {
-            return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "connection limit reached").closing());
+            Err(Response::error(Status::SERVICE_UNAVAILABLE, "connection limit reached").closing())
         }
         Err(Refusal::UserFull) => {
-            return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "per-user connection limit reached").closing());
+            Err(Response::error(Status::SERVICE_UNAVAILABLE, "per-user connection limit reached").closing())
         }
     }
-    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Ok(identity), response }))
 }
 
 /// A key is the base64 encoding of 16 bytes: 22 characters and `==`.
