@@ -54,7 +54,8 @@ impl EventLoop {
                 continue;
             }
             session.last_data_sent = now_tick;
-            let frame = if session.is_event_stream() { super::sse::event_form(frame, &mut self.counters) } else { frame };
+            let frame =
+                if session.is_event_stream() { super::sse::event_form(frame, &mut self.counters) } else { frame };
             if conn.queue.push_notification(frame.clone(), limit).is_err() {
                 // A full queue is only slow if the socket is full too: a burst larger
                 // than the queue must reach a client that reads. Write what the kernel

@@ -9,9 +9,13 @@
 //! * its idle deadline means "output stuck": nothing written for the idle timeout while
 //!   something waited (the client stopped reading, or is gone with a full window); closed as
 //!   stalled, like a WebSocket that stopped reading;
-//! * TCP_USER_TIMEOUT (the idle timeout) makes the kernel fail the socket when what it sent
-//!   (the pings at least) stays unacknowledged that long: a peer that vanished without a FIN
-//!   costs its slot for about that long, not the kernel's ~15 minutes of retransmissions;
+//! * TCP_USER_TIMEOUT makes the kernel fail the socket when what it sent (a ping at least)
+//!   stays unacknowledged for the idle timeout plus a ping interval: a peer that vanished
+//!   without a FIN, whose pings still move into the kernel's buffer, costs its slot for at most
+//!   about two ping intervals and an idle timeout, not the kernel's ~15 minutes of
+//!   retransmissions. (The extra ping interval lets the rule above, which counts and names the
+//!   close, come first for a live peer that stopped reading: Linux applies the same timeout
+//!   to a zero window.)
 //! * the slow-consumer rule (a full send queue while the socket is full) holds as everywhere.
 
 use std::sync::atomic::Ordering;
@@ -23,9 +27,9 @@ use super::EventLoop;
 use crate::conn::{Membership, NO_NODE, Phase, Session, Topics};
 use crate::dialect::EVENT_STREAM;
 use crate::frame::{self, SharedFrame};
-use crate::metrics::LocalCounters;
 use crate::http::sse::Open;
 use crate::ids::Target;
+use crate::metrics::LocalCounters;
 
 impl EventLoop {
     /// Starts an admitted event stream: the head is queued, the session indexed under its user
@@ -41,7 +45,8 @@ impl EventLoop {
         conn.queue.push_reply(frame::raw(head));
         // An event stream is one-way: bytes the client sent after its request are never
         // served (they go with the HTTP state this replaces).
-        limit_unacknowledged_time(conn, self.shared.config.idle_timeout);
+        let config = &self.shared.config;
+        limit_unacknowledged_time(conn, config.idle_timeout.saturating_add(config.ping_interval));
         self.mark_dirty(key);
         self.leave_plain(key);
         let now = self.now_tick;
@@ -50,7 +55,8 @@ impl EventLoop {
             dialect_id: EVENT_STREAM.id,
             awaiting_subscriptions: 0,
             // No runtime subscriptions on an event stream: what it holds is all it needs.
-            topics: (!topics.is_empty()).then(|| Box::new(Topics { held: Vec::with_capacity(topics.len()), ..Topics::default() })),
+            topics: (!topics.is_empty())
+                .then(|| Box::new(Topics { held: Vec::with_capacity(topics.len()), ..Topics::default() })),
             reader: Default::default(),
             user_node: NO_NODE,
             expires: crate::auth::expiry_tick(identity.exp, SystemTime::now(), now),
