@@ -76,9 +76,42 @@ fn broadcast(c: &mut Criterion) {
     group.finish();
 }
 
+/// A broadcast to N WebSockets, then to N event streams, each with a fresh frame (as every
+/// notification is): the event streams pay one encoding of the event form per broadcast, not
+/// one per stream.
+fn broadcast_fresh(c: &mut Criterion) {
+    let mut group = c.benchmark_group("deliver_broadcast_fresh");
+    for n in [1000usize, 4000] {
+        for (name, mut bench) in [("ws", bench(n)), ("sse", event_stream_bench(n))] {
+            group.throughput(Throughput::Elements(n as u64));
+            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        let frame = frame::notification(NOTIFICATION, Instant::now());
+                        let started = Instant::now();
+                        bench.broadcast(&frame);
+                        spent += started.elapsed();
+                        bench.drain();
+                    }
+                    spent
+                })
+            });
+            assert_eq!(bench.open_sessions(), n, "no session may be lost to the benchmark");
+        }
+    }
+    group.finish();
+}
+
+fn event_stream_bench(n: usize) -> DeliveryBench {
+    let cli = Cli::try_parse_from(["herald", "--jwt-secret", "bench-secret-bench-secret-bench-secret", "--log", "off"])
+        .expect("flags parse");
+    DeliveryBench::event_streams(cli.server.into_config().expect("valid config"), n).expect("streams open")
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(3));
-    targets = unicast, broadcast
+    targets = unicast, broadcast, broadcast_fresh
 }
 criterion_main!(benches);

@@ -1,6 +1,7 @@
 //! A real event loop with real sockets, for the delivery-path benchmarks (`benches/delivery.rs`):
-//! `n` WebSocket sessions are opened straight into the loop (the HTTP upgrade is not what is
-//! measured), and a delivery runs the loop's own code: index lookup, send queues, writev.
+//! `n` WebSocket sessions (or Server-Sent Events streams) are opened straight into the loop (the
+//! HTTP upgrade is not what is measured), and a delivery runs the loop's own code: index
+//! lookup, send queues, writev.
 //! Not part of herald's API; it exists so a regression in the delivery path shows without a
 //! load run.
 
@@ -34,6 +35,15 @@ pub struct DeliveryBench {
 impl DeliveryBench {
     /// Opens `n` sessions of `n` users on a loop of a server configured by `config`.
     pub fn new(config: Config, n: usize) -> io::Result<DeliveryBench> {
+        DeliveryBench::open(config, n, false)
+    }
+
+    /// Like [`DeliveryBench::new`], with Server-Sent Events streams instead of WebSockets.
+    pub fn event_streams(config: Config, n: usize) -> io::Result<DeliveryBench> {
+        DeliveryBench::open(config, n, true)
+    }
+
+    fn open(config: Config, n: usize, event_streams: bool) -> io::Result<DeliveryBench> {
         let verifier = Verifier::new(&config.jwt_key).map_err(io::Error::other)?;
         let metrics = Arc::new(Metrics::new(1, false));
         let routing = Arc::new(Routing::default());
@@ -59,8 +69,13 @@ impl DeliveryBench {
             };
             server.set_nonblocking(true)?;
             let user = format!("u{i}");
-            let key = event_loop.install(mio::net::TcpStream::from_std(server), peer.ip(), &user)?;
-            event_loop.subscribe_for_bench(key, "all");
+            let stream = mio::net::TcpStream::from_std(server);
+            if event_streams {
+                event_loop.install_event_stream(stream, peer.ip(), &user)?;
+            } else {
+                let key = event_loop.install(stream, peer.ip(), &user)?;
+                event_loop.subscribe_for_bench(key, "all");
+            }
             clients.push(client);
             users.push(Target::user(&user));
         }
@@ -107,7 +122,39 @@ impl DeliveryBench {
 
 impl EventLoop {
     /// Puts `stream` into the slab and opens a session of `user` on it, as an upgrade would.
-    fn install(&mut self, mut stream: mio::net::TcpStream, peer: std::net::IpAddr, user: &str) -> io::Result<u32> {
+    fn install(&mut self, stream: mio::net::TcpStream, peer: std::net::IpAddr, user: &str) -> io::Result<u32> {
+        let key = self.insert_plain(stream, peer)?;
+        let upgrade = Upgrade {
+            dialect: &SEED_003,
+            stream: Stream::Personal,
+            identity: Ok(bench_identity(user)),
+            response: b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec(),
+        };
+        self.shared.admission.reserve(&self.shared.routing.table, user).map_err(|_| io::Error::other("admission"))?;
+        self.open(key, upgrade);
+        Ok(key)
+    }
+
+    /// Puts `stream` into the slab and opens an event stream of `user` (with topic `all`) on it.
+    fn install_event_stream(
+        &mut self,
+        stream: mio::net::TcpStream,
+        peer: std::net::IpAddr,
+        user: &str,
+    ) -> io::Result<u32> {
+        let key = self.insert_plain(stream, peer)?;
+        let open = crate::http::sse::Open {
+            identity: bench_identity(user),
+            topics: vec!["all".into()],
+            since: None,
+            head: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
+        };
+        self.shared.admission.reserve(&self.shared.routing.table, user).map_err(|_| io::Error::other("admission"))?;
+        self.open_event_stream(key, open);
+        Ok(key)
+    }
+
+    fn insert_plain(&mut self, mut stream: mio::net::TcpStream, peer: std::net::IpAddr) -> io::Result<u32> {
         let entry = self.conns.vacant_entry();
         let key = entry.key() as u32;
         self.poll.registry().register(&mut stream, mio::Token(key as usize), mio::Interest::READABLE)?;
@@ -124,17 +171,15 @@ impl EventLoop {
             dirty: false,
             plain: false,
         });
-        let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) + 3600;
-        let identity =
-            crate::auth::Identity { user: Arc::from(user), topics: vec!["all".into()], can_publish: false, exp };
-        let response = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
-        let upgrade = Upgrade { dialect: &SEED_003, stream: Stream::Personal, identity: Ok(identity), response };
-        self.shared.admission.reserve(&self.shared.routing.table, user).map_err(|_| io::Error::other("admission"))?;
-        self.open(key, upgrade);
         Ok(key)
     }
 
     fn subscribe_for_bench(&mut self, key: u32, topic: &str) {
         self.subscribe(key, topic.to_string(), true);
     }
+}
+
+fn bench_identity(user: &str) -> crate::auth::Identity {
+    let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) + 3600;
+    crate::auth::Identity { user: Arc::from(user), topics: vec!["all".into()], can_publish: false, exp }
 }
