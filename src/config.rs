@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::broker::redis::RedisTls;
 use crate::broker::redis::redis_url::RedisUrl;
 
 /// A Redis URL as the raw arguments hold it, fit for a log line: its password hidden.
@@ -76,12 +77,24 @@ pub struct ServerArgs {
     /// Required `iss` claim: when set, a token must come from this issuer.
     #[arg(long, env = "HERALD_JWT_ISSUER", global = true)]
     pub jwt_issuer: Option<String>,
-    /// `redis://[:password@]host:port[/db]` (alias REDIS_URL). Absent: embedded broker.
+    /// `redis://[[user]:password@]host:port[/db]` (alias REDIS_URL), `rediss://…` for TLS.
+    /// Absent: embedded broker.
     #[arg(long, env = "HERALD_REDIS_URL", hide_env_values = true, global = true)]
     pub redis_url: Option<String>,
     /// File holding the Redis password (trailing newline ignored), added to HERALD_REDIS_URL.
     #[arg(long, env = "HERALD_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
+    /// PEM bundle of the CAs that sign Redis's certificate (`rediss://`). Absent: the
+    /// system's root certificates.
+    #[arg(long, env = "HERALD_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM certificate chain herald presents to Redis over TLS (for `tls-auth-clients yes`),
+    /// with HERALD_REDIS_CLIENT_KEY.
+    #[arg(long, env = "HERALD_REDIS_CLIENT_CERT")]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM private key of HERALD_REDIS_CLIENT_CERT.
+    #[arg(long, env = "HERALD_REDIS_CLIENT_KEY")]
+    pub redis_client_key: Option<PathBuf>,
     /// Redis channel of a user = prefix + user id.
     #[arg(long, env = "HERALD_USER_CHANNEL_PREFIX", default_value = "user_noti:")]
     pub user_channel_prefix: String,
@@ -160,6 +173,9 @@ impl std::fmt::Debug for ServerArgs {
             jwt_issuer,
             redis_url,
             redis_password_file,
+            redis_ca_file,
+            redis_client_cert,
+            redis_client_key,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -191,6 +207,9 @@ impl std::fmt::Debug for ServerArgs {
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis_url.as_deref().map(redact_url))
             .field("redis_password_file", redis_password_file)
+            .field("redis_ca_file", redis_ca_file)
+            .field("redis_client_cert", redis_client_cert)
+            .field("redis_client_key", redis_client_key)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -302,6 +321,8 @@ pub struct Config {
     /// Parsed, with the password from HERALD_REDIS_PASSWORD_FILE, if any, already in it
     /// (its `Debug` hides the password).
     pub redis: Option<RedisUrl>,
+    /// Trust (and client certificate) for a `rediss://` URL, loaded.
+    pub redis_tls: Option<RedisTls>,
     pub user_channel_prefix: String,
     pub topic_channel_prefix: String,
     pub threads: usize,
@@ -339,6 +360,7 @@ impl std::fmt::Debug for Config {
             jwt_audience,
             jwt_issuer,
             redis,
+            redis_tls,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -366,6 +388,7 @@ impl std::fmt::Debug for Config {
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis.as_ref().map(|r| r.redacted().to_string()))
+            .field("redis_tls", redis_tls)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -386,6 +409,33 @@ impl std::fmt::Debug for Config {
             .field("log", log)
             .field("warnings", warnings)
             .finish()
+    }
+}
+
+/// Loads the TLS settings of a `rediss://` URL now, so a bad file stops herald with one line.
+/// They are refused without one: an operator who set a CA file believes the connection is
+/// encrypted.
+fn redis_tls(
+    redis: Option<&RedisUrl>,
+    ca_file: Option<&std::path::Path>,
+    client_cert: Option<&std::path::Path>,
+    client_key: Option<&std::path::Path>,
+) -> Result<Option<RedisTls>, String> {
+    let client = match (client_cert, client_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err("HERALD_REDIS_CLIENT_CERT and HERALD_REDIS_CLIENT_KEY go together: set both or neither".into()),
+    };
+    let set = [("HERALD_REDIS_CA_FILE", ca_file.is_some()), ("HERALD_REDIS_CLIENT_CERT", client.is_some())]
+        .into_iter()
+        .find_map(|(name, set)| set.then_some(name));
+    match (redis, set) {
+        (Some(url), _) if url.tls => RedisTls::load(ca_file, client).map(Some),
+        (None, Some(name)) => Err(format!("{name} is set but HERALD_REDIS_URL is not")),
+        (Some(_), Some(name)) => {
+            Err(format!("{name} is set but HERALD_REDIS_URL is redis://, which does not use TLS: use rediss://"))
+        }
+        (_, None) => Ok(None),
     }
 }
 
@@ -448,7 +498,10 @@ impl ServerArgs {
         let mut redis = match &redis_url {
             None => None,
             Some(url) => Some(RedisUrl::parse(url).map_err(|e| {
-                format!("HERALD_REDIS_URL {}: it must look like redis://[[user]:password@]host:port[/db]", e.reason())
+                format!(
+                    "HERALD_REDIS_URL {}: it must look like redis[s]://[[user]:password@]host:port[/db]",
+                    e.reason()
+                )
             })?),
         };
         if self.given_as_flags.contains(&"redis_url") && redis.as_ref().is_some_and(|r| r.password.is_some()) {
@@ -466,6 +519,12 @@ impl ServerArgs {
             }
             url.password = Some(read_secret_text("HERALD_REDIS_PASSWORD_FILE", path)?);
         }
+        let redis_tls = redis_tls(
+            redis.as_ref(),
+            self.redis_ca_file.as_deref(),
+            self.redis_client_cert.as_deref(),
+            self.redis_client_key.as_deref(),
+        )?;
         let api_key = match (non_empty(self.api_key), &self.api_key_file) {
             (Some(_), Some(_)) => return Err("set HERALD_API_KEY or HERALD_API_KEY_FILE, not both".into()),
             (Some(key), None) => {
@@ -552,6 +611,7 @@ impl ServerArgs {
             jwt_audience: non_empty(self.jwt_audience),
             jwt_issuer: non_empty(self.jwt_issuer),
             redis,
+            redis_tls,
             user_channel_prefix: self.user_channel_prefix,
             topic_channel_prefix: self.topic_channel_prefix,
             threads,

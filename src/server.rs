@@ -85,6 +85,7 @@ pub fn start(config: Config) -> Result<Running, String> {
                 user_prefix: config.user_channel_prefix.clone(),
                 topic_prefix: config.topic_channel_prefix.clone(),
                 max_message_bytes: config.max_message_bytes,
+                tls: config.redis_tls.clone(),
             };
             let ctx =
                 redis::Context { settings: Arc::new(settings), routing: routing.clone(), metrics: metrics.clone() };

@@ -18,6 +18,7 @@ use crate::ids::ReplyTo;
 use crate::mailbox::Mailbox;
 use crate::message;
 use crate::metrics::Metrics;
+pub use conn::RedisTls;
 use publisher::PublishJob;
 pub use reader::pattern_for;
 use redis_url::RedisUrl;
@@ -60,6 +61,8 @@ pub struct Settings {
     pub user_prefix: String,
     pub topic_prefix: String,
     pub max_message_bytes: usize,
+    /// What `rediss://` connections trust; `None` for `redis://`.
+    pub tls: Option<RedisTls>,
 }
 
 /// What the Redis threads share with the rest of herald.

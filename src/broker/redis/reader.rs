@@ -58,7 +58,8 @@ pub fn run(url: RedisUrl, ctx: Context) {
 /// One connection's life; returns why it ended.
 fn session(url: &RedisUrl, router: &mut Router, connected_before: &mut bool, backoff: &mut Backoff) -> Failure {
     let settings = &router.ctx.settings;
-    let mut conn = match Conn::open(url, CONNECT_TIMEOUT, settings.max_message_bytes * 4 + HERALD_ENVELOPE) {
+    let tls = settings.tls.as_ref();
+    let mut conn = match Conn::open(url, tls, CONNECT_TIMEOUT, settings.max_message_bytes * 4 + HERALD_ENVELOPE) {
         Ok(conn) => conn,
         Err(failure) => return failure,
     };
