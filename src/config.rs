@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::broker::redis::RedisTls;
+use crate::broker::redis::SubscribeMode;
 use crate::broker::redis::redis_url::RedisUrl;
 
 /// A Redis URL as the raw arguments hold it, fit for a log line: its password hidden.
@@ -95,6 +96,10 @@ pub struct ServerArgs {
     /// PEM private key of HERALD_REDIS_CLIENT_CERT.
     #[arg(long, env = "HERALD_REDIS_CLIENT_KEY")]
     pub redis_client_key: Option<PathBuf>,
+    /// `exact`: subscribe to each user's and topic's channel while this instance holds it;
+    /// `pattern`: one PSUBSCRIBE per prefix (every instance receives every message).
+    #[arg(long, env = "HERALD_REDIS_SUBSCRIBE", default_value = "exact", value_parser = ["exact", "pattern"])]
+    pub redis_subscribe: String,
     /// Redis channel of a user = prefix + user id.
     #[arg(long, env = "HERALD_USER_CHANNEL_PREFIX", default_value = "user_noti:")]
     pub user_channel_prefix: String,
@@ -176,6 +181,7 @@ impl std::fmt::Debug for ServerArgs {
             redis_ca_file,
             redis_client_cert,
             redis_client_key,
+            redis_subscribe,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -210,6 +216,7 @@ impl std::fmt::Debug for ServerArgs {
             .field("redis_ca_file", redis_ca_file)
             .field("redis_client_cert", redis_client_cert)
             .field("redis_client_key", redis_client_key)
+            .field("redis_subscribe", redis_subscribe)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -323,6 +330,7 @@ pub struct Config {
     pub redis: Option<RedisUrl>,
     /// Trust (and client certificate) for a `rediss://` URL, loaded.
     pub redis_tls: Option<RedisTls>,
+    pub redis_subscribe: SubscribeMode,
     pub user_channel_prefix: String,
     pub topic_channel_prefix: String,
     pub threads: usize,
@@ -361,6 +369,7 @@ impl std::fmt::Debug for Config {
             jwt_issuer,
             redis,
             redis_tls,
+            redis_subscribe,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -389,6 +398,7 @@ impl std::fmt::Debug for Config {
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis.as_ref().map(|r| r.redacted().to_string()))
             .field("redis_tls", redis_tls)
+            .field("redis_subscribe", redis_subscribe)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -612,6 +622,11 @@ impl ServerArgs {
             jwt_issuer: non_empty(self.jwt_issuer),
             redis,
             redis_tls,
+            redis_subscribe: if self.redis_subscribe == "pattern" {
+                SubscribeMode::Pattern
+            } else {
+                SubscribeMode::Exact
+            },
             user_channel_prefix: self.user_channel_prefix,
             topic_channel_prefix: self.topic_channel_prefix,
             threads,

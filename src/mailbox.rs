@@ -29,8 +29,9 @@ pub const WAKER: Token = Token(usize::MAX);
 pub enum LoopCmd {
     /// Queue `frame` to every connection here that holds one of `to`, but not to `exclusion`.
     Deliver { to: DeliverTo, frame: SharedFrame, exclusion: Option<Box<Exclusion>> },
-    /// Several deliveries in one command (a batch publish), in order.
-    DeliverMany(Box<[(DeliverTo, SharedFrame)]>),
+    /// Redis confirmed a subscription `conn` waited for (or gave up on Redis for now): its
+    /// output may flow.
+    SubscriptionReady { conn: ConnRef },
     /// The answer to a request parked on this loop.
     Answer { conn: ConnRef, answer: Answer },
     /// Close every connection of `user` here, add the count to the tally, and let the last
@@ -83,6 +84,14 @@ impl<T> Mailbox<T> {
     pub fn new(poll: &Poll, token: Token, capacity: usize) -> std::io::Result<(Mailbox<T>, Receiver<T>)> {
         let waker = Waker::new(poll.registry(), token)?;
         let (tx, rx) = crossbeam_channel::bounded(capacity);
+        Ok((Mailbox { tx, waker, wake_pending: AtomicBool::new(false) }, rx))
+    }
+
+    /// A mailbox without a bound, for reports that must not be lost and whose number is
+    /// bounded by something else (one per connection join or leave, drained as they come).
+    pub fn unbounded(poll: &Poll, token: Token) -> std::io::Result<(Mailbox<T>, Receiver<T>)> {
+        let waker = Waker::new(poll.registry(), token)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
         Ok((Mailbox { tx, waker, wake_pending: AtomicBool::new(false) }, rx))
     }
 

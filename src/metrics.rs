@@ -120,6 +120,8 @@ pub struct RedisHealth {
     pub ever_up: AtomicBool,
     pub subscriber_up: AtomicBool,
     pub publisher_up: AtomicBool,
+    /// Channels (exact mode) or patterns the reader is subscribed to, confirmed by Redis.
+    pub subscriptions: AtomicU64,
     pub ping_micros: AtomicU64,
     pub last_error: Mutex<&'static str>,
 }
@@ -168,6 +170,7 @@ pub struct Snapshot {
     pub dropped_invalid: u64,
     pub dropped_overload: u64,
     pub redis_reconnects: u64,
+    pub redis_subscriptions: u64,
     pub api_auth_failures: u64,
     pub api_auth_rate_limited: u64,
     pub sent: u64,
@@ -226,6 +229,7 @@ impl Metrics {
             received_from_http: self.received_from_http.load(Relaxed),
             dropped_invalid: self.dropped_invalid.load(Relaxed),
             redis_reconnects: self.redis_reconnects.load(Relaxed),
+            redis_subscriptions: self.redis.subscriptions.load(Relaxed),
             api_auth_failures: self.api_auth_failures.load(Relaxed),
             api_auth_rate_limited: self.api_auth_rate_limited.load(Relaxed),
             ..Snapshot::default()
@@ -294,7 +298,7 @@ impl Snapshot {
                 "api_auth_failures": self.api_auth_failures,
                 "api_auth_rate_limited": self.api_auth_rate_limited,
             },
-            "redis": { "reconnects": self.redis_reconnects },
+            "redis": { "reconnects": self.redis_reconnects, "subscriptions": self.redis_subscriptions },
             "tls": { "handshakes": self.tls_handshakes, "failures": self.tls_failures },
             "internals": { "slab_entries": self.slab_entries, "index_entries": self.index_entries },
         })
@@ -316,6 +320,12 @@ impl Snapshot {
         );
         metric("herald_users_unique", "gauge", "Distinct users with a connection.", self.unique_users.to_string());
         metric("herald_topics_unique", "gauge", "Distinct topics with a subscriber.", self.unique_topics.to_string());
+        metric(
+            "herald_redis_subscriptions",
+            "gauge",
+            "Redis channels (exact mode) or patterns this instance is subscribed to.",
+            self.redis_subscriptions.to_string(),
+        );
         let counters: [(&str, &str, u64); 22] = [
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),

@@ -89,7 +89,7 @@ pub fn start(config: Config) -> Result<Running, String> {
             };
             let ctx =
                 redis::Context { settings: Arc::new(settings), routing: routing.clone(), metrics: metrics.clone() };
-            Broker::Redis(redis::RedisBroker::start(url, ctx)?)
+            Broker::Redis(redis::RedisBroker::start(url, config.redis_subscribe, ctx)?)
         }
     };
     let tls = match &config.tls {

@@ -551,7 +551,25 @@ fn publish_batch_through_redis_answers_each_item() {
     ]});
     let r = post_batch(&h, items.to_string().as_bytes());
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["sent"], json!([true, true, true]), "pattern mode: every instance receives everything");
+    assert_eq!(r.json()["sent"], json!([true, false, true]), "exact mode: sent says whether anyone holds it");
     assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "a");
     assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "c");
+}
+
+#[test]
+fn in_pattern_mode_sent_only_says_an_instance_heard_it() {
+    let redis = Redis::start();
+    let h = herald().api_key().redis(&redis).env("HERALD_REDIS_SUBSCRIBE", "pattern").start();
+    redis.wait_pattern_subscribers(1, Duration::from_secs(10));
+    let mut ws = h.ws(&token("r1"));
+    let items = json!({"items": [
+        {"user_id": "r1", "message": notification("a")},
+        {"topic": "nobody-listens", "message": notification("b")},
+    ]});
+    let r = post_batch(&h, items.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sent"], json!([true, true]), "every instance receives everything");
+    assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "a");
+    let m = h.metrics();
+    assert_eq!(m["redis"]["subscriptions"], 2, "one pattern per prefix: {m}");
 }

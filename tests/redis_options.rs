@@ -16,9 +16,10 @@ const T: Duration = Duration::from_secs(5);
 /// Long enough for herald's first connection attempts (each bounded by a 2 s timeout).
 const CONNECT: Duration = Duration::from_secs(12);
 
-/// What herald's ACL user needs: pub/sub on its two channel namespaces, and PING. Nothing
-/// else (no keys, no other command).
-const HERALD_RULES: [&str; 6] = ["resetchannels", "&user_noti:*", "&topic_noti:*", "-@all", "+@pubsub", "+ping"];
+/// What herald's ACL user needs: pub/sub on its two channel namespaces, and PING; CLIENT
+/// SETNAME only names its connections. Nothing else (no keys, no other command).
+const HERALD_RULES: [&str; 7] =
+    ["resetchannels", "&user_noti:*", "&topic_noti:*", "-@all", "+@pubsub", "+ping", "+client|setname"];
 
 /// Waits until /health answers `status` with `redis` as its Redis part (a subset match).
 fn wait_redis_health(h: &Herald, status: u16, redis: &Value, timeout: Duration) -> Value {
@@ -114,13 +115,15 @@ fn an_acl_user_with_pubsub_rights_receives_and_publishes() {
     assert!(!h.stderr().contains("acl-pw-41"), "{}", h.stderr());
 }
 
-#[test]
-fn an_acl_user_without_channel_rights_is_reported_retried_and_recovers() {
-    // Pub/sub commands, but no channel: PSUBSCRIBE (and PUBLISH) get NOPERM.
+/// An ACL user with the pub/sub commands but no channel: herald's (P)SUBSCRIBE gets NOPERM.
+fn denied_channels_are_reported_retried_and_recover(mode: &str) {
     let redis = acl_redis("nochan", "acl-pw-42", &["resetchannels", "-@all", "+@pubsub", "+ping"]);
     let url = format!("redis://nochan:acl-pw-42@127.0.0.1:{}", redis.port);
-    let mut h = herald().env("HERALD_REDIS_URL", &url).api_key().start();
+    let mut h = herald().env("HERALD_REDIS_URL", &url).env("HERALD_REDIS_SUBSCRIBE", mode).api_key().start();
+    // A connection gives the exact mode a channel to subscribe to; it is served all along.
+    let mut ws = h.ws(&token("waiting"));
     wait_failure(&h, "permission denied");
+    assert_alive(&mut ws);
     // One clear line per attempt, naming the problem, never the password.
     let denied = || log_lines(&h, "permission denied");
     assert!(wait_until(T, || !denied().is_empty()), "{}", h.stderr());
@@ -128,15 +131,13 @@ fn an_acl_user_without_channel_rights_is_reported_retried_and_recovers() {
     assert!(line.contains("WARN") && line.contains("NOPERM"), "{line}");
     assert!(line.contains("redis://nochan:<redacted>@127.0.0.1"), "{line}");
     assert!(!h.stderr().contains("acl-pw-42"), "{}", h.stderr());
-    // WebSockets are still served meanwhile.
-    let mut ws = h.ws(&token("waiting"));
-    assert_alive(&mut ws);
     // Retried with backoff (100 ms doubling up to 5 s), not in a loop: over about 3 s that
     // is a handful of attempts, where a spinning reader would make thousands.
     std::thread::sleep(Duration::from_secs(3));
     let attempts = log_lines(&h, "redis reader disconnected").len();
     assert!((2..=12).contains(&attempts), "{attempts} reader attempts:\n{}", h.stderr());
     assert!(h.is_running(), "herald exited:\n{}", h.stderr());
+    assert_eq!(h.health().status, 503);
     // Granting the channels is picked up by the next attempt.
     let mut admin = redis.conn();
     let granted = admin.command(&["ACL", "SETUSER", "nochan", "&user_noti:*", "&topic_noti:*"]);
@@ -144,6 +145,16 @@ fn an_acl_user_without_channel_rights_is_reported_retried_and_recovers() {
     wait_connected(&h);
     redis.publish_until_received("user_noti:waiting", &notification("granted").to_string(), CONNECT);
     assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "granted");
+}
+
+#[test]
+fn an_acl_user_without_channel_rights_is_reported_retried_and_recovers_exact() {
+    denied_channels_are_reported_retried_and_recover("exact");
+}
+
+#[test]
+fn an_acl_user_without_channel_rights_is_reported_retried_and_recovers_pattern() {
+    denied_channels_are_reported_retried_and_recover("pattern");
 }
 
 #[test]

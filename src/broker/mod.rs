@@ -85,6 +85,15 @@ impl Broker {
         matches!(self, Broker::Redis(_))
     }
 
+    /// Where loops report instance-wide joins and leaves, when subscriptions follow them
+    /// (Redis in exact mode).
+    pub fn subscription_reports(&self) -> Option<&redis::subscriptions::Reports> {
+        match self {
+            Broker::Redis(redis) => redis.subscription_reports(),
+            Broker::Embedded => None,
+        }
+    }
+
     /// Publishes `items`. `from` is the calling loop (its share comes back as `Local`);
     /// `reply`, when set, is where a pending answer goes.
     pub fn publish(

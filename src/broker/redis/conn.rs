@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use super::redis_url::RedisUrl;
-use super::resp::{Decoded, Decoder, Limits, ProtocolError, ServerError, Value};
+use super::resp::{self, Decoded, Decoder, Limits, ProtocolError, ServerError, Value};
 
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
@@ -258,9 +258,16 @@ pub struct Conn {
 
 impl Conn {
     /// Connects to `url`, completes the TLS handshake of a `rediss://` URL (trusting what
-    /// `tls` says), authenticates and selects its database, all within `timeout`. Returns the
-    /// connection, non-blocking from then on.
-    pub fn open(url: &RedisUrl, tls: Option<&RedisTls>, timeout: Duration, max_bulk: usize) -> Result<Conn, Failure> {
+    /// `tls` says), authenticates, selects its database and names the connection `name` (what
+    /// CLIENT LIST shows operators), all within `timeout`. Returns the connection,
+    /// non-blocking from then on.
+    pub fn open(
+        url: &RedisUrl,
+        tls: Option<&RedisTls>,
+        name: &str,
+        timeout: Duration,
+        max_bulk: usize,
+    ) -> Result<Conn, Failure> {
         let tls = match (url.tls, tls) {
             (true, None) => return Err(Failure::Tls("rediss:// without TLS settings".into())),
             (true, Some(tls)) => Some(tls),
@@ -292,17 +299,17 @@ impl Conn {
         let mut opening = Opening { sock, tls: session, deadline };
         opening.handshake()?;
         let mut handshake = Vec::new();
-        let replies = url.handshake(&mut handshake);
+        let replies = url.handshake(&mut handshake) + 1;
+        resp::encode_command(&mut handshake, [b"CLIENT".as_slice(), b"SETNAME", name.as_bytes()]);
         let mut decoder = Decoder::new(Limits::with_max_bulk(max_bulk));
         let mut input = Vec::new();
-        if replies > 0 {
-            opening.send(&handshake)?;
-            for _ in 0..replies {
-                let error =
-                    read_blocking(&mut opening, &mut decoder, &mut input, |v| v.error().map(Failure::from_reply))?;
-                if let Some(failure) = error {
-                    return Err(failure);
-                }
+        opening.send(&handshake)?;
+        for reply in 1..=replies {
+            let error = read_blocking(&mut opening, &mut decoder, &mut input, |v| v.error().map(Failure::from_reply))?;
+            // The name is a courtesy: an ACL user may lack `client|setname`, and still work.
+            let naming = reply == replies;
+            if let Some(failure) = error.filter(|_| !naming) {
+                return Err(failure);
             }
         }
         let Opening { sock, tls, .. } = opening;
