@@ -152,6 +152,18 @@ pub struct ServerArgs {
     /// File holding the API key (trailing newline ignored).
     #[arg(long, env = "HERALD_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Redis channel presence events are published to (Redis mode); empty = none.
+    #[arg(long, env = "HERALD_PRESENCE_CHANNEL", default_value = "herald:presence")]
+    pub presence_channel: String,
+    /// http:// or https:// URL that receives presence events as POSTed JSON.
+    #[arg(long, env = "HERALD_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for the `X-Herald-Signature: sha256=<hex>` header of webhook posts.
+    #[arg(long, env = "HERALD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// File holding the webhook secret (trailing newline ignored).
+    #[arg(long, env = "HERALD_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Comma list of allowed Origin values for upgrades, or `*`.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", default_value = "*")]
     pub allowed_origins: String,
@@ -199,6 +211,10 @@ impl std::fmt::Debug for ServerArgs {
             tls_key,
             api_key,
             api_key_file,
+            presence_channel,
+            webhook_url,
+            webhook_secret,
+            webhook_secret_file,
             allowed_origins,
             connect_rate_per_ip,
             log,
@@ -234,6 +250,10 @@ impl std::fmt::Debug for ServerArgs {
             .field("tls_key", tls_key)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
             .field("api_key_file", api_key_file)
+            .field("presence_channel", presence_channel)
+            .field("webhook_url", webhook_url)
+            .field("webhook_secret", &webhook_secret.as_ref().map(|_| "<redacted>"))
+            .field("webhook_secret_file", webhook_secret_file)
             .field("allowed_origins", allowed_origins)
             .field("connect_rate_per_ip", connect_rate_per_ip)
             .field("log", log)
@@ -243,7 +263,7 @@ impl std::fmt::Debug for ServerArgs {
 }
 
 /// Settings whose value is a secret, by clap id: given as flags, they show in `ps`.
-const SECRET_FLAGS: [&str; 3] = ["jwt_secret", "api_key", "redis_url"];
+const SECRET_FLAGS: [&str; 4] = ["jwt_secret", "api_key", "redis_url", "webhook_secret"];
 
 impl Cli {
     /// Parses a command line (with the environment, as clap does), remembering which secrets
@@ -347,6 +367,10 @@ pub struct Config {
     /// Certificate and key files when the port serves TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub api_key: Option<String>,
+    /// Empty: presence events are not published to Redis.
+    pub presence_channel: String,
+    /// Where presence events are POSTed, and the key that signs them.
+    pub webhook: Option<(String, Option<Vec<u8>>)>,
     /// `None` allows every Origin.
     pub allowed_origins: Option<Vec<String>>,
     pub connect_rate_per_ip: u32,
@@ -385,6 +409,8 @@ impl std::fmt::Debug for Config {
             drain_period,
             tls,
             api_key,
+            presence_channel,
+            webhook,
             allowed_origins,
             connect_rate_per_ip,
             log,
@@ -414,6 +440,9 @@ impl std::fmt::Debug for Config {
             .field("drain_period", drain_period)
             .field("tls", tls)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
+            .field("presence_channel", presence_channel)
+            .field("webhook_url", &webhook.as_ref().map(|(url, _)| url))
+            .field("webhook_secret", &webhook.as_ref().and_then(|(_, s)| s.as_ref()).map(|_| "<redacted>"))
             .field("allowed_origins", allowed_origins)
             .field("connect_rate_per_ip", connect_rate_per_ip)
             .field("log", log)
@@ -546,6 +575,43 @@ impl ServerArgs {
             (None, Some(path)) => Some(read_secret_text("HERALD_API_KEY_FILE", path)?),
             (None, None) => None,
         };
+        let webhook_secret = match (non_empty(self.webhook_secret), &self.webhook_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err("set HERALD_WEBHOOK_SECRET or HERALD_WEBHOOK_SECRET_FILE, not both".into());
+            }
+            (Some(secret), None) => {
+                if self.given_as_flags.contains(&"webhook_secret") {
+                    warnings
+                        .push(flag_warning("--webhook-secret", "HERALD_WEBHOOK_SECRET_FILE or HERALD_WEBHOOK_SECRET"));
+                }
+                Some(secret.into_bytes())
+            }
+            (None, Some(path)) => Some(read_secret_text("HERALD_WEBHOOK_SECRET_FILE", path)?.into_bytes()),
+            (None, None) => None,
+        };
+        let webhook = match non_empty(self.webhook_url) {
+            None if webhook_secret.is_some() => {
+                return Err("HERALD_WEBHOOK_SECRET is set without HERALD_WEBHOOK_URL".into());
+            }
+            None => None,
+            Some(url) => {
+                let valid = url
+                    .parse::<ureq::http::Uri>()
+                    .ok()
+                    .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+                if !valid {
+                    return Err(format!("HERALD_WEBHOOK_URL `{url}` must be an http:// or https:// URL"));
+                }
+                if webhook_secret.is_none() {
+                    warnings.push(
+                        "HERALD_WEBHOOK_URL is set without HERALD_WEBHOOK_SECRET: the receiver cannot tell herald's \
+                         posts from anyone else's"
+                            .into(),
+                    );
+                }
+                Some((url, webhook_secret))
+            }
+        };
         // Each prefix must claim a namespace of its own: an empty prefix PSUBSCRIBEs every
         // channel on the server, and nested prefixes route one kind of channel as the other.
         let (user_prefix, topic_prefix) = (&self.user_channel_prefix, &self.topic_channel_prefix);
@@ -642,6 +708,8 @@ impl ServerArgs {
             drain_period: self.drain_period,
             tls,
             api_key,
+            presence_channel: self.presence_channel,
+            webhook,
             allowed_origins,
             connect_rate_per_ip: self.connect_rate_per_ip,
             log: self.log,

@@ -49,11 +49,20 @@ pub enum LoopCmd {
 pub struct DisconnectTally {
     pub remaining: AtomicUsize,
     pub closed: AtomicU64,
-    pub reply: ReplyTo,
+    pub reply: TallyReply,
+}
+
+/// Who hears a disconnect's total.
+#[derive(Debug, Clone)]
+pub enum TallyReply {
+    /// The request parked on a loop of this instance.
+    Request(ReplyTo),
+    /// Another instance's (or this one's) fleet-wide survey: the fleet thread answers it.
+    Fleet { survey: u64, asker: Arc<str> },
 }
 
 impl DisconnectTally {
-    pub fn new(loops: usize, reply: ReplyTo) -> DisconnectTally {
+    pub fn new(loops: usize, reply: TallyReply) -> DisconnectTally {
         DisconnectTally { remaining: loops.into(), closed: 0.into(), reply }
     }
 
@@ -179,7 +188,8 @@ mod tests {
 
     #[test]
     fn the_last_loop_to_report_gets_the_total() {
-        let tally = DisconnectTally::new(3, ReplyTo { loop_id: 0, conn: ConnRef { key: 1, id: 1 } });
+        let reply = TallyReply::Request(ReplyTo { loop_id: 0, conn: ConnRef { key: 1, id: 1 } });
+        let tally = DisconnectTally::new(3, reply);
         assert_eq!(tally.add(2), None);
         assert_eq!(tally.add(0), None);
         assert_eq!(tally.add(5), Some(7));

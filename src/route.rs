@@ -209,30 +209,32 @@ impl RouteTable {
     }
 
     /// Counts one more connection of `user`, unless it already has `cap` (0 = no cap).
-    pub fn add_connection(&self, user: &str, cap: u32) -> Result<(), AtCap> {
-        let first = self.update(self.key(true, user), |entry| {
+    /// Returns the user's connections now.
+    pub fn add_connection(&self, user: &str, cap: u32) -> Result<u32, AtCap> {
+        let count = self.update(self.key(true, user), |entry| {
             if cap != 0 && entry.connections >= cap {
                 return Err(AtCap);
             }
             entry.connections += 1;
-            Ok(entry.connections == 1)
+            Ok(entry.connections)
         })?;
-        if first {
+        if count == 1 {
             self.users.fetch_add(1, Relaxed);
         }
-        Ok(())
+        Ok(count)
     }
 
-    /// Counts one connection of `user` less.
-    pub fn remove_connection(&self, user: &str) {
-        let last = self.update(self.key(true, user), |entry| {
+    /// Counts one connection of `user` less. Returns the user's connections now.
+    pub fn remove_connection(&self, user: &str) -> u32 {
+        let (last, count) = self.update(self.key(true, user), |entry| {
             let had = entry.connections > 0;
             entry.connections = entry.connections.saturating_sub(1);
-            had && entry.connections == 0
+            (had && entry.connections == 0, entry.connections)
         });
         if last {
             self.users.fetch_sub(1, Relaxed);
         }
+        count
     }
 
     /// Open connections of `user` on this instance, on any path.
@@ -367,9 +369,9 @@ mod tests {
     #[test]
     fn connections_are_counted_per_user_on_any_path_and_capped() {
         let table = RouteTable::default();
-        assert_eq!(table.add_connection("a", 2), Ok(()));
+        assert_eq!(table.add_connection("a", 2), Ok(1));
         assert!(table.join(0, &user("a")).first);
-        assert_eq!(table.add_connection("a", 2), Ok(()));
+        assert_eq!(table.add_connection("a", 2), Ok(2));
         assert_eq!(table.add_connection("a", 2), Err(AtCap));
         assert_eq!((table.connections_of("a"), table.user_count()), (2, 1));
         table.leave(0, &user("a"));

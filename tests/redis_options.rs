@@ -16,10 +16,11 @@ const T: Duration = Duration::from_secs(5);
 /// Long enough for herald's first connection attempts (each bounded by a 2 s timeout).
 const CONNECT: Duration = Duration::from_secs(12);
 
-/// What herald's ACL user needs: pub/sub on its two channel namespaces, and PING; CLIENT
-/// SETNAME only names its connections. Nothing else (no keys, no other command).
-const HERALD_RULES: [&str; 7] =
-    ["resetchannels", "&user_noti:*", "&topic_noti:*", "-@all", "+@pubsub", "+ping", "+client|setname"];
+/// The ACL rules SECURITY.md recommends for herald's user: its channels (user and topic
+/// prefixes, and herald:* for the fleet's control, replies and presence events), its keys
+/// (herald:*, the fleet's presence data), and every command but the dangerous ones.
+const HERALD_RULES: [&str; 8] =
+    ["resetchannels", "&user_noti:*", "&topic_noti:*", "&herald:*", "resetkeys", "~herald:*", "+@all", "-@dangerous"];
 
 /// Waits until /health answers `status` with `redis` as its Redis part (a subset match).
 fn wait_redis_health(h: &Herald, status: u16, redis: &Value, timeout: Duration) -> Value {
@@ -103,15 +104,24 @@ fn client_list(redis: &Redis) -> String {
 }
 
 #[test]
-fn an_acl_user_with_pubsub_rights_receives_and_publishes() {
+fn an_acl_user_limited_to_heralds_channels_and_keys_receives_and_publishes() {
     let redis = acl_redis("herald", "acl-pw-41", &HERALD_RULES);
     let url = format!("redis://herald:acl-pw-41@127.0.0.1:{}", redis.port);
     let h = herald().env("HERALD_REDIS_URL", &url).api_key().start();
     wait_connected(&h);
     delivers_both_ways(&h, "acl-u1", |channel, payload| redis.publish(channel, payload));
-    // Both of herald's connections (reader and publisher) are logged in as the ACL user.
+    // The fleet's connections work under these rules too: presence is kept in Redis by them.
+    let _ws = h.ws(&token("acl-u1"));
+    let auth = format!("Bearer {API_KEY}");
+    let mut presence = Value::Null;
+    let counted = wait_until(T, || {
+        presence = h.http("GET", "/api/presence/acl-u1", &[("Authorization", &auth)], b"").json();
+        presence["connections"] == 1
+    });
+    assert!(counted, "presence under the ACL: {presence}\n{}", h.stderr());
+    // Every connection of herald's (reader, publisher, the fleet's two) is the ACL user.
     let list = client_list(&redis);
-    assert_eq!(clients_of(&list, "herald"), 2, "{list}");
+    assert_eq!(clients_of(&list, "herald"), 4, "{list}");
     assert!(!h.stderr().contains("acl-pw-41"), "{}", h.stderr());
 }
 
@@ -266,9 +276,10 @@ fn rediss_with_the_servers_ca_delivers_both_ways_and_is_healthy() {
     let v = wait_connected(&h);
     assert!(v["redis"]["ping_ms"].is_number(), "{v}");
     delivers_both_ways(&h, "tls-u1", |channel, payload| cli_publish(&redis, channel, payload));
-    // The server has no plain port: both of herald's connections came over TLS, as the user.
+    // The server has no plain port: all four of herald's connections (reader, publisher, the
+    // fleet's two) came over TLS, as the user.
     let list = redis.cli(&["CLIENT", "LIST"]);
-    assert_eq!(clients_of(&list, "herald"), 2, "{list}");
+    assert_eq!(clients_of(&list, "herald"), 4, "{list}");
     assert!(!h.stderr().contains("tls-pw-45"), "{}", h.stderr());
 }
 

@@ -128,7 +128,7 @@ pub struct Http {
 }
 
 /// A request handed to another thread (a Redis publish, a disconnect on every loop).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Waiting {
     pub keep_alive: bool,
     pub respond: Responder,

@@ -78,8 +78,8 @@ impl std::fmt::Display for Failure {
             Failure::Auth(detail) => write!(f, "authentication failed: {detail}"),
             Failure::Denied(detail) => write!(
                 f,
-                "permission denied by the Redis ACL: {detail} (herald's user needs +@pubsub and +ping on \
-                 the channels of its prefixes, e.g. &user_noti:* &topic_noti:*)"
+                "permission denied by the Redis ACL: {detail} (herald's user needs the channels of its \
+                 prefixes and herald:*, the keys herald:*, and the commands it runs: see SECURITY.md)"
             ),
             Failure::Tls(detail) => write!(f, "TLS error: {detail}"),
             Failure::Io(e) => write!(f, "i/o error: {e}"),

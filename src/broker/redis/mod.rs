@@ -5,11 +5,14 @@
 //! `/health`. Pub/sub has no replay: what was published while herald was disconnected is gone.
 
 mod conn;
+pub mod fleet;
+mod presence_sync;
 mod publisher;
 mod reader;
 pub mod redis_url;
 pub mod resp;
 pub mod subscriptions;
+mod survey;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,6 +23,7 @@ use crate::mailbox::Mailbox;
 use crate::message;
 use crate::metrics::Metrics;
 pub use conn::RedisTls;
+use fleet::{FleetHandle, FleetSettings, FleetThread};
 use publisher::PublishJob;
 pub use reader::pattern_for;
 use redis_url::RedisUrl;
@@ -92,11 +96,17 @@ pub struct RedisBroker {
     jobs: Arc<Mailbox<PublishJob>>,
     settings: Arc<Settings>,
     reports: Option<Arc<Reports>>,
+    fleet: Arc<FleetHandle>,
 }
 
 impl RedisBroker {
-    /// Starts the reader and publisher threads.
-    pub fn start(url: &RedisUrl, mode: SubscribeMode, ctx: Context) -> Result<RedisBroker, String> {
+    /// Starts the reader, publisher and fleet threads.
+    pub fn start(
+        url: &RedisUrl,
+        mode: SubscribeMode,
+        fleet_settings: FleetSettings,
+        ctx: Context,
+    ) -> Result<RedisBroker, String> {
         let poller = || mio::Poll::new().map_err(|e| format!("cannot create a poller for Redis: {e}"));
         let waker_error = |e: std::io::Error| format!("cannot create a waker for Redis: {e}");
         let poll = poller()?;
@@ -114,9 +124,19 @@ impl RedisBroker {
         };
         let (reader_url, reader_ctx) = (url.clone(), ctx.clone());
         spawn("herald-redis-read", move || reader::run(reader_url, reader_ctx, reader_poll, reader_mode))?;
+        let fleet_poll = poller()?;
+        let (fleet, fleet_jobs) = Mailbox::unbounded(&fleet_poll, fleet::WAKER).map_err(waker_error)?;
+        let fleet = Arc::new(fleet);
+        let thread = FleetThread::new(url.clone(), ctx.clone(), fleet_settings, fleet_poll, fleet_jobs, fleet.clone());
+        spawn("herald-redis-fleet", move || thread.run())?;
         let (publisher_url, wake) = (url.clone(), jobs.clone());
         spawn("herald-redis-pub", move || publisher::run(publisher_url, ctx, inbox, poll, wake))?;
-        Ok(RedisBroker { jobs, settings, reports })
+        Ok(RedisBroker { jobs, settings, reports, fleet })
+    }
+
+    /// The fleet thread's mailbox.
+    pub fn fleet(&self) -> &FleetHandle {
+        &self.fleet
     }
 
     /// Where loops report joins and leaves; `None` in pattern mode.
