@@ -69,9 +69,18 @@ pub struct ServerArgs {
     /// the environment.
     #[arg(long, env = "HERALD_JWT_SECRET_FILE", global = true)]
     pub jwt_secret_file: Option<PathBuf>,
-    /// PEM file with an RSA or EC public key: accept RS256/ES256 tokens instead of HS256.
+    /// The previous HS256 secret, still accepted after HERALD_JWT_SECRET (key rotation).
+    #[arg(long, env = "HERALD_JWT_SECRET_PREVIOUS", hide_env_values = true, global = true)]
+    pub jwt_secret_previous: Option<String>,
+    /// File holding the previous HS256 secret (trailing newline ignored).
+    #[arg(long, env = "HERALD_JWT_SECRET_PREVIOUS_FILE", global = true)]
+    pub jwt_secret_previous_file: Option<PathBuf>,
+    /// PEM file with an RSA or EC public key: accept RS256/ES256 tokens (re-read on SIGHUP).
     #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", global = true)]
     pub jwt_public_key: Option<PathBuf>,
+    /// JSON Web Key Set (http:// or https:// URL, or file): RS256/ES256 keys chosen by `kid`.
+    #[arg(long, env = "HERALD_JWKS", global = true)]
+    pub jwks: Option<String>,
     /// Required `aud` claim: when set, a token must name this audience.
     #[arg(long, env = "HERALD_JWT_AUDIENCE", global = true)]
     pub jwt_audience: Option<String>,
@@ -185,7 +194,10 @@ impl std::fmt::Debug for ServerArgs {
             listen,
             jwt_secret,
             jwt_secret_file,
+            jwt_secret_previous,
+            jwt_secret_previous_file,
             jwt_public_key,
+            jwks,
             jwt_audience,
             jwt_issuer,
             redis_url,
@@ -224,7 +236,13 @@ impl std::fmt::Debug for ServerArgs {
             .field("listen", listen)
             .field("jwt_secret", &jwt_secret.as_ref().map(|_| "<redacted>"))
             .field("jwt_secret_file", jwt_secret_file)
+            .field("jwt_secret_previous", &jwt_secret_previous.as_ref().map(|_| "<redacted>"))
+            .field("jwt_secret_previous_file", jwt_secret_previous_file)
             .field("jwt_public_key", jwt_public_key)
+            .field(
+                "jwks",
+                &jwks.as_deref().map(|text| JwksSource::parse(text).map_or_else(|_| "<invalid>".into(), |s| s.shown())),
+            )
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis_url.as_deref().map(redact_url))
@@ -263,7 +281,7 @@ impl std::fmt::Debug for ServerArgs {
 }
 
 /// Settings whose value is a secret, by clap id: given as flags, they show in `ps`.
-const SECRET_FLAGS: [&str; 4] = ["jwt_secret", "api_key", "redis_url", "webhook_secret"];
+const SECRET_FLAGS: [&str; 5] = ["jwt_secret", "jwt_secret_previous", "api_key", "redis_url", "webhook_secret"];
 
 impl Cli {
     /// Parses a command line (with the environment, as clap does), remembering which secrets
@@ -334,11 +352,73 @@ fn read_secret_text(variable: &str, path: &std::path::Path) -> Result<String, St
 
 pub use crate::auth::JwtKey;
 
+/// Where HERALD_JWKS is read from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// Fetched with GET. `shown` is the URL without credentials, query or fragment, the form
+    /// log lines and errors use.
+    Url {
+        url: String,
+        shown: String,
+        https: bool,
+    },
+    File(PathBuf),
+}
+
+impl JwksSource {
+    /// An `http://` or `https://` URL, or else a file path; any other `scheme://` is refused
+    /// rather than taken for a file name.
+    pub fn parse(text: &str) -> Result<JwksSource, String> {
+        let lower = text.get(..8).unwrap_or(text).to_ascii_lowercase();
+        let https = lower.starts_with("https://");
+        if !https && !lower.starts_with("http://") {
+            if text.contains("://") {
+                // Not echoed: a URL may carry credentials.
+                return Err("HERALD_JWKS must be an http:// or https:// URL or a file path".into());
+            }
+            return Ok(JwksSource::File(PathBuf::from(text)));
+        }
+        let uri: ureq::http::Uri = text
+            .parse()
+            .map_err(|_| "HERALD_JWKS is not a valid URL (it must look like https://host/path)".to_string())?;
+        let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+            return Err("HERALD_JWKS URL has no host (it must look like https://host/path)".into());
+        };
+        let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+        let scheme = if https { "https" } else { "http" };
+        let shown = format!("{scheme}://{host}{port}{}", uri.path());
+        Ok(JwksSource::Url { url: text.to_string(), shown, https })
+    }
+
+    /// The source as log lines show it: a URL without credentials or query, or the path.
+    pub fn shown(&self) -> String {
+        match self {
+            JwksSource::Url { shown, .. } => shown.clone(),
+            JwksSource::File(path) => path.display().to_string(),
+        }
+    }
+}
+
+impl std::fmt::Debug for JwksSource {
+    // A URL may carry credentials in its user part or query: Debug shows the redacted form.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.shown())
+    }
+}
+
 /// The validated settings the server runs with.
 #[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The current HS256 secret (what `herald token` and dev mode sign with), or
+    /// [`JwtKey::Unset`] when tokens are verified with public keys only.
     pub jwt_key: JwtKey,
+    /// HERALD_JWT_SECRET_PREVIOUS: also accepted for HS256, after the current secret.
+    pub jwt_secret_previous: Option<Vec<u8>>,
+    /// HERALD_JWT_PUBLIC_KEY: the file (re-read on SIGHUP) and the PEM read from it at start.
+    pub jwt_public_key: Option<(PathBuf, Vec<u8>)>,
+    /// HERALD_JWKS, loaded when the server starts.
+    pub jwks: Option<JwksSource>,
     /// True when no secret was configured and one was generated for this run.
     pub dev_mode: bool,
     /// When set, a token's `aud` must name it.
@@ -388,6 +468,9 @@ impl std::fmt::Debug for Config {
         let Config {
             listen,
             jwt_key,
+            jwt_secret_previous,
+            jwt_public_key,
+            jwks,
             dev_mode,
             jwt_audience,
             jwt_issuer,
@@ -419,6 +502,9 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", listen)
             .field("jwt_key", jwt_key)
+            .field("jwt_secret_previous", &jwt_secret_previous.as_ref().map(|_| "<redacted>"))
+            .field("jwt_public_key", &jwt_public_key.as_ref().map(|(path, _)| path))
+            .field("jwks", jwks)
             .field("dev_mode", dev_mode)
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
@@ -513,25 +599,69 @@ impl ServerArgs {
             (None, Some(path)) => Some(read_secret_file("HERALD_JWT_SECRET_FILE", path)?),
             (None, None) => env_alias("JWT_SECRET_KEY").map(String::into_bytes),
         };
-        let (jwt_key, dev_mode) = match (&self.jwt_public_key, secret) {
-            (Some(path), _) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| format!("HERALD_JWT_PUBLIC_KEY `{}` cannot be read: {e}", path.display()))?;
-                crate::auth::Verifier::new(&JwtKey::PublicKeyPem(pem.clone()))
-                    .map_err(|e| format!("HERALD_JWT_PUBLIC_KEY `{}`: {e}", path.display()))?;
-                (JwtKey::PublicKeyPem(pem), false)
+        let previous = match (non_empty(self.jwt_secret_previous), &self.jwt_secret_previous_file) {
+            (Some(_), Some(_)) => {
+                return Err("set HERALD_JWT_SECRET_PREVIOUS or HERALD_JWT_SECRET_PREVIOUS_FILE, not both".into());
             }
-            (None, Some(secret)) => {
-                if secret.len() < MIN_SECRET_BYTES {
-                    warnings.push(format!(
-                        "HERALD_JWT_SECRET is {} bytes long; anyone who guesses it can sign tokens for any user. \
-                         Use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
-                        secret.len()
+            (Some(previous), None) => {
+                if self.given_as_flags.contains(&"jwt_secret_previous") {
+                    warnings.push(flag_warning(
+                        "--jwt-secret-previous",
+                        "HERALD_JWT_SECRET_PREVIOUS_FILE or HERALD_JWT_SECRET_PREVIOUS",
                     ));
                 }
-                (JwtKey::Secret(secret), false)
+                Some(previous.into_bytes())
             }
-            (None, None) => (JwtKey::Secret(crate::auth::random_secret()), true),
+            (None, Some(path)) => Some(read_secret_file("HERALD_JWT_SECRET_PREVIOUS_FILE", path)?),
+            (None, None) => None,
+        };
+        let jwt_public_key = match &self.jwt_public_key {
+            None => None,
+            Some(path) => {
+                let pem = crate::auth::read_bounded(path, crate::auth::MAX_PEM_BYTES)
+                    .map_err(|e| format!("HERALD_JWT_PUBLIC_KEY `{}` {e}", path.display()))?;
+                crate::auth::Verifier::new(&JwtKey::PublicKeyPem(pem.clone()))
+                    .map_err(|e| format!("HERALD_JWT_PUBLIC_KEY `{}`: {e}", path.display()))?;
+                Some((path.clone(), pem))
+            }
+        };
+        let jwks = non_empty(self.jwks).map(|text| JwksSource::parse(&text)).transpose()?;
+        if secret.is_none() && previous.is_some() {
+            return Err("HERALD_JWT_SECRET_PREVIOUS is set but HERALD_JWT_SECRET is not: \
+                        the previous secret is accepted only beside a current one"
+                .into());
+        }
+        // A public key decides: with HERALD_JWT_PUBLIC_KEY or HERALD_JWKS only RS256/ES256
+        // tokens are accepted, and secrets are ignored (with a warning). That was herald's rule
+        // before key rotation, and keeping it means a secret left over in the environment
+        // never widens what an upgraded herald accepts. The PEM key and the JWKS combine.
+        let public_keys = jwt_public_key.is_some() || jwks.is_some();
+        let (secret, previous) = if public_keys && secret.is_some() {
+            warnings.push(
+                "HERALD_JWT_SECRET (and HERALD_JWT_SECRET_PREVIOUS) are ignored: with HERALD_JWT_PUBLIC_KEY or \
+                 HERALD_JWKS herald accepts RS256/ES256 tokens only"
+                    .into(),
+            );
+            (None, None)
+        } else {
+            (secret, previous)
+        };
+        for (name, value) in [("HERALD_JWT_SECRET", &secret), ("HERALD_JWT_SECRET_PREVIOUS", &previous)] {
+            if let Some(value) = value.as_ref().filter(|v| v.len() < MIN_SECRET_BYTES) {
+                warnings.push(format!(
+                    "{name} is {} bytes long; anyone who guesses it can sign tokens for any user. \
+                     Use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
+                    value.len()
+                ));
+            }
+        }
+        if previous.is_some() && previous == secret {
+            warnings.push("HERALD_JWT_SECRET_PREVIOUS is the same as HERALD_JWT_SECRET; it can be removed".into());
+        }
+        let (jwt_key, dev_mode) = match secret {
+            Some(secret) => (JwtKey::Secret(secret), false),
+            None if public_keys => (JwtKey::Unset, false),
+            None => (JwtKey::Secret(crate::auth::random_secret()), true),
         };
         let redis_url = non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL"));
         let mut redis = match &redis_url {
@@ -683,6 +813,9 @@ impl ServerArgs {
         Ok(Config {
             listen,
             jwt_key,
+            jwt_secret_previous: previous,
+            jwt_public_key,
+            jwks,
             dev_mode,
             jwt_audience: non_empty(self.jwt_audience),
             jwt_issuer: non_empty(self.jwt_issuer),
@@ -809,6 +942,84 @@ mod tests {
         }
         assert!(debug.contains("redis://user:<redacted>@127.0.0.1:6379/0"), "{debug}");
         assert!(debug.contains("api_key: Some(\"<redacted>\")"), "{debug}");
+    }
+
+    #[test]
+    fn key_sources_combine_and_the_previous_secret_needs_a_current_one() {
+        let dir = std::env::temp_dir().join(format!("herald-config-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let previous = dir.join("previous");
+        std::fs::write(&previous, "previous-secret-previous-secret-0123\n").unwrap();
+        let previous = previous.to_string_lossy().into_owned();
+        let pem = format!("{}/tests/fixtures/ec_public.pem", env!("CARGO_MANIFEST_DIR"));
+        let current = "current-secret-current-secret-01234";
+
+        let config = parse(&["--jwt-secret", current, "--jwt-secret-previous-file", &previous]).unwrap();
+        assert!(matches!(&config.jwt_key, JwtKey::Secret(s) if s == current.as_bytes()));
+        assert_eq!(config.jwt_secret_previous.as_deref(), Some(&b"previous-secret-previous-secret-0123"[..]));
+        assert!(config.warnings.iter().all(|w| !w.contains("PREVIOUS")), "{:?}", config.warnings);
+
+        let orphan = parse(&["--jwt-secret-previous-file", &previous]).unwrap_err();
+        assert!(orphan.contains("HERALD_JWT_SECRET is not"), "{orphan}");
+        let both =
+            parse(&["--jwt-secret", current, "--jwt-secret-previous", "x", "--jwt-secret-previous-file", &previous])
+                .unwrap_err();
+        assert!(both.contains("HERALD_JWT_SECRET_PREVIOUS_FILE"), "{both}");
+        let short = parse(&["--jwt-secret", current, "--jwt-secret-previous", "old"]).unwrap();
+        assert!(
+            short.warnings.iter().any(|w| w.contains("HERALD_JWT_SECRET_PREVIOUS is 3 bytes")),
+            "{:?}",
+            short.warnings
+        );
+        assert!(short.warnings.iter().any(|w| w.contains("--jwt-secret-previous")), "{:?}", short.warnings);
+
+        // Public keys alone: no secret, and no dev mode either.
+        for args in [vec!["--jwks", "https://idp.example/keys"], vec!["--jwt-public-key", &pem]] {
+            let config = parse(&args).unwrap();
+            assert!(matches!(config.jwt_key, JwtKey::Unset) && !config.dev_mode, "{args:?}");
+        }
+        // The PEM key and the JWKS combine; a public key makes the secrets ignored, loudly.
+        let all = parse(&[
+            "--jwt-secret",
+            current,
+            "--jwt-secret-previous-file",
+            &previous,
+            "--jwt-public-key",
+            &pem,
+            "--jwks",
+            "/etc/herald/jwks.json",
+        ])
+        .unwrap();
+        assert!(matches!(all.jwt_key, JwtKey::Unset) && all.jwt_secret_previous.is_none() && !all.dev_mode);
+        assert!(all.jwt_public_key.is_some());
+        assert_eq!(all.jwks, Some(JwksSource::File("/etc/herald/jwks.json".into())));
+        assert!(all.warnings.iter().any(|w| w.contains("ignored")), "{:?}", all.warnings);
+        let scheme = parse(&["--jwks", "ftp://idp.example/keys"]).unwrap_err();
+        assert!(scheme.starts_with("HERALD_JWKS"), "{scheme}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn debug_output_redacts_the_previous_secret_and_jwks_credentials() {
+        let args = [
+            "herald",
+            "--jwt-secret",
+            "current-secret-value-current-secret",
+            "--jwt-secret-previous",
+            "previous-secret-value-previous-secret",
+            "--jwks",
+            "https://user:jwks-password-9@idp.example/keys?key=jwks-query-8",
+        ];
+        let cli = Cli::parse_with_sources(args).unwrap();
+        let raw = format!("{cli:?}");
+        let config = cli.server.into_config().unwrap();
+        let debug = format!("{config:?}\n{raw}");
+        for secret in ["current-secret-value", "previous-secret-value", "jwks-password-9", "jwks-query-8"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(debug.contains("https://idp.example/keys"), "{debug}");
+        let warnings = config.warnings.join("\n");
+        assert!(!warnings.contains("previous-secret-value"), "{warnings}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! writev) → sockets. [`broker`] is the seam between herald and where publishes travel.
 //!
 //! Imports point downward only: [`ids`], [`frame`], [`metrics`], [`config`] at the bottom;
-//! then [`message`], [`conn`], [`mailbox`], [`route`], [`admission`]; then [`broker`];
+//! then [`message`], [`conn`], [`mailbox`], [`route`], [`admission`], [`jwks`]; then [`broker`];
 //! [`shared`]; [`http`]; [`event_loop`]; [`server`] at the top.
 
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -22,6 +22,7 @@ pub mod event_loop;
 pub mod frame;
 pub mod http;
 pub mod ids;
+pub mod jwks;
 pub mod mailbox;
 pub mod message;
 pub mod metrics;

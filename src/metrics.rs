@@ -157,6 +157,11 @@ pub struct Metrics {
     pub api_auth_failures: AtomicU64,
     /// Publish-API requests refused (429) after too many failures from their address.
     pub api_auth_rate_limited: AtomicU64,
+    /// HERALD_JWKS refreshes after start that put a key set in force.
+    pub jwks_refreshes: AtomicU64,
+    /// HERALD_JWKS refreshes that failed (unreachable, error status, malformed): the keys in
+    /// force stayed.
+    pub jwks_refresh_failures: AtomicU64,
     pub redis: RedisHealth,
     /// Presence transitions this instance emitted (to the Redis channel and the webhook).
     pub presence_events: AtomicU64,
@@ -182,6 +187,8 @@ pub struct Snapshot {
     pub webhook_dropped: u64,
     pub api_auth_failures: u64,
     pub api_auth_rate_limited: u64,
+    pub jwks_refreshes: u64,
+    pub jwks_refresh_failures: u64,
     pub sent: u64,
     pub failed: u64,
     pub slow_consumers: u64,
@@ -215,6 +222,8 @@ impl Metrics {
             dropped_overload: AtomicU64::new(0),
             api_auth_failures: AtomicU64::new(0),
             api_auth_rate_limited: AtomicU64::new(0),
+            jwks_refreshes: AtomicU64::new(0),
+            jwks_refresh_failures: AtomicU64::new(0),
             redis: RedisHealth { configured: redis_configured, ..RedisHealth::default() },
             presence_events: AtomicU64::new(0),
             webhook: Arc::default(),
@@ -247,6 +256,8 @@ impl Metrics {
             webhook_dropped: self.webhook.dropped.load(Relaxed),
             api_auth_failures: self.api_auth_failures.load(Relaxed),
             api_auth_rate_limited: self.api_auth_rate_limited.load(Relaxed),
+            jwks_refreshes: self.jwks_refreshes.load(Relaxed),
+            jwks_refresh_failures: self.jwks_refresh_failures.load(Relaxed),
             ..Snapshot::default()
         };
         for l in self.loops.iter() {
@@ -323,6 +334,7 @@ impl Snapshot {
                 },
             },
             "tls": { "handshakes": self.tls_handshakes, "failures": self.tls_failures },
+            "jwks": { "refreshes": self.jwks_refreshes, "refresh_failures": self.jwks_refresh_failures },
             "internals": { "slab_entries": self.slab_entries, "index_entries": self.index_entries },
         })
         .to_string()
@@ -349,7 +361,7 @@ impl Snapshot {
             "Redis channels (exact mode) or patterns this instance is subscribed to.",
             self.redis_subscriptions.to_string(),
         );
-        let counters: [(&str, &str, u64); 26] = [
+        let counters: [(&str, &str, u64); 28] = [
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),
             ("herald_messages_sent_total", "Notifications written to clients.", self.sent),
@@ -411,6 +423,12 @@ impl Snapshot {
                 "herald_api_auth_rate_limited_total",
                 "Publish-API requests refused after too many failed authentications from their address.",
                 self.api_auth_rate_limited,
+            ),
+            ("herald_jwks_refreshes_total", "HERALD_JWKS refreshes that put a key set in force.", self.jwks_refreshes),
+            (
+                "herald_jwks_refresh_failures_total",
+                "HERALD_JWKS refreshes that failed; the keys in force stayed.",
+                self.jwks_refresh_failures,
             ),
         ];
         for (name, help, value) in counters {
@@ -484,5 +502,19 @@ mod tests {
         assert!(text.contains("herald_delivery_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("herald_messages_sent_total 3\n"));
         assert_eq!(local.sent, 0);
+    }
+
+    #[test]
+    fn jwks_refresh_counters_are_in_both_renderings() {
+        let m = Metrics::new(1, false);
+        m.jwks_refreshes.fetch_add(3, Relaxed);
+        m.jwks_refresh_failures.fetch_add(2, Relaxed);
+        let snapshot = m.snapshot(0, 0);
+        let text = snapshot.to_prometheus();
+        assert!(text.contains("herald_jwks_refreshes_total 3\n"), "{text}");
+        assert!(text.contains("herald_jwks_refresh_failures_total 2\n"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&snapshot.to_json("t")).unwrap();
+        assert_eq!(json["jwks"]["refreshes"], 3);
+        assert_eq!(json["jwks"]["refresh_failures"], 2);
     }
 }

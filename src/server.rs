@@ -1,5 +1,6 @@
-//! Starts herald: listeners, event loops, the broker's threads; then waits for SIGTERM/SIGINT
-//! and shuts down gracefully (a second signal exits at once).
+//! Starts herald: listeners, event loops, the broker's threads, the JWKS fetcher; then waits
+//! for signals: SIGHUP reloads (see [`reload`]), SIGTERM/SIGINT shut down gracefully (a
+//! second one exits at once).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,6 @@ use mio::net::TcpListener;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
-use crate::auth::Verifier;
 use crate::broker::{Broker, Routing, redis};
 use crate::config::{Config, JwtKey};
 use crate::event_loop::EventLoop;
@@ -57,9 +57,11 @@ fn raise_fd_limit() {
 
 /// Starts every thread; returns once the listeners are bound.
 pub fn start(config: Config) -> Result<Running, String> {
+    let metrics = Arc::new(Metrics::new(config.threads, config.redis.is_some()));
+    // First of all: a key set that cannot be loaded stops herald with its one error line.
+    let (keyring, jwks_fetcher) = crate::jwks::keyring(&config, &metrics)?;
     raise_fd_limit();
-    let verifier =
-        Verifier::new(&config.jwt_key)?.requiring(config.jwt_audience.as_deref(), config.jwt_issuer.as_deref());
+    info!(keys = %keyring.keys().describe(), "accepting tokens");
     let first = bind(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = first.local_addr().map_err(|e| e.to_string())?;
     let mut listeners = vec![first];
@@ -75,7 +77,6 @@ pub fn start(config: Config) -> Result<Running, String> {
         handles.push(handle);
         inboxes.push(inbox);
     }
-    let metrics = Arc::new(Metrics::new(config.threads, config.redis.is_some()));
     let routing = Arc::new(Routing::default());
     let loops: Loops = handles.into();
     routing.attach(loops);
@@ -107,9 +108,12 @@ pub fn start(config: Config) -> Result<Running, String> {
         Some((cert, key)) => Some(crate::tls::Acceptor::load(cert, key)?),
         None => None,
     };
-    let mut shared = Shared::new(config, verifier, metrics, routing, broker, instance_id);
+    let mut shared = Shared::new(config, keyring, metrics, routing, broker, instance_id);
     shared.tls = tls;
     let shared = Arc::new(shared);
+    if let Some(fetcher) = jwks_fetcher {
+        fetcher.spawn(Arc::downgrade(&shared.verifier))?;
+    }
     let mut loop_threads = Vec::new();
     for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
         let event_loop = EventLoop::new(id, shared.clone(), poll, listener, inbox)
@@ -200,19 +204,41 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
     );
 }
 
-/// SIGHUP: loads again what may have been replaced on disk (the TLS certificate and key).
-/// What cannot be loaded is logged and the current material stays in use.
-fn reload(shared: &Shared) {
+/// What SIGHUP does: re-reads what can change without a restart (the TLS certificate and
+/// key, the JWT public key, the JWKS) and logs what it did. A reload that fails keeps what
+/// is in force.
+pub fn reload(shared: &Shared) {
+    let keys = &shared.verifier;
+    let mut reloaded = false;
     if let Some(acceptor) = &shared.tls {
+        reloaded = true;
         match acceptor.reload() {
-            Ok(()) => info!("TLS certificate reloaded: new handshakes use it"),
-            Err(e) => warn!(error = %e, "TLS certificate not reloaded; the current one stays in use"),
+            Ok(()) => info!("SIGHUP: TLS certificate reloaded: new handshakes use it"),
+            Err(e) => warn!(error = %e, "SIGHUP: TLS certificate not reloaded; the current one stays in use"),
         }
+    }
+    if let Some(result) = keys.reload_public_key() {
+        reloaded = true;
+        let path = keys.public_key_file().map(|p| p.display().to_string()).unwrap_or_default();
+        match result {
+            Ok(algorithm) => info!(%path, ?algorithm, "SIGHUP: HERALD_JWT_PUBLIC_KEY reloaded"),
+            Err(e) => warn!(%path, error = %e, "SIGHUP: HERALD_JWT_PUBLIC_KEY not reloaded; the key in force stays"),
+        }
+    }
+    // The fetcher's thread does the reading and logs the outcome: the signal thread never
+    // waits on the network.
+    if keys.request_jwks_reload() {
+        reloaded = true;
+        info!("SIGHUP: HERALD_JWKS refresh requested");
+    }
+    if !reloaded {
+        info!("SIGHUP: nothing to reload (no TLS certificate, HERALD_JWT_PUBLIC_KEY or HERALD_JWKS)");
     }
 }
 
 /// Runs until a signal stops it.
 pub fn run(config: Config) -> Result<(), String> {
+    // SIGHUP is handled from here on: before, its default action would end the process.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| format!("cannot handle signals: {e}"))?;
     let grace = config.shutdown_grace;
@@ -230,12 +256,12 @@ pub fn run(config: Config) -> Result<(), String> {
     let first = signals.forever().find(|&signal| {
         if signal == SIGHUP {
             reload(&running.shared);
-            return false;
         }
-        true
+        signal != SIGHUP
     });
     info!(signal = ?first, "shutting down: closing connections (grace {:?})", grace);
     std::thread::spawn(move || {
+        // A reload while shutting down is pointless: SIGHUP is ignored from here on.
         if signals.forever().any(|signal| signal != SIGHUP) {
             warn!("second signal: exiting now");
             std::process::exit(130);

@@ -5,14 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use crate::admission::{Admission, AuthFailureLimit};
-use crate::auth::Verifier;
+use crate::auth::Keyring;
 use crate::broker::{Broker, Routing};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
 pub struct Shared {
     pub config: Config,
-    pub verifier: Verifier,
+    /// The keys tokens are verified with now; reloads and JWKS refreshes swap them.
+    pub verifier: Arc<Keyring>,
     pub metrics: Arc<Metrics>,
     pub admission: Admission,
     pub routing: Arc<Routing>,
@@ -34,7 +35,7 @@ impl Shared {
     /// State for a server about to start: counters at zero, loops not yet attached.
     pub fn new(
         config: Config,
-        verifier: Verifier,
+        verifier: impl Into<Keyring>,
         metrics: Arc<Metrics>,
         routing: Arc<Routing>,
         broker: Broker,
@@ -46,7 +47,7 @@ impl Shared {
                 config.max_connections_per_user,
                 config.connect_rate_per_ip,
             ),
-            verifier,
+            verifier: Arc::new(verifier.into()),
             metrics,
             routing,
             broker,

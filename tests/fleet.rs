@@ -204,3 +204,44 @@ fn every_held_channel_is_subscribed_again_after_redis_comes_back() {
     drop(before);
     wait_channels_are(&redis, &h, &(399..400).collect(), T);
 }
+
+#[test]
+fn sent_is_true_exactly_when_some_instance_holds_the_target() {
+    let redis = Redis::start();
+    let a = herald().redis(&redis).api_key().start();
+    let b = herald().redis(&redis).api_key().start();
+    redis.wait_subscribers(2, Duration::from_secs(10));
+    let mut held = b.ws(&token("held"));
+    let topic_token = token_claims(json!({"sub": "t", "topics": ["room"], "exp": now_secs() + 3600}));
+    let _room = b.ws(&topic_token);
+    let auth = format!("Bearer {API_KEY}");
+    let post = |path: &str, body: serde_json::Value| {
+        let r = a.http("POST", path, &[("Authorization", &auth)], body.to_string().as_bytes());
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        r.json()
+    };
+    let message = json!({"type": "n"});
+    assert_eq!(post("/publish", json!({"user_id": "held", "message": message}))["sent"], true);
+    assert_eq!(post("/publish", json!({"user_id": "nowhere", "message": message}))["sent"], false);
+    assert_eq!(post("/publish", json!({"topic": "elsewhere", "message": message}))["sent"], false);
+    let batch = json!({"items": [
+        {"user_id": "nowhere", "message": message},
+        {"user_id": "held", "message": message},
+        {"user_ids": ["nowhere", "held"], "message": message},
+        {"topic": "elsewhere", "message": message},
+    ]});
+    assert_eq!(post("/publish/batch", batch)["sent"], json!([false, true, true, false]));
+    let note = |user: &str| json!({"user_id": user, "title": "t", "message": "m", "type": "info"});
+    assert_eq!(post("/notify", note("held"))["sent"], true);
+    assert_eq!(post("/notify", note("nowhere"))["sent"], false);
+    // Exactly what was sent arrived.
+    for _ in 0..3 {
+        assert_eq!(recv_json(&mut held, T)["type"], "n");
+    }
+    assert_eq!(recv_json(&mut held, T)["channel"], "notifications");
+    // A user who just left: the unsubscribe has reached Redis once its channel is gone.
+    drop(held);
+    let gone = wait_until(T, || !subscribed_channels(&redis, "user_noti:held").contains("user_noti:held"));
+    assert!(gone, "the channel of a user who left stays subscribed");
+    assert_eq!(post("/publish", json!({"user_id": "held", "message": message}))["sent"], false);
+}

@@ -28,11 +28,13 @@ fn health_in_embedded_mode_is_healthy_with_embedded_broker() {
     assert_eq!(v["websocket"]["active_connections"], 0);
     assert_eq!(v["websocket"]["total_unique_users"], 0);
     assert!(v["uptime_seconds"].is_u64(), "uptime_seconds must be an integer: {v}");
-    assert_keys(&v, &["status", "timestamp", "redis", "websocket", "uptime_seconds"]);
+    assert_keys(&v, &["status", "timestamp", "redis", "websocket", "uptime_seconds", "instance"]);
+    assert!(v["instance"].as_str().is_some_and(|i| i.len() == 16 && i.bytes().all(|b| b.is_ascii_hexdigit())), "{v}");
     assert_keys(&v["websocket"], &["active_connections", "total_unique_users"]);
 }
 
-/// The object has exactly these keys (seed 003 §2 is the exact shape of /health).
+/// The object has exactly these keys (seed 003 §2 is the exact shape of /health, plus
+/// `instance` from SPEC §8).
 fn assert_keys(v: &Value, keys: &[&str]) {
     let mut got: Vec<&str> =
         v.as_object().unwrap_or_else(|| panic!("not an object: {v}")).keys().map(|k| k.as_str()).collect();
@@ -58,7 +60,7 @@ fn health_with_redis_reports_connected_and_ping_ms() {
     assert_eq!(v["status"], "healthy");
     let ping = v["redis"]["ping_ms"].as_f64().unwrap_or_else(|| panic!("ping_ms must be a number: {v}"));
     assert!((0.0..1000.0).contains(&ping), "ping_ms {ping}");
-    assert_keys(&v, &["status", "timestamp", "redis", "websocket", "uptime_seconds"]);
+    assert_keys(&v, &["status", "timestamp", "redis", "websocket", "uptime_seconds", "instance"]);
     assert_keys(&v["redis"], &["status", "ping_ms"]);
 }
 

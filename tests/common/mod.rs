@@ -180,6 +180,39 @@ pub fn token_es256(claims: &Value, private_pem: &str) -> String {
     .expect("encode ES256")
 }
 
+/// The signing key of a fixture, named by its PEM file, and the algorithm it signs with
+/// (RS256 for `rsa_*`, ES256 for `ec_*`), read from its DER copy as the helpers above do.
+pub fn fixture_signing_key(private_pem: &str) -> (jsonwebtoken::EncodingKey, jsonwebtoken::Algorithm) {
+    if private_pem.starts_with("ec") {
+        let der = std::fs::read(fixture(&private_pem.replace(".pem", ".pkcs8.der"))).expect("read EC DER key fixture");
+        (jsonwebtoken::EncodingKey::from_ec_der(&der), jsonwebtoken::Algorithm::ES256)
+    } else {
+        let der = std::fs::read(fixture(&private_pem.replace(".pem", ".pkcs1.der"))).expect("read RSA DER key fixture");
+        (jsonwebtoken::EncodingKey::from_rsa_der(&der), jsonwebtoken::Algorithm::RS256)
+    }
+}
+
+/// A token whose header names `kid`, signed with a fixture key (RS256 for `rsa_*.pem`,
+/// ES256 for `ec_*.pem`).
+pub fn token_kid(claims: &Value, private_pem: &str, kid: &str) -> String {
+    let (key, alg) = fixture_signing_key(private_pem);
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, claims, &key).expect("encode token with kid")
+}
+
+/// RS256 token whose header names `kid`, signed with a fixture RSA key.
+pub fn token_rs256_kid(claims: &Value, private_pem: &str, kid: &str) -> String {
+    assert!(private_pem.starts_with("rsa"), "{private_pem} is not an RSA fixture");
+    token_kid(claims, private_pem, kid)
+}
+
+/// ES256 token whose header names `kid`, signed with a fixture EC key.
+pub fn token_es256_kid(claims: &Value, private_pem: &str, kid: &str) -> String {
+    assert!(private_pem.starts_with("ec"), "{private_pem} is not an EC fixture");
+    token_kid(claims, private_pem, kid)
+}
+
 /// An unsigned token with `alg: none`.
 pub fn token_alg_none(claims: &Value) -> String {
     let header = b64url_encode(br#"{"alg":"none","typ":"JWT"}"#);
