@@ -155,6 +155,16 @@ pub struct ServerArgs {
     /// spread evenly over this period, so clients do not all reconnect at the same instant.
     #[arg(long, env = "HERALD_DRAIN_PERIOD", default_value = "0s", value_parser = parse_duration)]
     pub drain_period: Duration,
+    /// Notifications kept per user stream and per topic stream (newest N, at most 100,000);
+    /// 0 = history off.
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 0)]
+    pub history_size: usize,
+    /// History entries older than this are dropped.
+    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// Embedded mode: memory all history may take (e.g. 64MiB); oldest entries evicted first.
+    #[arg(long, env = "HERALD_HISTORY_MEMORY", default_value = "64MiB", value_parser = parse_bytes)]
+    pub history_memory: usize,
     /// Bearer key accepted by the HTTP publish/admin API.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -219,6 +229,9 @@ impl std::fmt::Debug for ServerArgs {
             handshake_timeout,
             shutdown_grace,
             drain_period,
+            history_size,
+            history_ttl,
+            history_memory,
             tls_cert,
             tls_key,
             api_key,
@@ -264,6 +277,9 @@ impl std::fmt::Debug for ServerArgs {
             .field("handshake_timeout", handshake_timeout)
             .field("shutdown_grace", shutdown_grace)
             .field("drain_period", drain_period)
+            .field("history_size", history_size)
+            .field("history_ttl", history_ttl)
+            .field("history_memory", history_memory)
             .field("tls_cert", tls_cert)
             .field("tls_key", tls_key)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
@@ -314,6 +330,22 @@ impl Cli {
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|e| format!("`{text}` is not a duration like 30s, 500ms or 2m ({e})"))
+}
+
+/// `65536`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB, meaning the same powers of 1024).
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("`{text}` is not a size like 65536, 64KiB or 64MiB")),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("`{text}` is not a size like 65536, 64KiB or 64MiB"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {
@@ -444,6 +476,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub shutdown_grace: Duration,
     pub drain_period: Duration,
+    pub history: crate::history::Settings,
     /// Certificate and key files when the port serves TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub api_key: Option<String>,
@@ -490,6 +523,7 @@ impl std::fmt::Debug for Config {
             handshake_timeout,
             shutdown_grace,
             drain_period,
+            history,
             tls,
             api_key,
             presence_channel,
@@ -524,6 +558,7 @@ impl std::fmt::Debug for Config {
             .field("handshake_timeout", handshake_timeout)
             .field("shutdown_grace", shutdown_grace)
             .field("drain_period", drain_period)
+            .field("history", history)
             .field("tls", tls)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
             .field("presence_channel", presence_channel)
@@ -792,6 +827,17 @@ impl ServerArgs {
                 return Err(format!("{name} must be at most 24h"));
             }
         }
+        if self.history_size > crate::history::MAX_SIZE {
+            return Err(format!("HERALD_HISTORY_SIZE must be at most {}", crate::history::MAX_SIZE));
+        }
+        if self.history_size > 0 && self.history_ttl < Duration::from_secs(1) {
+            return Err("HERALD_HISTORY_TTL must be at least 1s".into());
+        }
+        if self.history_size > 0 && self.history_memory < 64 * 1024 {
+            return Err("HERALD_HISTORY_MEMORY must be at least 64KiB".into());
+        }
+        let history =
+            crate::history::Settings { size: self.history_size, ttl: self.history_ttl, memory: self.history_memory };
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => {
                 // Checked now so a bad pair stops herald with one line, before anything starts.
@@ -839,6 +885,7 @@ impl ServerArgs {
             handshake_timeout: self.handshake_timeout,
             shutdown_grace: self.shutdown_grace,
             drain_period: self.drain_period,
+            history,
             tls,
             api_key,
             presence_channel: self.presence_channel,

@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::ids::StreamPos;
+
 /// Bytes ready for the socket.
 #[derive(Debug)]
 pub struct Frame {
@@ -15,6 +17,8 @@ pub struct Frame {
     /// When the notification entered herald; `None` for control frames and HTTP responses,
     /// which are not counted as deliveries.
     pub born: Option<Instant>,
+    /// The notification's place in its stream, when history is on.
+    pub stream: Option<StreamPos>,
 }
 
 pub type SharedFrame = Arc<Frame>;
@@ -63,15 +67,20 @@ fn control(opcode: u8, payload: &[u8]) -> SharedFrame {
     let mut out = Vec::with_capacity(2 + payload.len());
     write_header(&mut out, opcode, payload.len());
     out.extend_from_slice(payload);
-    Arc::new(Frame { bytes: out.into_boxed_slice(), born: None })
+    Arc::new(Frame { bytes: out.into_boxed_slice(), born: None, stream: None })
 }
 
 /// A text frame for a notification; `born` feeds the delivery-latency histogram.
 pub fn notification(payload: &[u8], born: Instant) -> SharedFrame {
+    notification_in_stream(payload, born, None)
+}
+
+/// A notification's frame that knows its place in its stream (history on).
+pub fn notification_in_stream(payload: &[u8], born: Instant, stream: Option<StreamPos>) -> SharedFrame {
     let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
     write_header(&mut out, OP_TEXT, payload.len());
     out.extend_from_slice(payload);
-    Arc::new(Frame { bytes: out.into_boxed_slice(), born: Some(born) })
+    Arc::new(Frame { bytes: out.into_boxed_slice(), born: Some(born), stream })
 }
 
 /// A text frame that is a reply to one client (pong, error), not a delivery.
@@ -79,7 +88,7 @@ pub fn reply_text(payload: &[u8]) -> SharedFrame {
     let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
     write_header(&mut out, OP_TEXT, payload.len());
     out.extend_from_slice(payload);
-    Arc::new(Frame { bytes: out.into_boxed_slice(), born: None })
+    Arc::new(Frame { bytes: out.into_boxed_slice(), born: None, stream: None })
 }
 
 pub fn ping() -> SharedFrame {
@@ -106,7 +115,7 @@ pub fn close(code: u16, reason: &str) -> SharedFrame {
 
 /// Raw bytes (an HTTP response) wrapped for the send queue.
 pub fn raw(bytes: Vec<u8>) -> SharedFrame {
-    Arc::new(Frame { bytes: bytes.into_boxed_slice(), born: None })
+    Arc::new(Frame { bytes: bytes.into_boxed_slice(), born: None, stream: None })
 }
 
 /// Close codes herald sends (RFC 6455 §7.4.1 and the registry).

@@ -16,7 +16,8 @@ use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use mio::{Poll, Token, Waker};
 
 use crate::frame::SharedFrame;
-use crate::ids::{Answer, ConnRef, DeliverTo, Exclusion, ReplyTo};
+use crate::history::Page;
+use crate::ids::{Answer, ConnRef, DeliverTo, Exclusion, ReplyTo, Target};
 
 /// Commands one loop's inbox holds before senders wait or drop.
 pub const INBOX_CAPACITY: usize = 16 * 1024;
@@ -32,6 +33,8 @@ pub enum LoopCmd {
     /// Redis confirmed a subscription `conn` waited for (or gave up on Redis for now): its
     /// output may flow.
     SubscriptionReady { conn: ConnRef },
+    /// A page of a stream a connection here is replaying; `None`: it could not be read.
+    ReplayPage { conn: ConnRef, target: Target, page: Option<Box<Page>> },
     /// The answer to a request parked on this loop.
     Answer { conn: ConnRef, answer: Answer },
     /// Close every connection of `user` here, add the count to the tally, and let the last

@@ -86,7 +86,13 @@ pub fn start(config: Config) -> Result<Running, String> {
         None => None,
     };
     let broker = match &config.redis {
-        None => Broker::Embedded { webhook },
+        None => Broker::Embedded {
+            webhook,
+            history: config
+                .history
+                .enabled()
+                .then(|| crate::history::ring::Rings::new(config.history, metrics.clone())),
+        },
         Some(url) => {
             let settings = redis::Settings {
                 user_prefix: config.user_channel_prefix.clone(),
@@ -100,6 +106,7 @@ pub fn start(config: Config) -> Result<Running, String> {
                 instance: instance_name(instance_id).into(),
                 presence_channel: config.presence_channel.clone(),
                 webhook,
+                history: config.history,
             };
             Broker::Redis(redis::RedisBroker::start(url, config.redis_subscribe, fleet, ctx)?)
         }

@@ -39,7 +39,14 @@ impl DeliveryBench {
         let routing = Arc::new(Routing::default());
         let (poll, handle, inbox) = crate::mailbox::prepare()?;
         routing.attach(Arc::from(vec![handle]));
-        let shared = Arc::new(Shared::new(config, verifier, metrics, routing, Broker::Embedded { webhook: None }, 0));
+        let shared = Arc::new(Shared::new(
+            config,
+            verifier,
+            metrics,
+            routing,
+            Broker::Embedded { webhook: None, history: None },
+            0,
+        ));
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -128,13 +135,14 @@ impl EventLoop {
         let identity =
             crate::auth::Identity { user: Arc::from(user), topics: vec!["all".into()], can_publish: false, exp };
         let response = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
-        let upgrade = Upgrade { dialect: &SEED_003, stream: Stream::Personal, identity: Ok(identity), response };
+        let upgrade =
+            Upgrade { dialect: &SEED_003, stream: Stream::Personal, identity: Ok(identity), response, since: None };
         self.shared.admission.reserve(&self.shared.routing.table, user).map_err(|_| io::Error::other("admission"))?;
         self.open(key, upgrade);
         Ok(key)
     }
 
     fn subscribe_for_bench(&mut self, key: u32, topic: &str) {
-        self.subscribe(key, topic.to_string(), true);
+        self.subscribe(key, topic.to_string(), true, None);
     }
 }

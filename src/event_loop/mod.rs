@@ -28,11 +28,12 @@ mod deliver;
 pub mod index;
 mod output;
 mod read;
+mod replay;
 mod requests;
 pub mod timers;
 mod websocket;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -46,6 +47,7 @@ use tracing::warn;
 
 use crate::conn::{Conn, Timeouts};
 use crate::frame::{self, SharedFrame};
+use crate::ids::{StreamPos, Target};
 use crate::mailbox::{LoopCmd, WAKER};
 use crate::message::JsonScratch;
 use crate::metrics::LocalCounters;
@@ -104,6 +106,11 @@ pub struct EventLoop {
     plain_order: VecDeque<(u32, u32)>,
     /// Live plain connections on this loop; at the cap the oldest is evicted.
     plain_count: usize,
+    /// Resumes in progress, by connection and stream: few at a time, empty most of the time
+    /// (deliveries check it only when it is not).
+    replays: HashMap<(u32, Target), replay::Replay>,
+    /// Resumes just done: the last position each replayed, until live delivery has passed it.
+    replay_floors: HashMap<(u32, Target), StreamPos>,
 }
 
 /// Size of the loop's shared read buffer.
@@ -165,6 +172,8 @@ impl EventLoop {
             released_bytes: 0,
             plain_order: VecDeque::new(),
             plain_count: 0,
+            replays: HashMap::new(),
+            replay_floors: HashMap::new(),
         })
     }
 

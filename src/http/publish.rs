@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
+use super::history::HistoryQuery;
 use super::presence::PresenceQuery;
 use super::{Request, Response, Status};
 use crate::auth::MAX_USER_ID_BYTES;
@@ -41,6 +42,8 @@ pub enum Responder {
     Closed,
     /// `/api/presence`: one user's presence, or a map of several.
     Presence(Arc<PresenceQuery>),
+    /// `/api/history/{user}`.
+    History(Arc<HistoryQuery>),
 }
 
 impl Responder {
@@ -50,6 +53,10 @@ impl Responder {
             Answer::Closed(_) => &[],
             Answer::Presence(counts) => match self {
                 Responder::Presence(query) => return query.render(counts),
+                _ => &[],
+            },
+            Answer::History(items) => match self {
+                Responder::History(query) => return query.render(items),
                 _ => &[],
             },
             Answer::Failed(why) => return Response::api_error(Status::SERVICE_UNAVAILABLE, why),
@@ -76,6 +83,7 @@ impl Responder {
             Responder::WorkspaceSent => r#"{"status":"workspace notification sent"}"#.to_string(),
             Responder::SystemSent => r#"{"status":"system notification sent"}"#.to_string(),
             Responder::Presence(query) => return query.render(&[]),
+            Responder::History(query) => return query.render(&Default::default()),
         };
         Response::json(Status::OK, body)
     }

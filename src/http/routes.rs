@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
+use super::history::{self, HistoryQuery};
 use super::presence::{self, PresenceQuery};
 use super::publish::{self, PublishRequest};
 use super::{Method, Request, Response, Status};
@@ -26,6 +27,8 @@ pub enum Outcome {
     Disconnect(Arc<str>),
     /// Answer with these users' connections (fleet-wide with Redis).
     Presence(PresenceQuery),
+    /// Answer with a user's stored notifications.
+    History(HistoryQuery),
 }
 
 /// An accepted upgrade. When `identity` is `Err`, the dialect wants the failure reported
@@ -36,10 +39,13 @@ pub struct Upgrade {
     pub identity: Result<Identity, u16>,
     /// The complete 101 response.
     pub response: Vec<u8>,
+    /// `since=<stream_id>`: replay what came after it (history on).
+    pub since: Option<String>,
 }
 
 const EVENTS: &str = "/api/v1/realtime/events/";
 const PRESENCE: &str = "/api/presence/";
+const HISTORY: &str = "/api/history/";
 
 /// Routes one request.
 pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
@@ -64,6 +70,12 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
         (Method::Get, path) if path.starts_with(PRESENCE) => {
             match presence::one(&path[PRESENCE.len()..], req, peer, shared) {
                 Ok(query) => Outcome::Presence(query),
+                Err(response) => respond(response),
+            }
+        }
+        (Method::Get, path) if path.starts_with(HISTORY) => {
+            match history::query(&path[HISTORY.len()..], req, peer, shared) {
+                Ok(query) => Outcome::History(query),
                 Err(response) => respond(response),
             }
         }
@@ -132,7 +144,7 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
                 AuthFailure::Http401Json => refuse(Response::error(Status::UNAUTHORIZED, message)),
                 AuthFailure::Http403 => refuse(Response::error(Status::FORBIDDEN, message)),
                 AuthFailure::CloseAfterOpen(code) => {
-                    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Err(code), response }))
+                    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Err(code), response, since: None }))
                 }
             };
         }
@@ -150,7 +162,8 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
             return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "per-user connection limit reached").closing());
         }
     }
-    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Ok(identity), response }))
+    let since = req.query_param("since").filter(|s| !s.is_empty());
+    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Ok(identity), response, since }))
 }
 
 /// A key is the base64 encoding of 16 bytes: 22 characters and `==`.

@@ -11,6 +11,7 @@ mod publisher;
 mod reader;
 pub mod redis_url;
 pub mod resp;
+mod stream;
 pub mod subscriptions;
 mod survey;
 
@@ -24,7 +25,7 @@ use crate::message;
 use crate::metrics::Metrics;
 pub use conn::RedisTls;
 use fleet::{FleetHandle, FleetSettings, FleetThread};
-use publisher::PublishJob;
+use publisher::{Message, PublishJob};
 pub use reader::pattern_for;
 use redis_url::RedisUrl;
 use subscriptions::Reports;
@@ -97,6 +98,7 @@ pub struct RedisBroker {
     settings: Arc<Settings>,
     reports: Option<Arc<Reports>>,
     fleet: Arc<FleetHandle>,
+    history_on: bool,
 }
 
 impl RedisBroker {
@@ -124,6 +126,7 @@ impl RedisBroker {
         };
         let (reader_url, reader_ctx) = (url.clone(), ctx.clone());
         spawn("herald-redis-read", move || reader::run(reader_url, reader_ctx, reader_poll, reader_mode))?;
+        let history_on = fleet_settings.history.enabled();
         let fleet_poll = poller()?;
         let (fleet, fleet_jobs) = Mailbox::unbounded(&fleet_poll, fleet::WAKER).map_err(waker_error)?;
         let fleet = Arc::new(fleet);
@@ -131,7 +134,12 @@ impl RedisBroker {
         spawn("herald-redis-fleet", move || thread.run())?;
         let (publisher_url, wake) = (url.clone(), jobs.clone());
         spawn("herald-redis-pub", move || publisher::run(publisher_url, ctx, inbox, poll, wake))?;
-        Ok(RedisBroker { jobs, settings, reports, fleet })
+        Ok(RedisBroker { jobs, settings, reports, fleet, history_on })
+    }
+
+    /// Whether notifications are stored (herald's publishes go through `herald_publish`).
+    pub fn history_enabled(&self) -> bool {
+        self.history_on
     }
 
     /// The fleet thread's mailbox.
@@ -150,12 +158,14 @@ impl RedisBroker {
         let mut counts = Vec::with_capacity(items.len());
         for item in items {
             // Published as it came, with any exclusion embedded so that every instance
-            // honours it; each receiving instance stamps and frames it once.
+            // honours it; each receiving instance stamps and frames it once. With history on,
+            // `herald_publish` stores it and publishes it with its stream position.
             let payload: Arc<[u8]> = Arc::from(message::embed_exclusion(&item.message, &item.exclusion));
+            let stored = self.history_on && !item.live_only;
             counts.push(item.targets.len() as u32);
             for target in &item.targets {
                 let channel = super::channel_of(target, &self.settings.user_prefix, &self.settings.topic_prefix);
-                messages.push((channel.into_bytes(), payload.clone()));
+                messages.push(Message { channel: channel.into_bytes(), payload: payload.clone(), stored });
             }
         }
         self.jobs.try_send(PublishJob { messages, counts, reply }).map_err(|_| "redis publisher overloaded".to_string())

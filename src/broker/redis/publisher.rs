@@ -30,11 +30,20 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 /// A reply not back after this long means the connection is wedged.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// PUBLISH commands on behalf of one request: `counts[i]` consecutive messages belong to
-/// item `i`, whose receivers are summed for the answer.
+/// One notification to one channel.
+#[derive(Debug)]
+pub struct Message {
+    pub channel: Vec<u8>,
+    pub payload: Arc<[u8]>,
+    /// Through `herald_publish` (stored in the channel's stream), not a plain PUBLISH.
+    pub stored: bool,
+}
+
+/// Commands on behalf of one request: `counts[i]` consecutive messages belong to item `i`,
+/// whose receivers are summed for the answer.
 #[derive(Debug)]
 pub struct PublishJob {
-    pub messages: Vec<(Vec<u8>, Arc<[u8]>)>,
+    pub messages: Vec<Message>,
     pub counts: Vec<u32>,
     pub reply: Option<ReplyTo>,
 }
@@ -191,8 +200,14 @@ impl Publisher {
         while let Some(mut entry) = self.waiting.pop_front() {
             match &entry.job {
                 Some(job) => {
-                    for (channel, payload) in &job.messages {
-                        resp::encode_publish(conn.commands(), channel, payload);
+                    for message in &job.messages {
+                        if message.stored {
+                            let args =
+                                [b"FCALL".as_slice(), b"herald_publish", b"1", &message.channel, &message.payload];
+                            resp::encode_command(conn.commands(), args);
+                        } else {
+                            resp::encode_publish(conn.commands(), &message.channel, &message.payload);
+                        }
                     }
                 }
                 None => resp::encode_command(conn.commands(), [b"PING"]),
@@ -207,7 +222,11 @@ impl Publisher {
         loop {
             let reply = conn.next(|value| match value.error() {
                 Some(error) => Err(Failure::from_reply(error)),
-                None => Ok(value.as_integer().unwrap_or(0).max(0) as u64),
+                // PUBLISH answers the receivers; herald_publish {offset, epoch, receivers}.
+                None => {
+                    let receivers = value.as_integer().or_else(|| value.items()?.get(2)?.as_integer());
+                    Ok(receivers.unwrap_or(0).max(0) as u64)
+                }
             })?;
             let Some(reply) = reply else { break };
             let receivers = reply?;

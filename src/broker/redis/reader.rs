@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use super::conn::{Conn, Failure};
 use super::redis_url::RedisUrl;
 use super::resp::{self, Push, SubKind};
+use super::stream;
 use super::subscriptions::{Change, Reports, Subscriptions};
 use super::{Backoff, CONNECT_TIMEOUT, Context, LOOP_PATIENCE};
 use crate::ids::{ReplyTo, Target};
@@ -385,6 +386,9 @@ impl Router {
         // embedded is metadata, stripped here before validation. A message that carried one was
         // built by herald (a relay, a seed-004 event) from input it had already bounded, and its
         // envelope is herald's own addition: that must never be what makes it too large.
+        if let Some((stored, json)) = stream::open_envelope(payload) {
+            return self.route_stored(target, stored, json);
+        }
         let stripped = message::strip_exclusion(payload);
         let (payload, exclusion, limit) = match &stripped {
             Some((bytes, exclusion)) => {
@@ -401,6 +405,32 @@ impl Router {
                     return;
                 }
             };
+        let from = route::Sender::Thread { patience: LOOP_PATIENCE };
+        let out = self.ctx.routing.table.dispatch(self.ctx.routing.loops(), from, &[target], &frame, &exclusion);
+        metrics.count_overload(out.dropped);
+    }
+}
+
+impl Router {
+    /// A notification `herald_publish` stored: framed with its position and stored time, the
+    /// same bytes a replay of it gives.
+    fn route_stored(&mut self, target: Target, stored: stream::Stored, json: &[u8]) {
+        let (settings, metrics) = (&self.ctx.settings, &self.ctx.metrics);
+        let stripped = message::strip_exclusion(json);
+        let (json, exclusion, limit) = match &stripped {
+            Some((bytes, exclusion)) => {
+                (bytes.as_slice(), exclusion.clone(), settings.max_message_bytes + HERALD_ENVELOPE)
+            }
+            None => (json, Default::default(), settings.max_message_bytes),
+        };
+        let frame = match message::validate_notification(json, limit, &mut self.scratch) {
+            Ok(valid) => message::frame_in_stream(valid, stored.at, Instant::now(), stored.pos),
+            Err(why) => {
+                metrics.dropped_invalid.fetch_add(1, Relaxed);
+                warn!(reason = why.describe(), bytes = json.len(), "dropped a stored message");
+                return;
+            }
+        };
         let from = route::Sender::Thread { patience: LOOP_PATIENCE };
         let out = self.ctx.routing.table.dispatch(self.ctx.routing.loops(), from, &[target], &frame, &exclusion);
         metrics.count_overload(out.dropped);
