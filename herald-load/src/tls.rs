@@ -143,45 +143,69 @@ pub fn describe(conn: &ClientConnection) -> Option<String> {
     Some(format!("{version:?} {:?}{group}", suite.suite()))
 }
 
+/// A self-signed certificate for `localhost` in a temporary directory, for the tests here
+/// and in the worker.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+
+    pub(crate) struct SelfSigned {
+        pub dir: PathBuf,
+        generated: rcgen::CertifiedKey,
+    }
+
+    impl SelfSigned {
+        pub(crate) fn new() -> SelfSigned {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Relaxed);
+            let dir = std::env::temp_dir().join(format!("herald-load-tls-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+            std::fs::write(dir.join("ca.pem"), generated.cert.pem()).unwrap();
+            SelfSigned { dir, generated }
+        }
+
+        /// The PEM file a client trusts (`--ca`).
+        pub(crate) fn ca_path(&self) -> PathBuf {
+            self.dir.join("ca.pem")
+        }
+
+        pub(crate) fn server_config(&self) -> Arc<rustls::ServerConfig> {
+            let key = PrivateKeyDer::from_pem_slice(self.generated.key_pair.serialize_pem().as_bytes()).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![self.generated.cert.der().clone()], key)
+                .unwrap();
+            Arc::new(config)
+        }
+    }
+
+    impl Drop for SelfSigned {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A self-signed certificate for `localhost` and a server for it, in memory.
-    fn pair() -> (Client, rustls::ServerConnection, tempdir::Dir) {
-        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let dir = tempdir::Dir::new("pair");
-        let ca = dir.0.join("ca.pem");
-        std::fs::write(&ca, generated.cert.pem()).unwrap();
-        let client = Client::new(Some(&ca), "localhost").unwrap();
-        let key =
-            rustls::pki_types::PrivateKeyDer::from_pem_slice(generated.key_pair.serialize_pem().as_bytes()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![generated.cert.der().clone()], key)
-            .unwrap();
-        (client, rustls::ServerConnection::new(Arc::new(config)).unwrap(), dir)
-    }
+    use super::testing::SelfSigned;
 
-    mod tempdir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new(tag: &str) -> Dir {
-                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let path = std::env::temp_dir().join(format!("herald-load-tls-{tag}-{}-{n}", std::process::id()));
-                std::fs::create_dir_all(&path).unwrap();
-                Dir(path)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
+    /// A client trusting a fresh certificate, a server session for it, and their files.
+    fn pair() -> (Client, rustls::ServerConnection, SelfSigned) {
+        let cert = SelfSigned::new();
+        let client = Client::new(Some(&cert.ca_path()), "localhost").unwrap();
+        (client, rustls::ServerConnection::new(cert.server_config()).unwrap(), cert)
     }
 
     /// Moves the server's records to the client in reads of `chunk` bytes.
@@ -246,8 +270,8 @@ mod tests {
     fn a_certificate_not_trusted_or_for_another_name_fails() {
         let (_, mut server, dir) = pair();
         let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(dir.0.join("other.pem"), other.cert.pem()).unwrap();
-        let untrusting = Client::new(Some(&dir.0.join("other.pem")), "localhost").unwrap();
+        std::fs::write(dir.dir.join("other.pem"), other.cert.pem()).unwrap();
+        let untrusting = Client::new(Some(&dir.dir.join("other.pem")), "localhost").unwrap();
         let mut conn = untrusting.connect().unwrap();
         to_server(&mut conn, &mut server);
         let mut wire = Vec::new();
@@ -257,10 +281,10 @@ mod tests {
         let err = receive(&mut conn, &wire, &mut Vec::new()).unwrap_err();
         assert!(err.contains("certificate"), "{err}");
 
-        std::fs::write(dir.0.join("bad.pem"), "not a certificate").unwrap();
-        assert!(Client::new(Some(&dir.0.join("bad.pem")), "localhost").is_err());
-        assert!(Client::new(Some(&dir.0.join("missing.pem")), "localhost").is_err());
-        assert!(Client::new(Some(&dir.0.join("other.pem")), "not a name!").is_err());
+        std::fs::write(dir.dir.join("bad.pem"), "not a certificate").unwrap();
+        assert!(Client::new(Some(&dir.dir.join("bad.pem")), "localhost").is_err());
+        assert!(Client::new(Some(&dir.dir.join("missing.pem")), "localhost").is_err());
+        assert!(Client::new(Some(&dir.dir.join("other.pem")), "not a name!").is_err());
 
         let (client, mut server, _dir) = pair();
         let mut wrong_name = Client { name: ServerName::try_from("example.com").unwrap(), ..client }.connect().unwrap();

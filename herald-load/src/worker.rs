@@ -705,3 +705,111 @@ fn on_message(conn: &mut Conn, payload: &[u8], sink: &mut Sink<'_>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream as StdTcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Release;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::shared::{Shared, Users};
+    use crate::tls::testing::SelfSigned;
+
+    /// One wss:// server connection on its own thread (blocking rustls): the upgrade, one load
+    /// message, then whatever the client sends until it goes away.
+    fn serve(tcp: StdTcpStream, config: Arc<rustls::ServerConfig>) {
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let Ok(session) = rustls::ServerConnection::new(config) else { return };
+        let mut tls = rustls::StreamOwned::new(session, tcp);
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return, // a client that refused the certificate
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("the upgrade request has a key")
+            .trim();
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        let message = format!(r#"{{"type":"load","seq":0,"t":{}}}"#, realtime_ns());
+        let mut out = reply.into_bytes();
+        out.extend_from_slice(&wsframe::encode(true, ws::OP_TEXT, message.as_bytes(), None));
+        tls.write_all(&out).unwrap();
+        let mut sink = [0u8; 1024];
+        while matches!(tls.read(&mut sink), Ok(n) if n > 0) {}
+    }
+
+    /// Runs one worker with `conns` connections to a wss:// server with `cert`, trusting
+    /// `trusted`, until `done` or 10 s; returns its report.
+    fn run(conns: usize, cert: &SelfSigned, trusted: &SelfSigned, done: impl Fn(&Shared) -> bool) -> WorkerReport {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let config = cert.server_config();
+        let server = std::thread::spawn(move || {
+            let mut handlers = Vec::new();
+            for _ in 0..conns {
+                let Ok((tcp, _)) = listener.accept() else { break };
+                let config = config.clone();
+                handlers.push(std::thread::spawn(move || serve(tcp, config)));
+            }
+            for h in handlers {
+                let _ = h.join();
+            }
+        });
+        let plan = Arc::new(ConnPlan {
+            endpoint: crate::cli::parse_endpoint(&format!("wss://localhost:{port}/ws")).unwrap(),
+            source_ips: Vec::new(),
+            connections: conns,
+            threads: 1,
+            connect_rate: 0.0,
+            max_pending: 100,
+            connect_timeout: Duration::from_secs(5),
+            users: Users::Numbered { prefix: "u".into(), count: conns },
+            topic: String::new(),
+            subscribe: None,
+            key_seed: 7,
+            tls: Some(crate::tls::Client::new(Some(&trusted.ca_path()), "localhost").unwrap()),
+        });
+        let shared = Arc::new(Shared::new(conns, 1));
+        let worker = Worker::new(0, plan, shared.clone(), None);
+        let handle = std::thread::spawn(move || worker.run());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&shared) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        shared.phase.store(PHASE_CLOSE, Release);
+        let report = handle.join().unwrap().unwrap();
+        server.join().unwrap();
+        report
+    }
+
+    #[test]
+    fn wss_connections_upgrade_and_receive_through_the_event_loop() {
+        let cert = SelfSigned::new();
+        let report = run(5, &cert, &cert, |s| s.sum(|w| &w.received_all) >= 5);
+        let c = report.counts;
+        assert_eq!((c.established, c.failed, c.received_all, c.duplicates_all), (5, 0, 5, 0), "{:?}", report.failures);
+        assert!(report.tls.as_deref().is_some_and(|t| t.starts_with("TLSv1_3")), "{:?}", report.tls);
+        assert!(report.connect_latency.len() == 5);
+    }
+
+    #[test]
+    fn an_untrusted_certificate_fails_every_connection() {
+        let (cert, other) = (SelfSigned::new(), SelfSigned::new());
+        let report = run(3, &cert, &other, |s| s.sum(|w| &w.failed) >= 3);
+        assert_eq!((report.counts.established, report.counts.failed), (0, 3));
+        assert!(report.failures.keys().all(|k| k.contains("certificate")), "{:?}", report.failures);
+        assert!(report.tls.is_none());
+    }
+}
