@@ -5,7 +5,8 @@
 #   benches/tls.sh                       # builds release binaries; about 8 minutes
 #   SKIP_BUILD=1 REPEAT=1 N=10000 benches/tls.sh
 #
-# Scenarios, each REPEAT times, plain and TLS alternating (the table shows medians):
+# Scenarios, each REPEAT times, plain and TLS alternating (the table shows the median and,
+# for CPU and memory, the range over the runs):
 #   connect:   N connections at max rate (--connect-rate 0), held HOLD
 #              -> handshakes/s (connect phase), server and generator CPU per connection,
 #                 herald's PSS growth per held connection (/proc/PID/smaps_rollup, after a
@@ -171,23 +172,26 @@ run_connect() {   # run_connect KIND I
         sleep 0.1
     done
     sleep 2   # let the loops settle: every handshake's transient memory is back with malloc
-    local samples=() s
-    for s in 1 2 3; do samples+=("$(pss)"); sleep 1; done
-    held=$(health "$kind"); held=${held:-0}
+    local samples=() s p
+    for s in 1 2 3; do
+        p=$(pss); held=$(health "$kind")
+        samples+=("$p:${held:-0}")
+        sleep 1
+    done
     wait "$lp" || true
     local c1; c1=$(cpu_stat)
     local nice_share
     nice_share=$(awk -v a="$c0" -v b="$c1" 'BEGIN{split(a,x," ");split(b,y," ");d=y[1]-x[1];printf "%.2f", (d > 0 ? (y[2]-x[2])/d : 0)}')
-    python3 - "$OUT/memory-$kind-$i.json" "$p0" "$held" "$la0" "$nice_share" "${samples[@]}" <<'EOF'
-import json, sys
-path, p0, held, la0, nice = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
-samples = [int(x) for x in sys.argv[6:]]
-med = sorted(samples)[len(samples) // 2]
-json.dump({"pss_before_kb": p0, "pss_held_kb": samples, "held": held,
-           "pss_per_conn_bytes": round((med - p0) * 1024 / held) if held else None,
+    python3 - "$OUT/memory-$kind-$i.json" "$p0" "$la0" "$nice_share" "${samples[@]}" <<'EOF'
+import json, statistics, sys
+path, p0, la0, nice = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+samples = [tuple(int(v) for v in x.split(":")) for x in sys.argv[5:]]
+per_conn = [(pss - p0) * 1024 / held for pss, held in samples if held > 0]
+json.dump({"pss_before_kb": p0, "pss_held_kb": [s[0] for s in samples], "held": [s[1] for s in samples],
+           "pss_per_conn_bytes": round(statistics.median(per_conn)) if per_conn else None,
            "loadavg_before": la0, "niced_cpu_share": nice}, open(path, "w"), indent=1)
 EOF
-    echo "   held $held, PSS $p0 -> ${samples[*]} kB; loadavg $la0; niced CPU share $nice_share" | tee -a "$RUNLOG" >&2
+    echo "   PSS $p0 -> ${samples[*]} (kB:held); loadavg $la0; niced CPU share $nice_share" | tee -a "$RUNLOG" >&2
     stop_pid "$HP"
     sleep 1
 }
@@ -197,7 +201,10 @@ run_delivery() {   # run_delivery SCENARIO KIND I
     start_herald "$kind"
     local win=(--duration "$DURATION" --warmup "$WARMUP" --drain 3s --publish http)
     case $scenario in
-        broadcast) load "broadcast-$kind-$i" "$kind" broadcast -n "$N" --user room --rate "$BCAST_RATE" "${win[@]}" ;;
+        # One publish connection: at a few messages per second, more would sit idle past
+        # herald's HERALD_HANDSHAKE_TIMEOUT and be closed with a 408 (a request racing that
+        # close is lost, and would show up as lost deliveries that have nothing to do with TLS).
+        broadcast) load "broadcast-$kind-$i" "$kind" broadcast -n "$N" --user room --rate "$BCAST_RATE" --publish-conns 1 "${win[@]}" ;;
         unicast) load "unicast-$kind-$i" "$kind" unicast -n "$N" --user-prefix u --rate "$UNICAST_RATE" "${win[@]}" ;;
     esac
     stop_pid "$HP"
@@ -242,8 +249,11 @@ def get(doc, path):
         doc = doc.get(key) if isinstance(doc, dict) else None
     return doc
 
+def values(prefix, kind, path):
+    return [v for v in (get(d, path) for d in runs(prefix, kind)) if isinstance(v, (int, float))]
+
 def median(prefix, kind, path):
-    vals = [v for v in (get(d, path) for d in runs(prefix, kind)) if isinstance(v, (int, float))]
+    vals = values(prefix, kind, path)
     return statistics.median(vals) if vals else None
 
 def fmt(v, unit=""):
@@ -256,35 +266,41 @@ def ratio(a, b):
     return f"{b / a:.2f}" if a and b is not None else "–"
 
 rows = []
-def row(label, prefix, path, unit=""):
+def row(label, prefix, path, unit="", spread=False):
+    def cell(kind):
+        text = fmt(median(prefix, kind, path), unit)
+        vals = values(prefix, kind, path)
+        if spread and len(vals) > 1:
+            text += f" ({fmt(min(vals))}–{fmt(max(vals))})"
+        return text
     a, b = median(prefix, "plain", path), median(prefix, "tls", path)
-    rows.append(f"| {label} | {fmt(a, unit)} | {fmt(b, unit)} | {ratio(a, b)} |")
+    rows.append(f"| {label} | {cell('plain')} | {cell('tls')} | {ratio(a, b)} |")
 
 def pair(label, prefix, p1, p2, unit=""):
     cell = lambda k: f"{fmt(median(prefix, k, p1))} / {fmt(median(prefix, k, p2))}{unit}"
     rows.append(f"| {label} | {cell('plain')} | {cell('tls')} | |")
 
 n, r = meta["connections"], meta["repeat"]
-row(f"herald memory per idle connection (PSS growth ÷ {n:,} held)", "memory", "pss_per_conn_bytes", " B")
-row("— RSS growth per connection (herald-load's figure)", "connect", "server.rss_per_conn_bytes", " B")
-row("connects/s (TCP + TLS handshake + upgrade + JWT)", "connect", "connections.connect_rate_achieved")
-row("— server CPU per connection", "connect", "server.cpu_us_per_conn", " µs")
-row("— generator CPU per connection", "connect", "generator.cpu_us_per_conn", " µs")
+row(f"herald memory per idle connection (PSS growth ÷ {n:,} held)", "memory", "pss_per_conn_bytes", " B", True)
+row("— RSS growth per connection (herald-load's figure)", "connect", "server.rss_per_conn_bytes", " B", True)
+row("connects/s (TCP + TLS handshake + upgrade + JWT)", "connect", "connections.connect_rate_achieved", "", True)
+row("— server CPU per connection", "connect", "server.cpu_us_per_conn", " µs", True)
+row("— generator CPU per connection", "connect", "generator.cpu_us_per_conn", " µs", True)
 row("— connect latency p50", "connect", "connections.connect_latency_us.p50", " µs")
 b, u = meta["broadcast_rate"], meta["unicast_rate"]
-row(f"broadcast {b} msg/s to {n:,}: server CPU per delivery", "broadcast", "server.cpu_us_per_delivery", " µs")
+row(f"broadcast {b} msg/s to {n:,}: server CPU per delivery", "broadcast", "server.cpu_us_per_delivery", " µs", True)
 row("— deliveries/s", "broadcast", "deliveries_per_sec")
-row("— generator CPU per delivery", "broadcast", "generator.cpu_us_per_delivery", " µs")
+row("— generator CPU per delivery", "broadcast", "generator.cpu_us_per_delivery", " µs", True)
 pair("— latency p50 / p99", "broadcast", "latency_us.p50", "latency_us.p99", " µs")
-row(f"unicast {u:,} msg/s, HTTP(S) publish: server CPU per delivery", "unicast", "server.cpu_us_per_delivery", " µs")
+row(f"unicast {u:,} msg/s, HTTP(S) publish: server CPU per delivery", "unicast", "server.cpu_us_per_delivery", " µs", True)
 row("— deliveries/s", "unicast", "deliveries_per_sec")
-row("— generator CPU per delivery", "unicast", "generator.cpu_us_per_delivery", " µs")
+row("— generator CPU per delivery", "unicast", "generator.cpu_us_per_delivery", " µs", True)
 pair("— latency p50 / p99", "unicast", "latency_us.p50", "latency_us.p99", " µs")
 lost = sum((get(d, "deliveries.lost") or 0) for k in ("plain", "tls") for s in ("broadcast", "unicast") for d in runs(s, k))
 failed = sum((get(d, "connections.failed") or 0) for k in ("plain", "tls") for s in ("connect", "broadcast", "unicast") for d in runs(s, k))
 suite = next((get(d, "connections.tls") for d in runs("connect", "tls") if get(d, "connections.tls")), "?")
 
-print(f"herald {meta['herald_commit']}, {meta['server_threads']} threads; {n:,} connections; medians of {r} runs each; "
+print(f"herald {meta['herald_commit']}, {meta['server_threads']} threads; {n:,} connections; median (min–max) of {r} runs each; "
       f"{meta['certificate']}, negotiated {suite}; {meta['cpus']} CPUs shared with the generator; "
       f"lost deliveries {lost}, failed connections {failed}\n")
 print("| | ws:// (plain) | wss:// (TLS) | TLS/plain |")
