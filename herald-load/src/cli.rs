@@ -13,6 +13,11 @@ Examples (herald with HERALD_JWT_SECRET=s on 127.0.0.1:18090, Redis on :16390):
   herald-load connect -n 10000 --secret s --url 'ws://127.0.0.1:18090/ws?token={token}' \\
       --connect-rate 20000 --hold 10s --server-pid $(pgrep -x herald)
 
+  # the same over TLS (herald with HERALD_TLS_CERT/HERALD_TLS_KEY): wss://, and https:// for
+  # --publish http; --ca trusts a self-signed certificate, --tls-server-name overrides the name
+  herald-load connect -n 10000 --secret s --url 'wss://localhost:18090/ws?token={token}' \\
+      --ca cert.pem --connect-rate 0 --hold 10s --server-pid $(pgrep -x herald)
+
   # unicast: 10,000 users, one connection each, 20,000 msgs/s round-robin through Redis
   herald-load unicast -n 10000 --secret s --url 'ws://127.0.0.1:18090/ws?token={token}' \\
       --redis 127.0.0.1:16390 --rate 20000 --duration 10s
