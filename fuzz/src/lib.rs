@@ -7,6 +7,9 @@
 
 use std::sync::OnceLock;
 
+pub mod routing;
+pub mod tls;
+
 use base64::Engine as _;
 use herald::auth::Verifier;
 use herald::config::{Cli, Config, JwtKey};
