@@ -297,6 +297,14 @@ hostile = {
     "after_handshake12_alert": tls_head(2, flags=1) + tls_record(0x15, b"\x01\x00"),
     "after_handshake_partial_record": tls_head(2, chunks=[3]) + bytes([0x17, 0x03, 0x03, 0x40, 0x00]) + bytes(600),
     "after_handshake_renegotiate": tls_head(2, flags=1) + tls_record(0x16, HELLO12),
+    "after_handshake_close": tls_head(2, flags=64, chunks=[2]) + bytes([0x17, 0x03, 0x03, 0x00]),
+    "after_hello_close": tls_head(1, flags=64 | 2) + bytes([0x14, 0x03, 0x03]),
+    # A ClientHello announced at 64 KiB - 1, then 1-byte records of it until 200 KiB: the
+    # session carries them all (the message never completes) up to MAX_CARRY.
+    "raw_endless_hello_records": tls_head(0, cfill=200, cwrite=9, chunks=[65536, 999])
+                                 + tls_record(0x16, b"\x01\x00\xff\xff", b"\x03\x01") + tls_record(0x16, b"\x00", b"\x03\x01"),
+    "raw_endless_hello_byte_reads": tls_head(0, cfill=90, cwrite=9, chunks=[1])
+                                    + tls_record(0x16, b"\x01\x00\xff\xff", b"\x03\x01") + tls_record(0x16, b"\x00", b"\x03\x01"),
 }
 for name, data in hostile.items():
     write("tls_upgrade", name, data)
@@ -311,6 +319,11 @@ shaped = {
     "tls13_odd_reads_close_both": (tls_head(3, flags=2 | 4 | 8, frag=9, chunks=[7, 300, 65536]), "upgrade_project_topic"),
     "big_transfers": (tls_head(3, flags=16 | 8, cfill=200, sfill=150, cwrite=200, pattern=0x21, enc=255,
                                 chunks=[65536, 1000, 16000]), "publish"),
+    # Browsers send the request with their Finished; 7-byte reads split it across the handshake.
+    "eager_request_tls13": (tls_head(3, flags=2 | 32, chunks=[7, 65536]), "upgrade_bearer_origin"),
+    "eager_request_tls12_close_both": (tls_head(3, flags=1 | 32 | 4 | 8 | 16, frag=5, pattern=0x3C, chunks=[100]),
+                                       "upgrade_query_token"),
+    "eager_big_request": (tls_head(3, flags=32, cfill=120, chunks=[65536, 3000]), "publish"),
     "big_transfers_tls12_small_records": (tls_head(3, flags=1 | 4, frag=3, cfill=40, sfill=40, chunks=[4096, 13]),
                                           "health"),
 }

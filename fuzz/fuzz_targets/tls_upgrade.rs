@@ -7,14 +7,21 @@
 //!
 //! * byte 0, mode (mod 4): 0 the payload is a hostile peer's bytes from the first byte on;
 //!   1 the same after a real client's ClientHello; 2 the same after a completed handshake;
-//!   3 a real client completes the handshake and sends the payload as its request.
+//!   3 a real client completes the handshake and sends the payload as its request (or
+//!   writes it first, so that it leaves with the client's Finished, as browsers do).
 //! * byte 1, flags: bits 0-1 versions the client offers (0/3 both, 1 TLS 1.2, 2 TLS 1.3);
 //!   bit 2 the client sends close_notify after its data; bit 3 the server sends
 //!   close_notify after its answer; bit 4 the answer goes through `tls::Writer` into a socket
-//!   that would-blocks and is interrupted (else `Session::encrypt` and `wrote`).
+//!   that would-blocks and is interrupted (else `Session::encrypt` and `wrote`); bit 5 the
+//!   client writes its request before the handshake (it goes out right after Finished: the
+//!   read that completes the handshake carries plaintext too); bit 6 modes 0-2: the server
+//!   queues close_notify after the hostile bytes, as a closing connection does.
 //! * byte 2: client record size (0 rustls's default, else 32 + 64 (b - 1), 255 the largest).
 //! * byte 3 / 4: KiB of filler the client sends after the payload / the server after its
-//!   answer (big transfers: many records, reads of up to `READ_CHUNK`).
+//!   answer (big transfers: many records, reads of up to `READ_CHUNK`). Modes 0-2: byte 3 is
+//!   the KiB the hostile stream is stretched to by repeating the payload after its first
+//!   byte-5 bytes (a handshake header, then records by the thousand: `MAX_CARRY` is reachable
+//!   although inputs are at most 16 KiB).
 //! * byte 5: client write size (0 one write, else 61 b bytes per write).
 //! * byte 6: socket pattern for `tls::Writer` (low nibble would-block, high nibble
 //!   interrupted, per call mod 4; never two failures in a row).
@@ -82,10 +89,14 @@ struct Config<'a> {
     client_close: bool,
     server_close: bool,
     writer: bool,
+    eager: bool,
+    close_after_garbage: bool,
     max_fragment: Option<usize>,
     client_filler: usize,
     server_filler: usize,
     client_write: usize,
+    /// Modes 0-2: bytes of the payload before the repeated part.
+    prefix: usize,
     socket_pattern: u8,
     encrypt_size: usize,
     chunks: Chunks,
@@ -113,6 +124,8 @@ fn parse(data: &[u8]) -> Option<Config<'_>> {
         client_close: flags & 4 != 0,
         server_close: flags & 8 != 0,
         writer: flags & 16 != 0,
+        eager: flags & 32 != 0,
+        close_after_garbage: flags & 64 != 0,
         max_fragment: match head[2] {
             0 => None,
             255 => Some(16 * 1024 + 5),
@@ -121,6 +134,7 @@ fn parse(data: &[u8]) -> Option<Config<'_>> {
         client_filler: head[3] as usize * 1024,
         server_filler: head[4] as usize * 1024,
         client_write: per(head[5], 61),
+        prefix: head[5] as usize,
         socket_pattern: head[6],
         encrypt_size: per(head[7], 97),
         chunks: Chunks { sizes, at: 0, reads: 0 },
@@ -352,14 +366,26 @@ fn hostile(mut config: Config<'_>) {
         }
     }
     let established = server.session.established();
+    let unit = &config.payload[config.prefix.min(config.payload.len())..];
+    let mut stream = config.payload.to_vec();
+    while !unit.is_empty() && stream.len() < config.client_filler {
+        stream.extend_from_slice(unit);
+    }
     chunks.restart();
     let mut at = 0;
-    while at < config.payload.len() && server.failed.is_none() {
-        let n = chunks.next().min(config.payload.len() - at);
-        server.receive(&config.payload[at..at + n]);
+    while at < stream.len() && server.failed.is_none() {
+        let n = chunks.next().min(stream.len() - at);
+        server.receive(&stream[at..at + n]);
         at += n;
         let answer = server.take_output(chunks);
         assert!(answer.len() <= MAX_ANSWER_TO_GARBAGE, "{} bytes answered to one read", answer.len());
+    }
+    if config.close_after_garbage && server.failed.is_none() {
+        server.session.close_notify();
+        server.session.close_notify();
+        let answer = server.take_output(chunks);
+        // One alert record, or nothing before the handshake completed.
+        assert!(answer.len() <= if established { 64 } else { 0 }, "close_notify took {} bytes", answer.len());
     }
     // Forging a Finished or a record needs keys the peer does not have.
     assert_eq!(server.session.established(), established, "hostile bytes completed a handshake");
@@ -371,6 +397,16 @@ fn upgrade(mut config: Config<'_>) {
     let mut client = client(client_config(config.versions, config.max_fragment));
     let mut server = Server::new(true);
     let chunks = &mut config.chunks;
+    let mut sent = config.payload.to_vec();
+    sent.extend(filler(config.client_filler, 0x5a));
+    let write = |client: &mut ClientConnection| {
+        for piece in sent.chunks(config.client_write.max(1)) {
+            client.writer().write_all(piece).expect("the client encrypts");
+        }
+    };
+    if config.eager {
+        write(&mut client);
+    }
     let got = handshake(&mut client, &mut server, chunks);
     if server.tolerated {
         return;
@@ -378,13 +414,13 @@ fn upgrade(mut config: Config<'_>) {
     assert!(server.failed.is_none(), "a real handshake failed: {:?}", server.failed);
     assert!(server.session.established(), "the handshake did not complete");
     assert!(!client.is_handshaking());
-    assert_eq!(server.session.buffered(), 0, "bytes carried after a complete flight");
-    assert!(server.plain.is_empty() && got.plain.is_empty() && !got.eof);
-
-    let mut sent = config.payload.to_vec();
-    sent.extend(filler(config.client_filler, 0x5a));
-    for piece in sent.chunks(config.client_write.max(1)) {
-        client.writer().write_all(piece).expect("the client encrypts");
+    assert_eq!(server.session.buffered(), 0, "bytes carried after complete flights");
+    assert!(got.plain.is_empty() && !got.eof);
+    if config.eager {
+        assert!(server.plain == sent, "the server got {} bytes, the client sent {}", server.plain.len(), sent.len());
+    } else {
+        assert!(server.plain.is_empty());
+        write(&mut client);
     }
     if config.client_close {
         client.send_close_notify();
