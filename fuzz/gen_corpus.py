@@ -299,6 +299,10 @@ hostile = {
     "after_handshake_renegotiate": tls_head(2, flags=1) + tls_record(0x16, HELLO12),
     "after_handshake_close": tls_head(2, flags=64, chunks=[2]) + bytes([0x17, 0x03, 0x03, 0x00]),
     "after_hello_close": tls_head(1, flags=64 | 2) + bytes([0x14, 0x03, 0x03]),
+    # The handshake timeout's 408 through tls::Writer, then close_notify.
+    "after_hello_answer_close": tls_head(1, flags=128 | 64),
+    "after_handshake_answer_close": tls_head(2, flags=128 | 64 | 1),
+    "raw_partial_record_answer_close": tls_head(0, flags=128 | 64) + bytes([0x16, 0x03, 0x01, 0x00, 0x30, 0x01]),
     # A ClientHello announced at 64 KiB - 1, then 1-byte records of it until 200 KiB: the
     # session carries them all (the message never completes) up to MAX_CARRY.
     "raw_endless_hello_records": tls_head(0, cfill=200, cwrite=9, chunks=[65536, 999])

@@ -14,8 +14,9 @@
 //!   close_notify after its answer; bit 4 the answer goes through `tls::Writer` into a socket
 //!   that would-blocks and is interrupted (else `Session::encrypt` and `wrote`); bit 5 the
 //!   client writes its request before the handshake (it goes out right after Finished: the
-//!   read that completes the handshake carries plaintext too); bit 6 modes 0-2: the server
-//!   queues close_notify after the hostile bytes, as a closing connection does.
+//!   read that completes the handshake carries plaintext too). Modes 0-2: bit 7 the server
+//!   answers through `tls::Writer` after the hostile bytes (the handshake timeout's 408), bit 6
+//!   then queues close_notify, as a closing connection does.
 //! * byte 2: client record size (0 rustls's default, else 32 + 64 (b - 1), 255 the largest).
 //! * byte 3 / 4: KiB of filler the client sends after the payload / the server after its
 //!   answer (big transfers: many records, reads of up to `READ_CHUNK`). Modes 0-2: byte 3 is
@@ -94,6 +95,7 @@ struct Config<'a> {
     writer: bool,
     eager: bool,
     close_after_garbage: bool,
+    answer_after_garbage: bool,
     max_fragment: Option<usize>,
     client_filler: usize,
     server_filler: usize,
@@ -129,6 +131,7 @@ fn parse(data: &[u8]) -> Option<Config<'_>> {
         writer: flags & 16 != 0,
         eager: flags & 32 != 0,
         close_after_garbage: flags & 64 != 0,
+        answer_after_garbage: flags & 128 != 0,
         max_fragment: match head[2] {
             0 => None,
             255 => Some(16 * 1024 + 5),
@@ -383,7 +386,21 @@ fn hostile(mut config: Config<'_>) {
         let answer = server.take_output(chunks);
         assert!(answer.len() <= MAX_ANSWER_TO_GARBAGE, "{} bytes answered to one read", answer.len());
     }
-    if config.close_after_garbage && server.failed.is_none() {
+    // Known herald bug (fuzz/README.md, strict-*-mid-handshake-message): `encrypt` and
+    // `close_notify` run rustls on an empty buffer while it has parsed part of the carried
+    // bytes (a handshake message spanning records), and rustls panics. Skipped by default.
+    let known_bug = server.session.buffered() > 0 && !herald_fuzz::strict();
+    if config.answer_after_garbage && server.failed.is_none() && !known_bug {
+        let timeout = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let mut sink = Vec::new();
+        match (tls::Writer { session: &mut server.session, sink: &mut sink }).write(timeout) {
+            Ok(n) => assert!(established && n == timeout.len(), "answered {n} bytes"),
+            Err(e) => assert!(!established, "an established session refused to answer: {e}"),
+        }
+        assert!(sink.len() <= timeout.len() + 64, "{} bytes for a {}-byte answer", sink.len(), timeout.len());
+        assert!(server.session.pending_output().is_empty(), "a Vec takes every record");
+    }
+    if config.close_after_garbage && server.failed.is_none() && !known_bug {
         server.session.close_notify();
         server.session.close_notify();
         let answer = server.take_output(chunks);
