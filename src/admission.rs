@@ -46,25 +46,26 @@ impl Admission {
         }
     }
 
-    /// Reserves one WebSocket for `user`. Every success must be paired with one [`release`].
+    /// Reserves one WebSocket for `user`; returns the user's connections on this instance now.
+    /// Every success must be paired with one [`release`].
     ///
     /// [`release`]: Admission::release
-    pub fn reserve(&self, routes: &RouteTable, user: &str) -> Result<(), Refusal> {
+    pub fn reserve(&self, routes: &RouteTable, user: &str) -> Result<u32, Refusal> {
         let max = self.max_websockets;
         self.websockets
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .map_err(|_| Refusal::InstanceFull)?;
-        if routes.add_connection(user, self.per_user_cap).is_err() {
+        routes.add_connection(user, self.per_user_cap).map_err(|_| {
             self.websockets.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::UserFull);
-        }
-        Ok(())
+            Refusal::UserFull
+        })
     }
 
-    /// Gives back what [`Admission::reserve`] took for `user`.
-    pub fn release(&self, routes: &RouteTable, user: &str) {
-        routes.remove_connection(user);
+    /// Gives back what [`Admission::reserve`] took for `user`; returns the user's connections
+    /// on this instance now.
+    pub fn release(&self, routes: &RouteTable, user: &str) -> u32 {
         self.websockets.fetch_sub(1, Ordering::AcqRel);
+        routes.remove_connection(user)
     }
 
     pub fn websockets(&self) -> usize {
@@ -188,15 +189,15 @@ mod tests {
     #[test]
     fn reserve_and_release_keep_every_count_in_step() {
         let (admission, routes) = (Admission::new(3, 2, 0), RouteTable::default());
-        assert_eq!(admission.reserve(&routes, "u"), Ok(()));
-        assert_eq!(admission.reserve(&routes, "u"), Ok(()));
+        assert_eq!(admission.reserve(&routes, "u"), Ok(1));
+        assert_eq!(admission.reserve(&routes, "u"), Ok(2));
         assert_eq!(admission.reserve(&routes, "u"), Err(Refusal::UserFull));
         assert_eq!(admission.websockets(), 2, "a refusal gives its slot back");
-        assert_eq!(admission.reserve(&routes, "v"), Ok(()));
+        assert_eq!(admission.reserve(&routes, "v"), Ok(1));
         assert_eq!(admission.reserve(&routes, "w"), Err(Refusal::InstanceFull));
         assert_eq!((routes.user_count(), routes.connections_of("u")), (2, 2));
-        admission.release(&routes, "u");
-        admission.release(&routes, "u");
+        assert_eq!(admission.release(&routes, "u"), 1);
+        assert_eq!(admission.release(&routes, "u"), 0);
         assert_eq!(admission.websockets(), 1);
         assert_eq!((routes.user_count(), routes.connections_of("u")), (1, 0));
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::broker::redis::SubscribeMode;
 use crate::broker::redis::redis_url::RedisUrl;
 
 /// A Redis URL as the raw arguments hold it, fit for a log line: its password hidden.
@@ -82,6 +83,10 @@ pub struct ServerArgs {
     /// File holding the Redis password (trailing newline ignored), added to HERALD_REDIS_URL.
     #[arg(long, env = "HERALD_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
+    /// `exact`: subscribe to each user's and topic's channel while this instance holds it;
+    /// `pattern`: one PSUBSCRIBE per prefix (every instance receives every message).
+    #[arg(long, env = "HERALD_REDIS_SUBSCRIBE", default_value = "exact", value_parser = ["exact", "pattern"])]
+    pub redis_subscribe: String,
     /// Redis channel of a user = prefix + user id.
     #[arg(long, env = "HERALD_USER_CHANNEL_PREFIX", default_value = "user_noti:")]
     pub user_channel_prefix: String,
@@ -134,6 +139,18 @@ pub struct ServerArgs {
     /// File holding the API key (trailing newline ignored).
     #[arg(long, env = "HERALD_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Redis channel presence events are published to (Redis mode); empty = none.
+    #[arg(long, env = "HERALD_PRESENCE_CHANNEL", default_value = "herald:presence")]
+    pub presence_channel: String,
+    /// http:// or https:// URL that receives presence events as POSTed JSON.
+    #[arg(long, env = "HERALD_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for the `X-Herald-Signature: sha256=<hex>` header of webhook posts.
+    #[arg(long, env = "HERALD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// File holding the webhook secret (trailing newline ignored).
+    #[arg(long, env = "HERALD_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Comma list of allowed Origin values for upgrades, or `*`.
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", default_value = "*")]
     pub allowed_origins: String,
@@ -160,6 +177,7 @@ impl std::fmt::Debug for ServerArgs {
             jwt_issuer,
             redis_url,
             redis_password_file,
+            redis_subscribe,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -177,6 +195,10 @@ impl std::fmt::Debug for ServerArgs {
             tls_key,
             api_key,
             api_key_file,
+            presence_channel,
+            webhook_url,
+            webhook_secret,
+            webhook_secret_file,
             allowed_origins,
             connect_rate_per_ip,
             log,
@@ -191,6 +213,7 @@ impl std::fmt::Debug for ServerArgs {
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis_url.as_deref().map(redact_url))
             .field("redis_password_file", redis_password_file)
+            .field("redis_subscribe", redis_subscribe)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -208,6 +231,10 @@ impl std::fmt::Debug for ServerArgs {
             .field("tls_key", tls_key)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
             .field("api_key_file", api_key_file)
+            .field("presence_channel", presence_channel)
+            .field("webhook_url", webhook_url)
+            .field("webhook_secret", &webhook_secret.as_ref().map(|_| "<redacted>"))
+            .field("webhook_secret_file", webhook_secret_file)
             .field("allowed_origins", allowed_origins)
             .field("connect_rate_per_ip", connect_rate_per_ip)
             .field("log", log)
@@ -217,7 +244,7 @@ impl std::fmt::Debug for ServerArgs {
 }
 
 /// Settings whose value is a secret, by clap id: given as flags, they show in `ps`.
-const SECRET_FLAGS: [&str; 3] = ["jwt_secret", "api_key", "redis_url"];
+const SECRET_FLAGS: [&str; 4] = ["jwt_secret", "api_key", "redis_url", "webhook_secret"];
 
 impl Cli {
     /// Parses a command line (with the environment, as clap does), remembering which secrets
@@ -302,6 +329,7 @@ pub struct Config {
     /// Parsed, with the password from HERALD_REDIS_PASSWORD_FILE, if any, already in it
     /// (its `Debug` hides the password).
     pub redis: Option<RedisUrl>,
+    pub redis_subscribe: SubscribeMode,
     pub user_channel_prefix: String,
     pub topic_channel_prefix: String,
     pub threads: usize,
@@ -318,6 +346,10 @@ pub struct Config {
     /// Certificate and key files when the port serves TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub api_key: Option<String>,
+    /// Empty: presence events are not published to Redis.
+    pub presence_channel: String,
+    /// Where presence events are POSTed, and the key that signs them.
+    pub webhook: Option<(String, Option<Vec<u8>>)>,
     /// `None` allows every Origin.
     pub allowed_origins: Option<Vec<String>>,
     pub connect_rate_per_ip: u32,
@@ -339,6 +371,7 @@ impl std::fmt::Debug for Config {
             jwt_audience,
             jwt_issuer,
             redis,
+            redis_subscribe,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -354,6 +387,8 @@ impl std::fmt::Debug for Config {
             drain_period,
             tls,
             api_key,
+            presence_channel,
+            webhook,
             allowed_origins,
             connect_rate_per_ip,
             log,
@@ -366,6 +401,7 @@ impl std::fmt::Debug for Config {
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis.as_ref().map(|r| r.redacted().to_string()))
+            .field("redis_subscribe", redis_subscribe)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -381,6 +417,9 @@ impl std::fmt::Debug for Config {
             .field("drain_period", drain_period)
             .field("tls", tls)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
+            .field("presence_channel", presence_channel)
+            .field("webhook_url", &webhook.as_ref().map(|(url, _)| url))
+            .field("webhook_secret", &webhook.as_ref().and_then(|(_, s)| s.as_ref()).map(|_| "<redacted>"))
             .field("allowed_origins", allowed_origins)
             .field("connect_rate_per_ip", connect_rate_per_ip)
             .field("log", log)
@@ -477,6 +516,43 @@ impl ServerArgs {
             (None, Some(path)) => Some(read_secret_text("HERALD_API_KEY_FILE", path)?),
             (None, None) => None,
         };
+        let webhook_secret = match (non_empty(self.webhook_secret), &self.webhook_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err("set HERALD_WEBHOOK_SECRET or HERALD_WEBHOOK_SECRET_FILE, not both".into());
+            }
+            (Some(secret), None) => {
+                if self.given_as_flags.contains(&"webhook_secret") {
+                    warnings
+                        .push(flag_warning("--webhook-secret", "HERALD_WEBHOOK_SECRET_FILE or HERALD_WEBHOOK_SECRET"));
+                }
+                Some(secret.into_bytes())
+            }
+            (None, Some(path)) => Some(read_secret_text("HERALD_WEBHOOK_SECRET_FILE", path)?.into_bytes()),
+            (None, None) => None,
+        };
+        let webhook = match non_empty(self.webhook_url) {
+            None if webhook_secret.is_some() => {
+                return Err("HERALD_WEBHOOK_SECRET is set without HERALD_WEBHOOK_URL".into());
+            }
+            None => None,
+            Some(url) => {
+                let valid = url
+                    .parse::<ureq::http::Uri>()
+                    .ok()
+                    .is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+                if !valid {
+                    return Err(format!("HERALD_WEBHOOK_URL `{url}` must be an http:// or https:// URL"));
+                }
+                if webhook_secret.is_none() {
+                    warnings.push(
+                        "HERALD_WEBHOOK_URL is set without HERALD_WEBHOOK_SECRET: the receiver cannot tell herald's \
+                         posts from anyone else's"
+                            .into(),
+                    );
+                }
+                Some((url, webhook_secret))
+            }
+        };
         // Each prefix must claim a namespace of its own: an empty prefix PSUBSCRIBEs every
         // channel on the server, and nested prefixes route one kind of channel as the other.
         let (user_prefix, topic_prefix) = (&self.user_channel_prefix, &self.topic_channel_prefix);
@@ -552,6 +628,11 @@ impl ServerArgs {
             jwt_audience: non_empty(self.jwt_audience),
             jwt_issuer: non_empty(self.jwt_issuer),
             redis,
+            redis_subscribe: if self.redis_subscribe == "pattern" {
+                SubscribeMode::Pattern
+            } else {
+                SubscribeMode::Exact
+            },
             user_channel_prefix: self.user_channel_prefix,
             topic_channel_prefix: self.topic_channel_prefix,
             threads,
@@ -567,6 +648,8 @@ impl ServerArgs {
             drain_period: self.drain_period,
             tls,
             api_key,
+            presence_channel: self.presence_channel,
+            webhook,
             allowed_origins,
             connect_rate_per_ip: self.connect_rate_per_ip,
             log: self.log,

@@ -93,6 +93,8 @@ pub enum Answer {
     Published(Box<[u64]>),
     /// Connections closed (`/api/disconnect`).
     Closed(u64),
+    /// Fleet-wide connections of each user asked about (`/api/presence`).
+    Presence(Box<[u64]>),
     /// It could not be done; the reason is for the client.
     Failed(String),
 }
@@ -138,6 +140,20 @@ impl DeliverTo {
             DeliverTo::One(t) => std::slice::from_ref(t),
             DeliverTo::Many(ts) => ts,
         }
+    }
+}
+
+/// An id as JSON: seed 004's ids are integers, so an id that is the canonical decimal form
+/// of an `i64` becomes that number; any other id stays the string it is. Canonical means
+/// what `i64::to_string` writes: no `+`, no leading zeros (`"0"` itself is fine), and a `-`
+/// only on a non-zero number, so `"-7"` is the number -7 (an integer `sub` claim of -7 is
+/// the user `"-7"`, and must come back as -7) while `"0042"`, `"+42"`, `"-0"` and
+/// `"9223372036854775808"` stay strings. Every id thus maps to exactly one JSON value and
+/// back: two users can never be rendered as the same sender (or presence subject).
+pub fn id_as_json(id: &str) -> serde_json::Value {
+    match id.parse::<i64>() {
+        Ok(n) if n.to_string() == id => serde_json::Value::from(n),
+        _ => serde_json::Value::String(id.to_owned()),
     }
 }
 

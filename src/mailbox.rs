@@ -29,8 +29,9 @@ pub const WAKER: Token = Token(usize::MAX);
 pub enum LoopCmd {
     /// Queue `frame` to every connection here that holds one of `to`, but not to `exclusion`.
     Deliver { to: DeliverTo, frame: SharedFrame, exclusion: Option<Box<Exclusion>> },
-    /// Several deliveries in one command (a batch publish), in order.
-    DeliverMany(Box<[(DeliverTo, SharedFrame)]>),
+    /// Redis confirmed a subscription `conn` waited for (or gave up on Redis for now): its
+    /// output may flow.
+    SubscriptionReady { conn: ConnRef },
     /// The answer to a request parked on this loop.
     Answer { conn: ConnRef, answer: Answer },
     /// Close every connection of `user` here, add the count to the tally, and let the last
@@ -48,11 +49,20 @@ pub enum LoopCmd {
 pub struct DisconnectTally {
     pub remaining: AtomicUsize,
     pub closed: AtomicU64,
-    pub reply: ReplyTo,
+    pub reply: TallyReply,
+}
+
+/// Who hears a disconnect's total.
+#[derive(Debug, Clone)]
+pub enum TallyReply {
+    /// The request parked on a loop of this instance.
+    Request(ReplyTo),
+    /// Another instance's (or this one's) fleet-wide survey: the fleet thread answers it.
+    Fleet { survey: u64, asker: Arc<str> },
 }
 
 impl DisconnectTally {
-    pub fn new(loops: usize, reply: ReplyTo) -> DisconnectTally {
+    pub fn new(loops: usize, reply: TallyReply) -> DisconnectTally {
         DisconnectTally { remaining: loops.into(), closed: 0.into(), reply }
     }
 
@@ -83,6 +93,14 @@ impl<T> Mailbox<T> {
     pub fn new(poll: &Poll, token: Token, capacity: usize) -> std::io::Result<(Mailbox<T>, Receiver<T>)> {
         let waker = Waker::new(poll.registry(), token)?;
         let (tx, rx) = crossbeam_channel::bounded(capacity);
+        Ok((Mailbox { tx, waker, wake_pending: AtomicBool::new(false) }, rx))
+    }
+
+    /// A mailbox without a bound, for reports that must not be lost and whose number is
+    /// bounded by something else (one per connection join or leave, drained as they come).
+    pub fn unbounded(poll: &Poll, token: Token) -> std::io::Result<(Mailbox<T>, Receiver<T>)> {
+        let waker = Waker::new(poll.registry(), token)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
         Ok((Mailbox { tx, waker, wake_pending: AtomicBool::new(false) }, rx))
     }
 
@@ -170,7 +188,8 @@ mod tests {
 
     #[test]
     fn the_last_loop_to_report_gets_the_total() {
-        let tally = DisconnectTally::new(3, ReplyTo { loop_id: 0, conn: ConnRef { key: 1, id: 1 } });
+        let reply = TallyReply::Request(ReplyTo { loop_id: 0, conn: ConnRef { key: 1, id: 1 } });
+        let tally = DisconnectTally::new(3, reply);
         assert_eq!(tally.add(2), None);
         assert_eq!(tally.add(0), None);
         assert_eq!(tally.add(5), Some(7));

@@ -5,9 +5,11 @@
 //! atomic operation per message and no two threads write the same line.
 
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::webhook::WebhookMetrics;
 
 /// Upper bounds (seconds) of the publish → socket-write latency histogram.
 pub const LATENCY_BOUNDS: [f64; 14] =
@@ -120,6 +122,8 @@ pub struct RedisHealth {
     pub ever_up: AtomicBool,
     pub subscriber_up: AtomicBool,
     pub publisher_up: AtomicBool,
+    /// Channels (exact mode) or patterns the reader is subscribed to, confirmed by Redis.
+    pub subscriptions: AtomicU64,
     pub ping_micros: AtomicU64,
     pub last_error: Mutex<&'static str>,
 }
@@ -154,6 +158,9 @@ pub struct Metrics {
     /// Publish-API requests refused (429) after too many failures from their address.
     pub api_auth_rate_limited: AtomicU64,
     pub redis: RedisHealth,
+    /// Presence transitions this instance emitted (to the Redis channel and the webhook).
+    pub presence_events: AtomicU64,
+    pub webhook: Arc<WebhookMetrics>,
 }
 
 /// A consistent-enough read of all counters for one response.
@@ -168,6 +175,11 @@ pub struct Snapshot {
     pub dropped_invalid: u64,
     pub dropped_overload: u64,
     pub redis_reconnects: u64,
+    pub redis_subscriptions: u64,
+    pub presence_events: u64,
+    pub webhook_delivered: u64,
+    pub webhook_retries: u64,
+    pub webhook_dropped: u64,
     pub api_auth_failures: u64,
     pub api_auth_rate_limited: u64,
     pub sent: u64,
@@ -204,6 +216,8 @@ impl Metrics {
             api_auth_failures: AtomicU64::new(0),
             api_auth_rate_limited: AtomicU64::new(0),
             redis: RedisHealth { configured: redis_configured, ..RedisHealth::default() },
+            presence_events: AtomicU64::new(0),
+            webhook: Arc::default(),
         }
     }
 
@@ -226,6 +240,11 @@ impl Metrics {
             received_from_http: self.received_from_http.load(Relaxed),
             dropped_invalid: self.dropped_invalid.load(Relaxed),
             redis_reconnects: self.redis_reconnects.load(Relaxed),
+            redis_subscriptions: self.redis.subscriptions.load(Relaxed),
+            presence_events: self.presence_events.load(Relaxed),
+            webhook_delivered: self.webhook.delivered.load(Relaxed),
+            webhook_retries: self.webhook.retries.load(Relaxed),
+            webhook_dropped: self.webhook.dropped.load(Relaxed),
             api_auth_failures: self.api_auth_failures.load(Relaxed),
             api_auth_rate_limited: self.api_auth_rate_limited.load(Relaxed),
             ..Snapshot::default()
@@ -294,7 +313,15 @@ impl Snapshot {
                 "api_auth_failures": self.api_auth_failures,
                 "api_auth_rate_limited": self.api_auth_rate_limited,
             },
-            "redis": { "reconnects": self.redis_reconnects },
+            "redis": { "reconnects": self.redis_reconnects, "subscriptions": self.redis_subscriptions },
+            "presence": {
+                "events": self.presence_events,
+                "webhook": {
+                    "delivered": self.webhook_delivered,
+                    "retries": self.webhook_retries,
+                    "dropped": self.webhook_dropped,
+                },
+            },
             "tls": { "handshakes": self.tls_handshakes, "failures": self.tls_failures },
             "internals": { "slab_entries": self.slab_entries, "index_entries": self.index_entries },
         })
@@ -316,7 +343,13 @@ impl Snapshot {
         );
         metric("herald_users_unique", "gauge", "Distinct users with a connection.", self.unique_users.to_string());
         metric("herald_topics_unique", "gauge", "Distinct topics with a subscriber.", self.unique_topics.to_string());
-        let counters: [(&str, &str, u64); 22] = [
+        metric(
+            "herald_redis_subscriptions",
+            "gauge",
+            "Redis channels (exact mode) or patterns this instance is subscribed to.",
+            self.redis_subscriptions.to_string(),
+        );
+        let counters: [(&str, &str, u64); 26] = [
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),
             ("herald_messages_sent_total", "Notifications written to clients.", self.sent),
@@ -361,6 +394,14 @@ impl Snapshot {
                 self.tls_failures,
             ),
             ("herald_redis_reconnects_total", "Redis reconnections.", self.redis_reconnects),
+            ("herald_presence_events_total", "Presence transitions this instance emitted.", self.presence_events),
+            ("herald_webhook_delivered_total", "Presence events the webhook accepted.", self.webhook_delivered),
+            ("herald_webhook_retries_total", "Webhook attempts retried.", self.webhook_retries),
+            (
+                "herald_webhook_dropped_total",
+                "Presence events dropped: queue full, refused, or failed 4 times.",
+                self.webhook_dropped,
+            ),
             (
                 "herald_api_auth_failures_total",
                 "Publish-API requests with a missing or wrong credential.",

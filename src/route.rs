@@ -56,9 +56,21 @@ struct Entry {
     loops: LoopMask,
     /// Connections of this user on any path (always 0 for topics).
     connections: u32,
+    /// Redis confirmed this instance's exact subscription to the target's channel, and it has
+    /// not been released since: a connection joining now needs no round trip to Redis.
+    subscribed: bool,
 }
 
 type Shard = HashMap<u64, Entry, BuildHasherDefault<Prehashed>>;
+
+/// What a join found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    /// No other loop of this instance held the target.
+    pub first: bool,
+    /// The target's exact subscription is confirmed (see [`RouteTable::set_subscribed`]).
+    pub subscribed: bool,
+}
 
 /// The per-user cap was reached.
 #[derive(Debug, PartialEq, Eq)]
@@ -125,7 +137,7 @@ impl RouteTable {
         let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
         let entry = shard.entry(key).or_default();
         let result = change(entry);
-        if entry.loops == 0 && entry.connections == 0 {
+        if entry.loops == 0 && entry.connections == 0 && !entry.subscribed {
             shard.remove(&key);
             if shard.capacity() > 64 && shard.len() * 4 < shard.capacity() {
                 // After a burst leaves, keep the table proportional to those remaining.
@@ -140,18 +152,41 @@ impl RouteTable {
         self.shard(key).read().unwrap_or_else(|e| e.into_inner()).get(&key).copied().unwrap_or_default()
     }
 
-    /// Records that `loop_id` now holds `target`. Returns true when it is the first loop of
-    /// this instance to hold it.
-    pub fn join(&self, loop_id: LoopId, target: &Target) -> bool {
-        let first = self.update(self.key_of(target), |entry| {
+    /// Records that `loop_id` now holds `target`.
+    pub fn join(&self, loop_id: LoopId, target: &Target) -> Joined {
+        let joined = self.update(self.key_of(target), |entry| {
             let first = entry.loops == 0;
             entry.loops |= 1 << loop_id;
-            first
+            Joined { first, subscribed: entry.subscribed }
         });
-        if first && !target.is_user() {
+        if joined.first && !target.is_user() {
             self.topics.fetch_add(1, Relaxed);
         }
-        first
+        joined
+    }
+
+    /// Whether Redis confirmed this instance's subscription to `target` (exact mode).
+    pub fn is_subscribed(&self, target: &Target) -> bool {
+        self.read(self.key_of(target)).subscribed
+    }
+
+    /// Marks `target`'s subscription confirmed (or lost).
+    pub fn set_subscribed(&self, target: &Target, subscribed: bool) {
+        self.update(self.key_of(target), |entry| entry.subscribed = subscribed);
+    }
+
+    /// If no loop holds `target`, forgets its subscription (it is about to be unsubscribed)
+    /// and returns true. Atomic with [`join`](Self::join): a connection joining either finds
+    /// the target still held (and the subscription stays), or finds it unsubscribed and waits
+    /// for a new one; never a subscription that is on its way out.
+    pub fn release_if_unheld(&self, target: &Target) -> bool {
+        self.update(self.key_of(target), |entry| {
+            let unheld = entry.loops == 0;
+            if unheld {
+                entry.subscribed = false;
+            }
+            unheld
+        })
     }
 
     /// Records that `loop_id` no longer holds `target`. Returns true when no loop of this
@@ -174,30 +209,32 @@ impl RouteTable {
     }
 
     /// Counts one more connection of `user`, unless it already has `cap` (0 = no cap).
-    pub fn add_connection(&self, user: &str, cap: u32) -> Result<(), AtCap> {
-        let first = self.update(self.key(true, user), |entry| {
+    /// Returns the user's connections now.
+    pub fn add_connection(&self, user: &str, cap: u32) -> Result<u32, AtCap> {
+        let count = self.update(self.key(true, user), |entry| {
             if cap != 0 && entry.connections >= cap {
                 return Err(AtCap);
             }
             entry.connections += 1;
-            Ok(entry.connections == 1)
+            Ok(entry.connections)
         })?;
-        if first {
+        if count == 1 {
             self.users.fetch_add(1, Relaxed);
         }
-        Ok(())
+        Ok(count)
     }
 
-    /// Counts one connection of `user` less.
-    pub fn remove_connection(&self, user: &str) {
-        let last = self.update(self.key(true, user), |entry| {
+    /// Counts one connection of `user` less. Returns the user's connections now.
+    pub fn remove_connection(&self, user: &str) -> u32 {
+        let (last, count) = self.update(self.key(true, user), |entry| {
             let had = entry.connections > 0;
             entry.connections = entry.connections.saturating_sub(1);
-            had && entry.connections == 0
+            (had && entry.connections == 0, entry.connections)
         });
         if last {
             self.users.fetch_sub(1, Relaxed);
         }
+        count
     }
 
     /// Open connections of `user` on this instance, on any path.
@@ -300,25 +337,41 @@ mod tests {
     #[test]
     fn joins_and_leaves_report_the_instance_wide_first_and_last() {
         let table = RouteTable::default();
-        assert!(table.join(0, &user("a")));
-        assert!(!table.join(3, &user("a")));
+        assert!(table.join(0, &user("a")).first);
+        assert!(!table.join(3, &user("a")).first);
         assert_eq!(table.holders(&user("a")), 0b1001);
         assert!(!table.leave(0, &user("a")));
         assert!(table.leave(3, &user("a")));
         assert_eq!(table.holders(&user("a")), 0);
         assert!(!table.leave(3, &user("a")), "leaving twice is harmless");
         let topic = Target::topic("a");
-        assert!(table.join(1, &topic));
+        assert!(table.join(1, &topic).first);
         assert_eq!(table.holders(&user("a")), 0, "a user and a topic of the same name are distinct");
         assert_eq!(table.topic_count(), 1);
     }
 
     #[test]
+    fn a_subscription_outlives_its_last_holder_only_until_released() {
+        let table = RouteTable::default();
+        assert_eq!(table.join(0, &user("a")), Joined { first: true, subscribed: false });
+        table.set_subscribed(&user("a"), true);
+        assert!(!table.release_if_unheld(&user("a")), "still held: the subscription stays");
+        assert!(table.leave(0, &user("a")));
+        assert_eq!(table.join(1, &user("a")), Joined { first: true, subscribed: true }, "no round trip needed");
+        table.leave(1, &user("a"));
+        assert!(table.release_if_unheld(&user("a")));
+        assert_eq!(table.join(1, &user("a")), Joined { first: true, subscribed: false }, "must wait again");
+        table.leave(1, &user("a"));
+        assert!(table.release_if_unheld(&user("a")));
+        assert!(table.shards.iter().all(|s| s.read().unwrap().is_empty()));
+    }
+
+    #[test]
     fn connections_are_counted_per_user_on_any_path_and_capped() {
         let table = RouteTable::default();
-        assert_eq!(table.add_connection("a", 2), Ok(()));
-        assert!(table.join(0, &user("a")));
-        assert_eq!(table.add_connection("a", 2), Ok(()));
+        assert_eq!(table.add_connection("a", 2), Ok(1));
+        assert!(table.join(0, &user("a")).first);
+        assert_eq!(table.add_connection("a", 2), Ok(2));
         assert_eq!(table.add_connection("a", 2), Err(AtCap));
         assert_eq!((table.connections_of("a"), table.user_count()), (2, 1));
         table.leave(0, &user("a"));

@@ -16,7 +16,8 @@ use crate::config::{Config, JwtKey};
 use crate::event_loop::EventLoop;
 use crate::mailbox::{self, LoopCmd, Loops};
 use crate::metrics::Metrics;
-use crate::shared::Shared;
+use crate::shared::{Shared, instance_name};
+use crate::webhook::Webhook;
 
 /// A started server, before it is told to stop.
 pub struct Running {
@@ -78,8 +79,13 @@ pub fn start(config: Config) -> Result<Running, String> {
     let routing = Arc::new(Routing::default());
     let loops: Loops = handles.into();
     routing.attach(loops);
+    let instance_id = crate::auth::random_u64();
+    let webhook = match &config.webhook {
+        Some((url, secret)) => Some(Webhook::start(url.clone(), secret.clone(), metrics.webhook.clone())?),
+        None => None,
+    };
     let broker = match &config.redis {
-        None => Broker::Embedded,
+        None => Broker::Embedded { webhook },
         Some(url) => {
             let settings = redis::Settings {
                 user_prefix: config.user_channel_prefix.clone(),
@@ -88,14 +94,19 @@ pub fn start(config: Config) -> Result<Running, String> {
             };
             let ctx =
                 redis::Context { settings: Arc::new(settings), routing: routing.clone(), metrics: metrics.clone() };
-            Broker::Redis(redis::RedisBroker::start(url, ctx)?)
+            let fleet = redis::fleet::FleetSettings {
+                instance: instance_name(instance_id).into(),
+                presence_channel: config.presence_channel.clone(),
+                webhook,
+            };
+            Broker::Redis(redis::RedisBroker::start(url, config.redis_subscribe, fleet, ctx)?)
         }
     };
     let tls = match &config.tls {
         Some((cert, key)) => Some(crate::tls::Acceptor::load(cert, key)?),
         None => None,
     };
-    let mut shared = Shared::new(config, verifier, metrics, routing, broker);
+    let mut shared = Shared::new(config, verifier, metrics, routing, broker, instance_id);
     shared.tls = tls;
     let shared = Arc::new(shared);
     let mut loop_threads = Vec::new();

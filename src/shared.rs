@@ -38,6 +38,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         routing: Arc<Routing>,
         broker: Broker,
+        instance_id: u64,
     ) -> Shared {
         Shared {
             admission: Admission::new(
@@ -53,7 +54,7 @@ impl Shared {
             auth_failures: AuthFailureLimit::default(),
             shutting_down: AtomicBool::new(false),
             next_notification_id: AtomicU64::new(0),
-            instance_id: crate::auth::random_u64(),
+            instance_id,
             plain_cap_per_loop: plain_connection_cap(open_file_limit()).div_ceil(config.threads),
             config,
         }
@@ -62,6 +63,12 @@ impl Shared {
     pub fn loops(&self) -> &[crate::mailbox::LoopHandle] {
         self.routing.loops()
     }
+}
+
+/// How an instance names itself: in `/health`, in Redis (presence fields, reply channels,
+/// CLIENT LIST), in logs.
+pub fn instance_name(instance_id: u64) -> String {
+    format!("{instance_id:016x}")
 }
 
 /// Descriptors kept back for what is not a client: listeners, pollers, wakers, Redis, logs.

@@ -28,11 +28,13 @@ fn health_in_embedded_mode_is_healthy_with_embedded_broker() {
     assert_eq!(v["websocket"]["active_connections"], 0);
     assert_eq!(v["websocket"]["total_unique_users"], 0);
     assert!(v["uptime_seconds"].is_u64(), "uptime_seconds must be an integer: {v}");
-    assert_keys(&v, &["status", "timestamp", "redis", "websocket", "uptime_seconds"]);
+    assert_keys(&v, &["status", "timestamp", "redis", "websocket", "uptime_seconds", "instance"]);
+    assert!(v["instance"].as_str().is_some_and(|i| i.len() == 16 && i.bytes().all(|b| b.is_ascii_hexdigit())), "{v}");
     assert_keys(&v["websocket"], &["active_connections", "total_unique_users"]);
 }
 
-/// The object has exactly these keys (seed 003 §2 is the exact shape of /health).
+/// The object has exactly these keys (seed 003 §2 is the exact shape of /health, plus
+/// `instance` from SPEC §8).
 fn assert_keys(v: &Value, keys: &[&str]) {
     let mut got: Vec<&str> =
         v.as_object().unwrap_or_else(|| panic!("not an object: {v}")).keys().map(|k| k.as_str()).collect();
@@ -58,7 +60,7 @@ fn health_with_redis_reports_connected_and_ping_ms() {
     assert_eq!(v["status"], "healthy");
     let ping = v["redis"]["ping_ms"].as_f64().unwrap_or_else(|| panic!("ping_ms must be a number: {v}"));
     assert!((0.0..1000.0).contains(&ping), "ping_ms {ping}");
-    assert_keys(&v, &["status", "timestamp", "redis", "websocket", "uptime_seconds"]);
+    assert_keys(&v, &["status", "timestamp", "redis", "websocket", "uptime_seconds", "instance"]);
     assert_keys(&v["redis"], &["status", "ping_ms"]);
 }
 
@@ -551,7 +553,25 @@ fn publish_batch_through_redis_answers_each_item() {
     ]});
     let r = post_batch(&h, items.to_string().as_bytes());
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["sent"], json!([true, true, true]), "pattern mode: every instance receives everything");
+    assert_eq!(r.json()["sent"], json!([true, false, true]), "exact mode: sent says whether anyone holds it");
     assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "a");
     assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "c");
+}
+
+#[test]
+fn in_pattern_mode_sent_only_says_an_instance_heard_it() {
+    let redis = Redis::start();
+    let h = herald().api_key().redis(&redis).env("HERALD_REDIS_SUBSCRIBE", "pattern").start();
+    redis.wait_pattern_subscribers(1, Duration::from_secs(10));
+    let mut ws = h.ws(&token("r1"));
+    let items = json!({"items": [
+        {"user_id": "r1", "message": notification("a")},
+        {"topic": "nobody-listens", "message": notification("b")},
+    ]});
+    let r = post_batch(&h, items.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sent"], json!([true, true]), "every instance receives everything");
+    assert_eq!(recv_json(&mut ws, T)["payload"]["title"], "a");
+    let m = h.metrics();
+    assert_eq!(m["redis"]["subscriptions"], 2, "one pattern per prefix: {m}");
 }

@@ -103,8 +103,19 @@ fn hs256_tokens_signed_with_the_secret_are_refused_by_a_public_key_herald() {
 
 #[test]
 fn topic_token_cannot_receive_another_topic_on_any_route() {
+    topic_isolation("exact");
+}
+
+#[test]
+fn topic_token_cannot_receive_another_topic_on_any_route_in_pattern_mode() {
+    topic_isolation("pattern");
+}
+
+/// With exact subscriptions herald is not even subscribed to the other topic; with patterns
+/// it receives it and must route it nowhere.
+fn topic_isolation(mode: &str) {
     let redis = Redis::start();
-    let h = herald().api_key().redis(&redis).start();
+    let h = herald().api_key().redis(&redis).env("HERALD_REDIS_SUBSCRIBE", mode).start();
     redis.wait_subscribers(1, T);
     let tok = token_claims(json!({"sub": "alice", "topics": ["project:7"], "exp": now_secs() + 3600}));
 
@@ -143,7 +154,11 @@ fn topic_token_cannot_receive_another_topic_on_any_route() {
 
     // topic B is published through Redis and through the HTTP API
     let leak = json!({"type": "leak", "topic": "project:8"});
-    redis.publish_until_received("topic_noti:project:8", &leak.to_string(), T);
+    if mode == "pattern" {
+        redis.publish_until_received("topic_noti:project:8", &leak.to_string(), T);
+    } else {
+        assert_eq!(redis.publish("topic_noti:project:8", &leak.to_string()), 0, "subscribed to a topic nobody holds");
+    }
     let r = h.publish(Some(API_KEY), &json!({"topic": "project:8", "message": leak}));
     assert_eq!(r.status, 200, "{}", r.text());
     // then topic A: it is the next (and only) thing each connection receives

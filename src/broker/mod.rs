@@ -19,7 +19,10 @@ use crate::ids::{DeliverTo, Exclusion, ReplyTo, Target};
 use crate::mailbox::Loops;
 use crate::message::{self, Valid};
 use crate::metrics::Metrics;
+use crate::presence;
 use crate::route::{RouteTable, Sender};
+use crate::webhook::Webhook;
+use redis::fleet::{FleetHandle, FleetJob};
 
 /// A validated notification on its way out.
 #[derive(Debug, Clone)]
@@ -76,13 +79,51 @@ pub enum Published {
 }
 
 pub enum Broker {
-    Embedded,
+    /// One instance: routing, presence transitions and webhook posts all happen here.
+    Embedded {
+        webhook: Option<Arc<Webhook>>,
+    },
     Redis(redis::RedisBroker),
 }
 
 impl Broker {
     pub fn is_redis(&self) -> bool {
         matches!(self, Broker::Redis(_))
+    }
+
+    /// Where loops report instance-wide joins and leaves, when subscriptions follow them
+    /// (Redis in exact mode).
+    pub fn subscription_reports(&self) -> Option<&redis::subscriptions::Reports> {
+        match self {
+            Broker::Redis(redis) => redis.subscription_reports(),
+            Broker::Embedded { .. } => None,
+        }
+    }
+
+    /// The fleet thread (Redis): fleet-wide disconnects and presence.
+    pub fn fleet(&self) -> Option<&FleetHandle> {
+        match self {
+            Broker::Redis(redis) => Some(redis.fleet()),
+            Broker::Embedded { .. } => None,
+        }
+    }
+
+    /// `user` now has `connections` on this instance, one more (`opened`) or one less. With
+    /// Redis the fleet thread writes the count, and Redis decides fleet-wide transitions;
+    /// embedded, this instance is the fleet, and the count decides.
+    pub fn presence_changed(&self, user: &str, connections: u32, opened: bool, metrics: &Metrics) {
+        match self {
+            Broker::Redis(redis) => {
+                let _ = redis.fleet().try_send(FleetJob::Presence(user.into()));
+            }
+            Broker::Embedded { webhook } => {
+                let Some(status) = presence::Status::of_change(opened, connections) else { return };
+                metrics.presence_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(webhook) = webhook {
+                    webhook.post(presence::event_json(user, status, connections.into(), SystemTime::now()));
+                }
+            }
+        }
     }
 
     /// Publishes `items`. `from` is the calling loop (its share comes back as `Local`);
@@ -96,7 +137,7 @@ impl Broker {
         reply: Option<ReplyTo>,
     ) -> Published {
         match self {
-            Broker::Embedded => {
+            Broker::Embedded { .. } => {
                 let now = (SystemTime::now(), Instant::now());
                 let mut receivers = Vec::with_capacity(items.len());
                 let mut local = Vec::new();

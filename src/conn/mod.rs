@@ -59,6 +59,12 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Output is held while the session waits for its subscriptions (see
+    /// [`Session::awaiting_subscriptions`]).
+    pub fn output_held(&self) -> bool {
+        matches!(&self.phase, Phase::Open(session) if session.awaiting_subscriptions > 0)
+    }
+
     /// Reading waits while the peer has not taken enough of what it was sent, or while a
     /// request of its waits for an answer. Derived from state alone: no flag to keep in step.
     pub fn input_paused(&self) -> bool {
@@ -122,7 +128,7 @@ pub struct Http {
 }
 
 /// A request handed to another thread (a Redis publish, a disconnect on every loop).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Waiting {
     pub keep_alive: bool,
     pub respond: Responder,
@@ -170,6 +176,9 @@ pub struct Session {
     pub user_node: u32,
     /// The path's dialect, by [`Dialect::id`] (a byte, not a pointer: sessions are many).
     pub dialect_id: u8,
+    /// Exact subscriptions this session waits for Redis to confirm; its output is held
+    /// until none is left, so nothing published after the client hears from us is missed.
+    pub awaiting_subscriptions: u8,
     pub expires: Tick,
     pub last_received: Tick,
     pub last_ping: Tick,
@@ -295,6 +304,7 @@ mod tests {
         Session {
             user: Target::user("u"),
             dialect_id: dialect.id,
+            awaiting_subscriptions: 0,
             topics: None,
             reader: FrameReader::default(),
             user_node: 0,

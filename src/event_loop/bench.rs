@@ -39,7 +39,7 @@ impl DeliveryBench {
         let routing = Arc::new(Routing::default());
         let (poll, handle, inbox) = crate::mailbox::prepare()?;
         routing.attach(Arc::from(vec![handle]));
-        let shared = Arc::new(Shared::new(config, verifier, metrics, routing, Broker::Embedded));
+        let shared = Arc::new(Shared::new(config, verifier, metrics, routing, Broker::Embedded { webhook: None }, 0));
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;

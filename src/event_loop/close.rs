@@ -39,7 +39,8 @@ impl EventLoop {
             self.index_remove(&membership.topic, membership.node);
         }
         self.shared.metrics.loops[self.id].connections.fetch_sub(1, Ordering::Relaxed);
-        self.shared.admission.release(&self.shared.routing.table, session.user.name());
+        let connections = self.shared.admission.release(&self.shared.routing.table, session.user.name());
+        self.shared.broker.presence_changed(session.user.name(), connections, false, &self.shared.metrics);
     }
 
     /// Drops a connection now.

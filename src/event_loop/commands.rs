@@ -1,4 +1,5 @@
-//! The loop's mailbox: deliveries, answers to parked requests, disconnects, shutdown.
+//! The loop's mailbox: deliveries, confirmed subscriptions, answers to parked requests,
+//! disconnects, drain and shutdown.
 
 use super::EventLoop;
 use crate::ids::Exclusion;
@@ -30,12 +31,7 @@ impl EventLoop {
                     let none = Exclusion::default();
                     self.deliver(&to, &frame, exclusion.as_deref().unwrap_or(&none));
                 }
-                LoopCmd::DeliverMany(parts) => {
-                    let none = Exclusion::default();
-                    for (to, frame) in parts.iter() {
-                        self.deliver(to, frame, &none);
-                    }
-                }
+                LoopCmd::SubscriptionReady { conn } => self.subscription_ready(conn),
                 LoopCmd::Answer { conn, answer } => self.on_answer(conn, answer),
                 LoopCmd::Disconnect { user, tally } => self.disconnect_user(&user, &tally),
                 LoopCmd::Drain { until } => self.begin_drain(until),

@@ -44,6 +44,10 @@ impl EventLoop {
 
     pub(super) fn flush(&mut self, key: u32) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
+        if conn.output_held() {
+            // Flushed when its subscriptions are confirmed (`subscription_ready`).
+            return;
+        }
         let was_paused = conn.input_paused();
         let mut result = if conn.has_output() {
             write_queued(conn, &mut self.counters, &mut self.released_bytes, Instant::now())

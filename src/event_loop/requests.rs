@@ -5,14 +5,16 @@
 use std::sync::Arc;
 
 use super::EventLoop;
+use crate::broker::redis::fleet::FleetJob;
 use crate::broker::{Outgoing, Published};
 use crate::conn::{Phase, Waiting};
 use crate::frame;
+use crate::http::presence::PresenceQuery;
 use crate::http::publish::Responder;
 use crate::http::routes::{self, Outcome};
 use crate::http::{self, Parsed, Response, Status};
 use crate::ids::{Answer, ConnRef, ReplyTo};
-use crate::mailbox::{DisconnectTally, LoopCmd};
+use crate::mailbox::{DisconnectTally, LoopCmd, TallyReply};
 use crate::route::Sender;
 
 impl EventLoop {
@@ -58,6 +60,7 @@ impl EventLoop {
                 }
                 Outcome::Publish(publish) => self.publish(key, publish.items, publish.respond, keep_alive),
                 Outcome::Disconnect(user) => self.start_disconnect(key, user, keep_alive),
+                Outcome::Presence(query) => self.presence(key, query, keep_alive),
             }
         }
     }
@@ -122,6 +125,24 @@ impl EventLoop {
         }
     }
 
+    /// `/api/presence`: embedded, the route table answers at once; with Redis, the fleet
+    /// thread reads the fleet's counts.
+    fn presence(&mut self, key: u32, query: PresenceQuery, keep_alive: bool) {
+        let shared = self.shared.clone();
+        let Some(fleet) = shared.broker.fleet() else {
+            let table = &shared.routing.table;
+            let counts: Box<[u64]> = query.users.iter().map(|u| u64::from(table.connections_of(u))).collect();
+            self.respond(key, query.render(&counts), false, !keep_alive);
+            return;
+        };
+        let users = query.users.clone();
+        let respond = Responder::Presence(Arc::new(query));
+        let Some(reply) = self.park(key, Waiting { keep_alive, respond }) else { return };
+        if fleet.try_send(FleetJob::Query { users, reply }).is_err() {
+            self.on_answer(reply.conn, Answer::Failed("redis fleet thread unavailable".into()));
+        }
+    }
+
     /// Delivers this loop's own share of published messages, after whatever other loops routed
     /// here before (so causal order holds for every connection).
     pub(super) fn deliver_local(&mut self, local: Vec<crate::broker::Local>) {
@@ -135,12 +156,19 @@ impl EventLoop {
     }
 
     /// `/api/disconnect`: every loop closes the user's connections and reports to a tally;
-    /// the last one to report answers.
+    /// the last one to report answers. With Redis, every instance does so (the fleet thread
+    /// asks them and sums their answers).
     fn start_disconnect(&mut self, key: u32, user: Arc<str>, keep_alive: bool) {
         let Some(reply) = self.park(key, Waiting { keep_alive, respond: Responder::Closed }) else { return };
         let shared = self.shared.clone();
+        if let Some(fleet) = shared.broker.fleet() {
+            if fleet.try_send(FleetJob::Disconnect { user, reply }).is_err() {
+                self.on_answer(reply.conn, Answer::Failed("redis fleet thread unavailable".into()));
+            }
+            return;
+        }
         let loops = shared.loops();
-        let tally = Arc::new(DisconnectTally::new(loops.len(), reply));
+        let tally = Arc::new(DisconnectTally::new(loops.len(), TallyReply::Request(reply)));
         for (loop_id, handle) in loops.iter().enumerate() {
             if loop_id == self.id {
                 continue;
@@ -174,7 +202,16 @@ impl EventLoop {
 
     fn report_disconnect(&mut self, tally: &DisconnectTally, closed: u64) {
         let Some(total) = tally.add(closed) else { return };
-        let reply = tally.reply;
+        let reply = match &tally.reply {
+            TallyReply::Request(reply) => *reply,
+            TallyReply::Fleet { survey, asker } => {
+                let job = FleetJob::Closed { survey: *survey, asker: asker.clone(), closed: total };
+                if let Some(fleet) = self.shared.broker.fleet() {
+                    let _ = fleet.try_send(job);
+                }
+                return;
+            }
+        };
         if reply.loop_id == self.id {
             self.on_answer(reply.conn, Answer::Closed(total));
         } else if let Some(handle) = self.shared.loops().get(reply.loop_id) {

@@ -14,9 +14,9 @@ use crate::conn::{Membership, NO_NODE, Phase, Session, Topics};
 use crate::dialect::Stream;
 use crate::frame::{self, SharedFrame, code};
 use crate::http::routes::Upgrade;
-use crate::ids::{ConnRef, Exclusion, Origin, Target};
+use crate::ids::{ConnRef, Exclusion, Origin, ReplyTo, Target};
 use crate::message::{self, ClientMessage};
-use crate::route::Sender;
+use crate::route::{Joined, Sender};
 
 /// Most topics one connection may hold.
 pub const MAX_TOPICS_PER_CONNECTION: usize = 128;
@@ -43,6 +43,7 @@ enum Action {
 impl EventLoop {
     /// Completes an upgrade: the 101 is queued, the session indexed (and the route table told)
     /// before the 101 can be flushed, so anything published after the client sees it arrives.
+    /// With exact Redis subscriptions, the 101 is held until Redis confirms the first one.
     pub(super) fn open(&mut self, key: u32, upgrade: Upgrade) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         let Phase::Http(state) = &mut conn.phase else { return };
@@ -66,6 +67,7 @@ impl EventLoop {
         let mut session = Session {
             user: Target::user(&identity.user),
             dialect_id: upgrade.dialect.id,
+            awaiting_subscriptions: 0,
             topics,
             reader: Default::default(),
             user_node: NO_NODE,
@@ -78,12 +80,17 @@ impl EventLoop {
             // A topic path receives that topic only, not the user's personal stream.
             Stream::Topic(topic) => {
                 let topic = Target::topic(&topic);
-                let node = self.index_add(&topic, key);
+                let (node, wait) = self.index_add(&topic, key);
+                session.awaiting_subscriptions += u8::from(wait);
                 if let Some(topics) = session.topics.as_mut() {
                     topics.held.push(Membership { topic, node });
                 }
             }
-            Stream::Personal => session.user_node = self.index_add(&session.user.clone(), key),
+            Stream::Personal => {
+                let (node, wait) = self.index_add(&session.user.clone(), key);
+                session.user_node = node;
+                session.awaiting_subscriptions += u8::from(wait);
+            }
         }
         let greets = session.dialect().greets;
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
@@ -207,8 +214,11 @@ impl EventLoop {
         } else {
             if !held {
                 let name = Target::topic(&topic);
-                let node = self.index_add(&name, key);
+                let (node, wait) = self.index_add(&name, key);
                 if let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) {
+                    // The `subscribed` reply (and what follows) waits for Redis too. At most
+                    // MAX_TOPICS_PER_CONNECTION + 1 waits are ever outstanding: no overflow.
+                    session.awaiting_subscriptions = session.awaiting_subscriptions.saturating_add(u8::from(wait));
                     // Allowed implies the session has topic state (its token grants topics).
                     if let Some(topics) = session.topics.as_mut() {
                         topics.held.push(Membership { topic: name, node });
@@ -252,19 +262,56 @@ impl EventLoop {
     }
 
     /// Indexes connection `key` under `target`; tells the route table when this loop is new to
-    /// it. Returns the membership's node.
-    pub(super) fn index_add(&mut self, target: &Target, key: u32) -> u32 {
+    /// it, and (exact Redis subscriptions) the reader when the instance is. Returns the
+    /// membership's node, and whether the connection must hold its output until Redis has
+    /// confirmed the target's subscription.
+    pub(super) fn index_add(&mut self, target: &Target, key: u32) -> (u32, bool) {
         let (node, first_here) = self.index.add(target, key);
-        if first_here {
-            self.shared.routing.table.join(self.id, target);
+        let table = &self.shared.routing.table;
+        let Some(reports) = self.shared.broker.subscription_reports() else {
+            if first_here {
+                table.join(self.id, target);
+            }
+            return (node, false);
+        };
+        let joined = if first_here {
+            table.join(self.id, target)
+        } else {
+            Joined { first: false, subscribed: table.is_subscribed(target) }
+        };
+        if joined.subscribed {
+            if joined.first {
+                reports.changed(target.clone());
+            }
+            return (node, false);
         }
-        node
+        let Some(conn) = self.conns.get(key as usize) else { return (node, false) };
+        reports.wait(target.clone(), ReplyTo { loop_id: self.id, conn: ConnRef { key, id: conn.id } });
+        (node, true)
     }
 
-    /// Removes a membership; tells the route table when this loop no longer holds the target.
+    /// Removes a membership; tells the route table when this loop no longer holds the target
+    /// (and the reader when the instance no longer does).
     pub(super) fn index_remove(&mut self, target: &Target, node: u32) {
-        if self.index.remove(target, node) {
-            self.shared.routing.table.leave(self.id, target);
+        if self.index.remove(target, node) && self.shared.routing.table.leave(self.id, target) {
+            if let Some(reports) = self.shared.broker.subscription_reports() {
+                reports.changed(target.clone());
+            }
+        }
+    }
+
+    /// A subscription the session waited for is confirmed: once none is left, its output
+    /// (the 101 first) flows.
+    pub(super) fn subscription_ready(&mut self, conn: ConnRef) {
+        let Some(c) = self.conns.get_mut(conn.key as usize) else { return };
+        if c.id != conn.id {
+            return;
+        }
+        if let Phase::Open(session) = &mut c.phase {
+            session.awaiting_subscriptions = session.awaiting_subscriptions.saturating_sub(1);
+            if session.awaiting_subscriptions == 0 {
+                self.mark_dirty(conn.key);
+            }
         }
     }
 }

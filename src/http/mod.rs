@@ -2,6 +2,7 @@
 //! responses rendered to bytes. No I/O here; the event loop feeds bytes in and writes bytes out.
 
 pub mod demo;
+pub mod presence;
 pub mod publish;
 pub mod routes;
 

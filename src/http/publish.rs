@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime};
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
+use super::presence::PresenceQuery;
 use super::{Request, Response, Status};
 use crate::auth::MAX_USER_ID_BYTES;
 use crate::broker::Outgoing;
@@ -24,7 +25,7 @@ use crate::shared::Shared;
 pub const MAX_BATCH_ITEMS: usize = 1000;
 
 /// How to answer once the broker reports what was reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Responder {
     /// `{"status":"success","sent":…}` (`/publish`, `/notify`).
     Sent,
@@ -38,13 +39,19 @@ pub enum Responder {
     SystemSent,
     /// `/api/disconnect`: `{"status":"success","closed":N}`.
     Closed,
+    /// `/api/presence`: one user's presence, or a map of several.
+    Presence(Arc<PresenceQuery>),
 }
 
 impl Responder {
-    pub fn render(self, answer: &Answer) -> Response {
+    pub fn render(&self, answer: &Answer) -> Response {
         let receivers: &[u64] = match answer {
             Answer::Published(receivers) => receivers,
             Answer::Closed(_) => &[],
+            Answer::Presence(counts) => match self {
+                Responder::Presence(query) => return query.render(counts),
+                _ => &[],
+            },
             Answer::Failed(why) => return Response::api_error(Status::SERVICE_UNAVAILABLE, why),
         };
         let body = match self {
@@ -68,6 +75,7 @@ impl Responder {
             Responder::TaskRecipients(n) => format!("{{\"status\":\"notifications sent\",\"recipient_count\":{n}}}"),
             Responder::WorkspaceSent => r#"{"status":"workspace notification sent"}"#.to_string(),
             Responder::SystemSent => r#"{"status":"system notification sent"}"#.to_string(),
+            Responder::Presence(query) => return query.render(&[]),
         };
         Response::json(Status::OK, body)
     }
@@ -80,7 +88,7 @@ pub struct PublishRequest {
 }
 
 /// Who is calling.
-enum Caller {
+pub(super) enum Caller {
     /// HERALD_API_KEY: any target, no user of its own.
     ApiKey,
     /// A token with scope `publish`: any target; `user` is the caller for seed-004 defaults.
@@ -102,7 +110,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn caller(req: &Request, peer: IpAddr, shared: &Shared) -> Result<Caller, Response> {
+pub(super) fn caller(req: &Request, peer: IpAddr, shared: &Shared) -> Result<Caller, Response> {
     let limit = &shared.auth_failures;
     let now = Instant::now();
     if limit.exhausted(peer, now) {
@@ -140,7 +148,7 @@ fn permitted(caller: &Caller, targets: &[Target]) -> Result<(), Response> {
 }
 
 /// A user id given as a JSON string or integer.
-fn id_from_json(value: &Value) -> Option<String> {
+pub(super) fn id_from_json(value: &Value) -> Option<String> {
     match value {
         Value::String(s) if !s.is_empty() && s.len() <= MAX_USER_ID_BYTES => Some(s.clone()),
         Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
@@ -148,19 +156,7 @@ fn id_from_json(value: &Value) -> Option<String> {
     }
 }
 
-/// An id as JSON: seed 004's ids are integers, so an id that is the canonical decimal form
-/// of an `i64` becomes that number; any other id stays the string it is. Canonical means
-/// what `i64::to_string` writes: no `+`, no leading zeros (`"0"` itself is fine), and a `-`
-/// only on a non-zero number, so `"-7"` is the number -7 (an integer `sub` claim of -7 is
-/// the user `"-7"`, and must come back as -7) while `"0042"`, `"+42"`, `"-0"` and
-/// `"9223372036854775808"` stay strings. Every id thus maps to exactly one JSON value and
-/// back: two users can never be rendered as the same sender.
-pub fn id_as_json(id: &str) -> Value {
-    match id.parse::<i64>() {
-        Ok(n) if n.to_string() == id => Value::from(n),
-        _ => Value::String(id.to_owned()),
-    }
-}
+pub use crate::ids::id_as_json;
 
 fn bad_request(message: &str) -> Response {
     Response::api_error(Status::BAD_REQUEST, message)
@@ -366,7 +362,7 @@ struct SystemEvent {
     data: Option<Value>,
 }
 
-fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
+pub(super) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
     serde_json::from_slice(body).map_err(|e| bad_request(&format!("invalid body: {e}")))
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
+use super::presence::{self, PresenceQuery};
 use super::publish::{self, PublishRequest};
 use super::{Method, Request, Response, Status};
 use crate::admission::Refusal;
@@ -23,6 +24,8 @@ pub enum Outcome {
     Publish(Box<PublishRequest>),
     /// Close every connection of this user on every loop, then answer with the count.
     Disconnect(Arc<str>),
+    /// Answer with these users' connections (fleet-wide with Redis).
+    Presence(PresenceQuery),
 }
 
 /// An accepted upgrade. When `identity` is `Err`, the dialect wants the failure reported
@@ -36,6 +39,7 @@ pub struct Upgrade {
 }
 
 const EVENTS: &str = "/api/v1/realtime/events/";
+const PRESENCE: &str = "/api/presence/";
 
 /// Routes one request.
 pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
@@ -57,12 +61,23 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
             Ok(user) => Outcome::Disconnect(user),
             Err(response) => respond(response),
         },
+        (Method::Get, path) if path.starts_with(PRESENCE) => {
+            match presence::one(&path[PRESENCE.len()..], req, peer, shared) {
+                Ok(query) => Outcome::Presence(query),
+                Err(response) => respond(response),
+            }
+        }
+        (Method::Post, "/api/presence") => match presence::many(req, peer, shared) {
+            Ok(query) => Outcome::Presence(query),
+            Err(response) => respond(response),
+        },
         (Method::Post, path) if path.starts_with(EVENTS) => {
             publishing(publish::event(&path[EVENTS.len()..], req, peer, shared, scratch))
         }
         (
             _,
-            "/" | "/health" | "/ready" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect",
+            "/" | "/health" | "/ready" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect"
+            | "/api/presence",
         ) => respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed")),
         _ => respond(Response::error(Status::NOT_FOUND, "not found")),
     }
@@ -126,7 +141,8 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
         return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "shutting down").closing());
     }
     match shared.admission.reserve(&shared.routing.table, &identity.user) {
-        Ok(()) => {}
+        // Reported here, where the count changed: embedded, this count decides transitions.
+        Ok(connections) => shared.broker.presence_changed(&identity.user, connections, true, &shared.metrics),
         Err(Refusal::InstanceFull) => {
             return refuse(Response::error(Status::SERVICE_UNAVAILABLE, "connection limit reached").closing());
         }
@@ -182,6 +198,7 @@ fn health(shared: &Shared) -> Response {
             "total_unique_users": snapshot.unique_users,
         },
         "uptime_seconds": snapshot.uptime_seconds,
+        "instance": crate::shared::instance_name(shared.instance_id),
     });
     Response::json(if healthy { Status::OK } else { Status::SERVICE_UNAVAILABLE }, body.to_string())
 }

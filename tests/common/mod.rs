@@ -640,8 +640,31 @@ impl Redis {
             .count()
     }
 
-    /// Waits until at least `n` redis clients are subscribed (herald instances ready).
+    /// Herald readers connected (named `herald-reader` in CLIENT LIST).
+    pub fn herald_readers(&self) -> usize {
+        let mut c = self.conn();
+        let list = match c.command(&["CLIENT", "LIST"]) {
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(&b).to_string(),
+            other => panic!("CLIENT LIST: {other:?}"),
+        };
+        list.lines().filter(|l| l.split(' ').any(|kv| kv == "name=herald-reader")).count()
+    }
+
+    /// Waits until at least `n` herald instances' readers are connected. From then on, a
+    /// connection's `101` means its channel is subscribed (exact mode) and a publish reaches
+    /// it; in pattern mode use [`Redis::wait_pattern_subscribers`].
     pub fn wait_subscribers(&self, n: usize, timeout: Duration) {
+        let mut last = 0;
+        let ok = wait_until(timeout, || {
+            last = self.herald_readers();
+            last >= n
+        });
+        assert!(ok, "expected {n} herald readers connected to redis within {timeout:?}, saw {last}");
+    }
+
+    /// Waits until at least `n` redis clients hold a subscription (pattern-mode instances
+    /// ready).
+    pub fn wait_pattern_subscribers(&self, n: usize, timeout: Duration) {
         let mut last = 0;
         let ok = wait_until(timeout, || {
             last = self.subscriber_clients();

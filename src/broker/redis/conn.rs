@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use super::redis_url::RedisUrl;
-use super::resp::{Decoded, Decoder, Limits, ProtocolError, ServerError, Value};
+use super::resp::{self, Decoded, Decoder, Limits, ProtocolError, ServerError, Value};
 
 /// Bytes read per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
@@ -92,10 +92,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects to `url`, authenticates and selects its database, then sends `setup`
-    /// (commands whose replies the caller reads, e.g. PSUBSCRIBE), all within `timeout`.
-    /// Returns the connection, non-blocking from then on.
-    pub fn open(url: &RedisUrl, timeout: Duration, max_bulk: usize) -> Result<Conn, Failure> {
+    /// Connects to `url`, authenticates, selects its database and names the connection
+    /// `name` (what CLIENT LIST shows operators), all within `timeout`. Returns the
+    /// connection, non-blocking from then on.
+    pub fn open(url: &RedisUrl, name: &str, timeout: Duration, max_bulk: usize) -> Result<Conn, Failure> {
         if url.tls {
             return Err(Failure::Protocol("rediss:// (TLS to Redis) is not supported by this build".into()));
         }
@@ -119,19 +119,20 @@ impl Conn {
         let mut std_stream = std_stream.ok_or(last)?;
         std_stream.set_nodelay(true)?;
         let mut handshake = Vec::new();
-        let replies = url.handshake(&mut handshake);
+        let replies = url.handshake(&mut handshake) + 1;
+        resp::encode_command(&mut handshake, [b"CLIENT".as_slice(), b"SETNAME", name.as_bytes()]);
         let mut decoder = Decoder::new(Limits::with_max_bulk(max_bulk));
         let mut input = Vec::new();
-        if replies > 0 {
-            std_stream.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(MIN_WAIT)))?;
-            std_stream.write_all(&handshake)?;
-            for _ in 0..replies {
-                let error = read_blocking(&mut std_stream, &mut decoder, &mut input, deadline, |v| {
-                    v.error().map(Failure::from_reply)
-                })?;
-                if let Some(failure) = error {
-                    return Err(failure);
-                }
+        std_stream.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(MIN_WAIT)))?;
+        std_stream.write_all(&handshake)?;
+        for reply in 1..=replies {
+            let error = read_blocking(&mut std_stream, &mut decoder, &mut input, deadline, |v| {
+                v.error().map(Failure::from_reply)
+            })?;
+            // The name is a courtesy: an ACL user may lack `client|setname`, and still work.
+            let naming = reply == replies;
+            if let Some(failure) = error.filter(|_| !naming) {
+                return Err(failure);
             }
         }
         std_stream.set_nonblocking(true)?;

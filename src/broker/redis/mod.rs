@@ -5,10 +5,14 @@
 //! `/health`. Pub/sub has no replay: what was published while herald was disconnected is gone.
 
 mod conn;
+pub mod fleet;
+mod presence_sync;
 mod publisher;
 mod reader;
 pub mod redis_url;
 pub mod resp;
+pub mod subscriptions;
+mod survey;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,9 +22,11 @@ use crate::ids::ReplyTo;
 use crate::mailbox::Mailbox;
 use crate::message;
 use crate::metrics::Metrics;
+use fleet::{FleetHandle, FleetSettings, FleetThread};
 use publisher::PublishJob;
 pub use reader::pattern_for;
 use redis_url::RedisUrl;
+use subscriptions::Reports;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
@@ -46,11 +52,13 @@ impl Backoff {
         self.next = BACKOFF_START;
     }
 
-    fn wait(&mut self) {
+    /// The next wait, jittered; each call doubles the one after, up to the cap.
+    fn next_delay(&mut self) -> Duration {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let jitter = self.next.mul_f64(0.25 * f64::from(nanos % 1000) / 1000.0);
-        std::thread::sleep(self.next + jitter);
+        let delay = self.next + jitter;
         self.next = (self.next * 2).min(BACKOFF_CAP);
+        delay
     }
 }
 
@@ -70,25 +78,67 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
 }
 
-/// The event loops' handle on Redis: publishing goes through the publisher thread.
+/// How the reader subscribes (HERALD_REDIS_SUBSCRIBE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeMode {
+    /// A channel per user and topic this instance holds: each instance receives its own share.
+    Exact,
+    /// One pattern per prefix: every instance receives every message.
+    Pattern,
+}
+
+/// The event loops' handle on Redis: publishing goes through the publisher thread; joins and
+/// leaves (exact mode) go to the reader.
 pub struct RedisBroker {
     jobs: Arc<Mailbox<PublishJob>>,
     settings: Arc<Settings>,
+    reports: Option<Arc<Reports>>,
+    fleet: Arc<FleetHandle>,
 }
 
 impl RedisBroker {
-    /// Starts the reader and publisher threads.
-    pub fn start(url: &RedisUrl, ctx: Context) -> Result<RedisBroker, String> {
-        let poll = mio::Poll::new().map_err(|e| format!("cannot create a poller for Redis: {e}"))?;
-        let (jobs, inbox) = Mailbox::new(&poll, publisher::WAKER, JOBS_CAPACITY)
-            .map_err(|e| format!("cannot create a waker for Redis: {e}"))?;
+    /// Starts the reader, publisher and fleet threads.
+    pub fn start(
+        url: &RedisUrl,
+        mode: SubscribeMode,
+        fleet_settings: FleetSettings,
+        ctx: Context,
+    ) -> Result<RedisBroker, String> {
+        let poller = || mio::Poll::new().map_err(|e| format!("cannot create a poller for Redis: {e}"));
+        let waker_error = |e: std::io::Error| format!("cannot create a waker for Redis: {e}");
+        let poll = poller()?;
+        let (jobs, inbox) = Mailbox::new(&poll, publisher::WAKER, JOBS_CAPACITY).map_err(waker_error)?;
         let jobs = Arc::new(jobs);
         let settings = ctx.settings.clone();
+        let reader_poll = poller()?;
+        let (reader_mode, reports) = match mode {
+            SubscribeMode::Pattern => (reader::Mode::Pattern, None),
+            SubscribeMode::Exact => {
+                let (mailbox, changes) = Mailbox::unbounded(&reader_poll, reader::WAKER).map_err(waker_error)?;
+                let reports = Arc::new(Reports(mailbox));
+                (reader::Mode::Exact { changes, reports: reports.clone() }, Some(reports))
+            }
+        };
         let (reader_url, reader_ctx) = (url.clone(), ctx.clone());
-        spawn("herald-redis-read", move || reader::run(reader_url, reader_ctx))?;
+        spawn("herald-redis-read", move || reader::run(reader_url, reader_ctx, reader_poll, reader_mode))?;
+        let fleet_poll = poller()?;
+        let (fleet, fleet_jobs) = Mailbox::unbounded(&fleet_poll, fleet::WAKER).map_err(waker_error)?;
+        let fleet = Arc::new(fleet);
+        let thread = FleetThread::new(url.clone(), ctx.clone(), fleet_settings, fleet_poll, fleet_jobs, fleet.clone());
+        spawn("herald-redis-fleet", move || thread.run())?;
         let (publisher_url, wake) = (url.clone(), jobs.clone());
         spawn("herald-redis-pub", move || publisher::run(publisher_url, ctx, inbox, poll, wake))?;
-        Ok(RedisBroker { jobs, settings })
+        Ok(RedisBroker { jobs, settings, reports, fleet })
+    }
+
+    /// The fleet thread's mailbox.
+    pub fn fleet(&self) -> &FleetHandle {
+        &self.fleet
+    }
+
+    /// Where loops report joins and leaves; `None` in pattern mode.
+    pub fn subscription_reports(&self) -> Option<&Reports> {
+        self.reports.as_deref()
     }
 
     /// Queues `items` for the publisher; the answer goes to `reply`.

@@ -154,7 +154,7 @@ impl Publisher {
     }
 
     fn connect(&mut self) {
-        match Conn::open(&self.url, CONNECT_TIMEOUT, 64 * 1024) {
+        match Conn::open(&self.url, "herald-publisher", CONNECT_TIMEOUT, 64 * 1024) {
             Ok(mut conn) => {
                 if let Err(e) =
                     self.poll.registry().register(&mut conn.stream, CONN, Interest::READABLE | Interest::WRITABLE)
