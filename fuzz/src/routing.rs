@@ -142,6 +142,12 @@ pub fn check(data: &[u8]) -> Option<Vec<u8>> {
             assert_eq!(request.method(), Method::Post);
             None
         }
+        Outcome::Presence(_) => {
+            // `GET /api/presence/{id}` or `POST /api/presence`; answered by the broker.
+            assert!(matches!(request.method(), Method::Get | Method::Post));
+            assert!(request.path.starts_with("/api/presence"));
+            None
+        }
     };
     assert_eq!(shared.admission.websockets(), 0, "admission counter leaked");
     assert_eq!(shared.routing.table.user_count(), 0, "per-user counts leaked");
