@@ -106,6 +106,10 @@ impl Session {
         self.established
     }
 
+    pub fn buffered(&self) -> usize {
+        self.carry.len()
+    }
+
     /// Feeds bytes read from the socket; appends the plaintext they carry to `plain`. Records
     /// to send (handshake replies) are queued for [`Session::pending_output`].
     pub fn receive(&mut self, input: &mut [u8], plain: &mut Vec<u8>) -> Result<Received, Failed> {
