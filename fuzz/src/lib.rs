@@ -66,7 +66,7 @@ pub fn build_shared(config: Config) -> Shared {
     let metrics = std::sync::Arc::new(herald::metrics::Metrics::new(config.threads, false));
     let routing = std::sync::Arc::new(herald::broker::Routing::default());
     // Instance 0: `/health` names it, and runs stay comparable.
-    Shared::new(config, verifier, metrics, routing, herald::broker::Broker::Embedded { webhook: None }, 0)
+    Shared::new(config, verifier, metrics, routing, herald::broker::Broker::Embedded { webhook: None, history: None }, 0)
 }
 
 /// An HS256 verifier with [`SECRET`] (what `shared().verifier` is, standalone).

@@ -148,6 +148,13 @@ pub fn check(data: &[u8]) -> Option<Vec<u8>> {
             assert!(request.path.starts_with("/api/presence"));
             None
         }
+        Outcome::History(query) => {
+            // `GET /api/history/{id}`, authorized, with a bounded limit.
+            assert_eq!(request.method(), Method::Get);
+            assert!(request.path.starts_with("/api/history/"));
+            assert!((1..=1000).contains(&query.limit), "limit {} let through", query.limit);
+            None
+        }
     };
     assert_eq!(shared.admission.websockets(), 0, "admission counter leaked");
     assert_eq!(shared.routing.table.user_count(), 0, "per-user counts leaked");
