@@ -42,12 +42,11 @@
 //! (`herald_fuzz::routing`); the client decrypts exactly the bytes the server encrypted, then
 //! a clean EOF if the server closed.
 //!
-//! Known herald bugs (tolerated unless `HERALD_FUZZ_STRICT=1`, see fuzz/README.md): a read
-//! that brings the carried bytes plus the read over `MAX_CARRY` drops the peer even when it
-//! completes the record: a legitimate client whose partial record exceeds 16 KiB when a full
-//! 64 KiB read arrives is cut off. And `encrypt` / `close_notify` panic inside rustls while
-//! the carried bytes begin with a whole record (part of a handshake message): by default the
-//! answer and close_notify after hostile bytes are skipped then.
+//! Two herald bugs this target found are fixed and kept as regressions (`strict-*`): a read
+//! that brought the carried bytes plus the read over `MAX_CARRY` dropped a real client even
+//! when it completed the record; and `encrypt` / `close_notify` ran rustls on an empty buffer
+//! while it held its place in carried bytes (a handshake message spanning records), and
+//! rustls panicked.
 #![no_main]
 
 use std::io::{self, Read, Write};
@@ -166,8 +165,6 @@ struct Server {
     peer_closed: bool,
     /// Why `receive` failed: the loop has dropped the peer.
     failed: Option<String>,
-    /// The failure is the known deviation (module docs).
-    tolerated: bool,
     /// The peer is a real client: it never has more than a partial record in flight.
     legitimate: bool,
 }
@@ -182,7 +179,6 @@ impl Server {
             handshakes: 0,
             peer_closed: false,
             failed: None,
-            tolerated: false,
             legitimate,
         }
     }
@@ -202,7 +198,6 @@ impl Server {
         }
         match result {
             Err(failed) => {
-                self.tolerated = self.legitimate && carried + bytes.len() > MAX_CARRY && !herald_fuzz::strict();
                 self.failed = Some(failed.0);
             }
             Ok(received) => {
@@ -226,13 +221,6 @@ impl Server {
             }
         }
         self.plain.extend_from_slice(&plain);
-    }
-
-    /// Whether the carried bytes begin with a whole record: rustls has parsed it, and keeps
-    /// its place in them until the handshake message it starts is complete.
-    fn carries_a_whole_record(&self) -> bool {
-        let carried = &self.fed[self.fed.len() - self.session.buffered()..];
-        carried.len() >= 5 && carried.len() >= 5 + u16::from_be_bytes([carried[3], carried[4]]) as usize
     }
 
     /// Feeds `wire` in the chunk list's read sizes until it is all in or the peer is dropped.
@@ -399,11 +387,7 @@ fn hostile(mut config: Config<'_>) {
         let answer = server.take_output(chunks);
         assert!(answer.len() <= MAX_ANSWER_TO_GARBAGE, "{} bytes answered to one read", answer.len());
     }
-    // Known herald bug (fuzz/README.md, strict-*-mid-handshake-message): `encrypt` and
-    // `close_notify` run rustls on an empty buffer while it has parsed part of the carried
-    // bytes (a handshake message spanning records), and rustls panics. Skipped by default.
-    let known_bug = server.carries_a_whole_record() && !herald_fuzz::strict();
-    if config.answer_after_garbage && server.failed.is_none() && !known_bug {
+    if config.answer_after_garbage && server.failed.is_none() {
         let timeout = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
         let mut sink = Vec::new();
         match (tls::Writer { session: &mut server.session, sink: &mut sink }).write(timeout) {
@@ -413,7 +397,7 @@ fn hostile(mut config: Config<'_>) {
         assert!(sink.len() <= timeout.len() + 64, "{} bytes for a {}-byte answer", sink.len(), timeout.len());
         assert!(server.session.pending_output().is_empty(), "a Vec takes every record");
     }
-    if config.close_after_garbage && server.failed.is_none() && !known_bug {
+    if config.close_after_garbage && server.failed.is_none() {
         server.session.close_notify();
         server.session.close_notify();
         let answer = server.take_output(chunks);
@@ -441,9 +425,6 @@ fn upgrade(mut config: Config<'_>) {
         write(&mut client);
     }
     let got = handshake(&mut client, &mut server, chunks);
-    if server.tolerated {
-        return;
-    }
     assert!(server.failed.is_none(), "a real handshake failed: {:?}", server.failed);
     assert!(server.session.established(), "the handshake did not complete");
     assert!(!client.is_handshaking());
@@ -461,9 +442,6 @@ fn upgrade(mut config: Config<'_>) {
     let wire = client_output(&mut client);
     chunks.restart();
     server.receive_all(&wire, chunks);
-    if server.tolerated {
-        return;
-    }
     assert!(server.failed.is_none(), "a real client's records refused: {:?}", server.failed);
     assert!(server.plain == sent, "the server got {} bytes, the client sent {}", server.plain.len(), sent.len());
     assert_eq!(server.session.buffered(), 0, "bytes carried after whole records");
