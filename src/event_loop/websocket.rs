@@ -204,7 +204,7 @@ impl EventLoop {
         let update = format!(
             "{{\"type\":\"focus_session_update\",\"session_id\":{},\"sender_id\":{},\"data\":{data}}}",
             serde_json::Value::from(session_id),
-            crate::http::publish::id_as_json(session.user.name()),
+            crate::ids::id_as_json(session.user.name()),
         );
         // Built by herald around an object the inbound limit already bounded: valid, and its
         // envelope must never be what makes it too large.

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::publish::{self, Caller};
+use super::api::{self, Caller};
 use super::{Request, Response, Status};
 use crate::auth::MAX_USER_ID_BYTES;
 use crate::history::Since;
@@ -26,7 +26,7 @@ pub struct HistoryQuery {
 
 /// Parses and authorizes a request; `segment` is the path after the prefix.
 pub fn query(segment: &str, req: &Request, peer: IpAddr, shared: &Shared) -> Result<HistoryQuery, Response> {
-    let caller = publish::caller(req, peer, shared)?;
+    let caller = api::caller(req, peer, shared)?;
     let user = percent_decode(segment)
         .filter(|u| !u.is_empty() && u.len() <= MAX_USER_ID_BYTES && !u.contains('/'))
         .ok_or_else(|| bad_request("the path must end in a user id"))?;
