@@ -9,6 +9,7 @@ mod publisher;
 mod reader;
 pub mod redis_url;
 pub mod resp;
+mod slots;
 pub mod subscriptions;
 
 use std::sync::Arc;
