@@ -10,12 +10,17 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::broker::redis::SubscribeMode;
 use crate::broker::redis::redis_url::RedisUrl;
+use crate::broker::redis::{ClusterPubsub, Endpoint, SubscribeMode};
 
 /// A Redis URL as the raw arguments hold it, fit for a log line: its password hidden.
 fn redact_url(url: &str) -> String {
     RedisUrl::parse(url).map_or_else(|_| "<not a valid Redis URL>".to_string(), |r| r.redacted().to_string())
+}
+
+/// HERALD_REDIS_CLUSTER as the raw arguments hold it, each seed's password hidden.
+fn redact_seeds(seeds: &str) -> String {
+    seeds.split(',').map(|seed| redact_url(seed.trim())).collect::<Vec<_>>().join(",")
 }
 
 /// herald: a WebSocket notification gateway.
@@ -87,6 +92,15 @@ pub struct ServerArgs {
     /// `pattern`: one PSUBSCRIBE per prefix (every instance receives every message).
     #[arg(long, env = "HERALD_REDIS_SUBSCRIBE", default_value = "exact", value_parser = ["exact", "pattern"])]
     pub redis_subscribe: String,
+    /// Redis Cluster seed nodes, comma separated (`redis://h1:p1,redis://h2:p2`): cluster
+    /// mode, instead of HERALD_REDIS_URL. The first seeds that answer give the slot map.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER", hide_env_values = true)]
+    pub redis_cluster: Option<String>,
+    /// `sharded`: SSUBSCRIBE/SPUBLISH on the master serving each channel's slot (Redis ≥ 7;
+    /// backends publish with SPUBLISH); `classic`: SUBSCRIBE/PUBLISH on one node, relayed
+    /// to every node by the cluster bus.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER_PUBSUB", default_value = "sharded", value_parser = ["sharded", "classic"])]
+    pub redis_cluster_pubsub: String,
     /// Redis channel of a user = prefix + user id.
     #[arg(long, env = "HERALD_USER_CHANNEL_PREFIX", default_value = "user_noti:")]
     pub user_channel_prefix: String,
@@ -166,6 +180,8 @@ impl std::fmt::Debug for ServerArgs {
             redis_url,
             redis_password_file,
             redis_subscribe,
+            redis_cluster,
+            redis_cluster_pubsub,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -198,6 +214,8 @@ impl std::fmt::Debug for ServerArgs {
             .field("redis_url", &redis_url.as_deref().map(redact_url))
             .field("redis_password_file", redis_password_file)
             .field("redis_subscribe", redis_subscribe)
+            .field("redis_cluster", &redis_cluster.as_deref().map(redact_seeds))
+            .field("redis_cluster_pubsub", redis_cluster_pubsub)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -224,7 +242,7 @@ impl std::fmt::Debug for ServerArgs {
 }
 
 /// Settings whose value is a secret, by clap id: given as flags, they show in `ps`.
-const SECRET_FLAGS: [&str; 3] = ["jwt_secret", "api_key", "redis_url"];
+const SECRET_FLAGS: [&str; 4] = ["jwt_secret", "api_key", "redis_url", "redis_cluster"];
 
 impl Cli {
     /// Parses a command line (with the environment, as clap does), remembering which secrets
@@ -288,6 +306,41 @@ fn read_secret_file(variable: &str, path: &std::path::Path) -> Result<Vec<u8>, S
     Ok(bytes)
 }
 
+/// HERALD_REDIS_CLUSTER: comma-separated `redis://` URLs of seed nodes. A cluster has database
+/// 0 only, and one set of users: every seed must say the same scheme and credentials (nodes
+/// learnt from the slot map are reached with them). Errors name a seed by its position, never
+/// by its text (it may hold a password).
+fn parse_seeds(list: &str) -> Result<Vec<RedisUrl>, String> {
+    let mut seeds: Vec<RedisUrl> = Vec::new();
+    for (i, seed) in list.split(',').map(str::trim).enumerate() {
+        if seed.is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let url = RedisUrl::parse(seed).map_err(|e| {
+            format!(
+                "HERALD_REDIS_CLUSTER seed {n}: {}: each must look like redis://[[user]:password@]host:port",
+                e.reason()
+            )
+        })?;
+        if url.db != 0 {
+            return Err(format!("HERALD_REDIS_CLUSTER seed {n}: a Redis Cluster has database 0 only"));
+        }
+        if let Some(first) = seeds.first() {
+            if (first.tls, &first.user, &first.password) != (url.tls, &url.user, &url.password) {
+                return Err(format!(
+                    "HERALD_REDIS_CLUSTER seed {n}: every seed must use the same scheme and credentials as the first"
+                ));
+            }
+        }
+        seeds.push(url);
+    }
+    if seeds.is_empty() {
+        return Err("HERALD_REDIS_CLUSTER names no seed node".into());
+    }
+    Ok(seeds)
+}
+
 fn read_secret_text(variable: &str, path: &std::path::Path) -> Result<String, String> {
     String::from_utf8(read_secret_file(variable, path)?)
         .map_err(|_| format!("{variable} `{}` is not UTF-8 text", path.display()))
@@ -310,6 +363,10 @@ pub struct Config {
     /// (its `Debug` hides the password).
     pub redis: Option<RedisUrl>,
     pub redis_subscribe: SubscribeMode,
+    /// HERALD_REDIS_CLUSTER's seeds (password from HERALD_REDIS_PASSWORD_FILE in each);
+    /// empty without a cluster. Never set together with `redis`.
+    pub redis_cluster: Vec<RedisUrl>,
+    pub redis_cluster_pubsub: ClusterPubsub,
     pub user_channel_prefix: String,
     pub topic_channel_prefix: String,
     pub threads: usize,
@@ -348,6 +405,8 @@ impl std::fmt::Debug for Config {
             jwt_issuer,
             redis,
             redis_subscribe,
+            redis_cluster,
+            redis_cluster_pubsub,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -376,6 +435,8 @@ impl std::fmt::Debug for Config {
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis.as_ref().map(|r| r.redacted().to_string()))
             .field("redis_subscribe", redis_subscribe)
+            .field("redis_cluster", &redis_cluster.iter().map(|r| r.redacted().to_string()).collect::<Vec<_>>())
+            .field("redis_cluster_pubsub", redis_cluster_pubsub)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -396,6 +457,17 @@ impl std::fmt::Debug for Config {
             .field("log", log)
             .field("warnings", warnings)
             .finish()
+    }
+}
+
+impl Config {
+    /// Where Redis is, if herald uses one (HERALD_REDIS_URL or HERALD_REDIS_CLUSTER).
+    pub fn redis_endpoint(&self) -> Option<Endpoint> {
+        match &self.redis {
+            Some(url) => Some(Endpoint::Standalone(url.clone())),
+            None if self.redis_cluster.is_empty() => None,
+            None => Some(Endpoint::Cluster { seeds: self.redis_cluster.clone(), pubsub: self.redis_cluster_pubsub }),
+        }
     }
 }
 
@@ -454,7 +526,13 @@ impl ServerArgs {
             }
             (None, None) => (JwtKey::Secret(crate::auth::random_secret()), true),
         };
-        let redis_url = non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL"));
+        let cluster = non_empty(self.redis_cluster);
+        if cluster.is_some() && non_empty(self.redis_url.clone()).is_some() {
+            return Err("set HERALD_REDIS_URL or HERALD_REDIS_CLUSTER, not both".into());
+        }
+        // In cluster mode the REDIS_URL alias (often set for other programs) is not ours.
+        let redis_url =
+            if cluster.is_some() { None } else { non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL")) };
         let mut redis = match &redis_url {
             None => None,
             Some(url) => Some(RedisUrl::parse(url).map_err(|e| {
@@ -464,17 +542,37 @@ impl ServerArgs {
         if self.given_as_flags.contains(&"redis_url") && redis.as_ref().is_some_and(|r| r.password.is_some()) {
             warnings.push(flag_warning("--redis-url with a password", "HERALD_REDIS_PASSWORD_FILE"));
         }
+        let pubsub =
+            if self.redis_cluster_pubsub == "classic" { ClusterPubsub::Classic } else { ClusterPubsub::Sharded };
+        let mut redis_cluster = match &cluster {
+            Some(seeds) => parse_seeds(seeds)?,
+            None => Vec::new(),
+        };
+        if self.given_as_flags.contains(&"redis_cluster") && redis_cluster.iter().any(|r| r.password.is_some()) {
+            warnings.push(flag_warning("--redis-cluster with a password", "HERALD_REDIS_PASSWORD_FILE"));
+        }
+        if !redis_cluster.is_empty() && pubsub == ClusterPubsub::Sharded && self.redis_subscribe == "pattern" {
+            return Err("HERALD_REDIS_SUBSCRIBE=pattern needs HERALD_REDIS_CLUSTER_PUBSUB=classic: \
+                        sharded pub/sub has no patterns"
+                .into());
+        }
         if let Some(path) = &self.redis_password_file {
-            let Some(url) = redis.as_mut() else {
-                return Err("HERALD_REDIS_PASSWORD_FILE is set but HERALD_REDIS_URL is not".into());
-            };
-            if url.password.is_some() {
+            let urls: Vec<&mut RedisUrl> = redis.iter_mut().chain(redis_cluster.iter_mut()).collect();
+            if urls.is_empty() {
                 return Err(
-                    "HERALD_REDIS_PASSWORD_FILE: HERALD_REDIS_URL already contains a password; give it in one place only"
+                    "HERALD_REDIS_PASSWORD_FILE is set but neither HERALD_REDIS_URL nor HERALD_REDIS_CLUSTER is".into(),
+                );
+            }
+            if urls.iter().any(|url| url.password.is_some()) {
+                return Err(
+                    "HERALD_REDIS_PASSWORD_FILE: the Redis URL already contains a password; give it in one place only"
                         .into(),
                 );
             }
-            url.password = Some(read_secret_text("HERALD_REDIS_PASSWORD_FILE", path)?);
+            let password = read_secret_text("HERALD_REDIS_PASSWORD_FILE", path)?;
+            for url in urls {
+                url.password = Some(password.clone());
+            }
         }
         let api_key = match (non_empty(self.api_key), &self.api_key_file) {
             (Some(_), Some(_)) => return Err("set HERALD_API_KEY or HERALD_API_KEY_FILE, not both".into()),
@@ -567,6 +665,8 @@ impl ServerArgs {
             } else {
                 SubscribeMode::Exact
             },
+            redis_cluster,
+            redis_cluster_pubsub: pubsub,
             user_channel_prefix: self.user_channel_prefix,
             topic_channel_prefix: self.topic_channel_prefix,
             threads,

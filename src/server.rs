@@ -74,13 +74,14 @@ pub fn start(config: Config) -> Result<Running, String> {
         handles.push(handle);
         inboxes.push(inbox);
     }
-    let metrics = Arc::new(Metrics::new(config.threads, config.redis.is_some()));
+    let endpoint = config.redis_endpoint();
+    let metrics = Arc::new(Metrics::new(config.threads, endpoint.is_some()));
     let routing = Arc::new(Routing::default());
     let loops: Loops = handles.into();
     routing.attach(loops);
-    let broker = match &config.redis {
+    let broker = match &endpoint {
         None => Broker::Embedded,
-        Some(url) => {
+        Some(endpoint) => {
             let settings = redis::Settings {
                 user_prefix: config.user_channel_prefix.clone(),
                 topic_prefix: config.topic_channel_prefix.clone(),
@@ -88,7 +89,7 @@ pub fn start(config: Config) -> Result<Running, String> {
             };
             let ctx =
                 redis::Context { settings: Arc::new(settings), routing: routing.clone(), metrics: metrics.clone() };
-            Broker::Redis(redis::RedisBroker::start(url, config.redis_subscribe, ctx)?)
+            Broker::Redis(redis::RedisBroker::start(endpoint, config.redis_subscribe, ctx)?)
         }
     };
     let tls = match &config.tls {
@@ -158,9 +159,11 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
     let base = format!("{host}:{}", addr.port());
     let message = r#"{"type":"notification","payload":{"title":"hi"}}"#;
     // Host, port and db only: a Redis password never reaches the banner (redis-cli asks for it).
-    let redis = config.redis.as_ref().map(|url| {
+    let sharded = config.redis.is_none() && config.redis_cluster_pubsub == redis::ClusterPubsub::Sharded;
+    let redis = config.redis.as_ref().or(config.redis_cluster.first()).map(|url| {
         let host = if url.host_is_ipv6() { format!("[{}]", url.host) } else { url.host.clone() };
-        let mut cli = format!("redis-cli -h {host} -p {}", url.port);
+        let cluster = if config.redis.is_none() { " -c" } else { "" };
+        let mut cli = format!("redis-cli{cluster} -h {host} -p {}", url.port);
         if url.tls {
             cli.push_str(" --tls");
         }
@@ -173,7 +176,8 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
         if url.password.is_some() {
             cli.push_str(" --askpass");
         }
-        format!("  redis:    {cli} PUBLISH {}{user} '{message}'\n", config.user_channel_prefix)
+        let publish = if sharded { "SPUBLISH" } else { "PUBLISH" };
+        format!("  redis:    {cli} {publish} {}{user} '{message}'\n", config.user_channel_prefix)
     });
     println!(
         "\n  herald is in DEV MODE: no HERALD_JWT_SECRET was set, so a random secret signs tokens\n  \
@@ -206,7 +210,11 @@ pub fn run(config: Config) -> Result<(), String> {
     let grace = config.shutdown_grace;
     let drain = config.drain_period;
     let dev_mode = config.dev_mode;
-    let mode = if config.redis.is_some() { "redis" } else { "embedded broker" };
+    let mode = match (&config.redis, config.redis_cluster.is_empty()) {
+        (Some(_), _) => "redis",
+        (None, false) => "redis cluster",
+        (None, true) => "embedded broker",
+    };
     let threads = config.threads;
     let banner_config = config.clone();
     let running = start(config)?;

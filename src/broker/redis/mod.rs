@@ -9,8 +9,11 @@ mod publisher;
 mod reader;
 pub mod redis_url;
 pub mod resp;
-mod slots;
+mod shard_publisher;
+mod sharded;
+pub mod slots;
 pub mod subscriptions;
+mod topology;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -84,6 +87,41 @@ pub enum SubscribeMode {
     Pattern,
 }
 
+/// How herald uses a Redis Cluster's pub/sub (HERALD_REDIS_CLUSTER_PUBSUB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterPubsub {
+    /// SSUBSCRIBE/SPUBLISH: each channel lives on the master serving its slot.
+    Sharded,
+    /// SUBSCRIBE/PUBLISH on one node, which the cluster bus relays to every other node.
+    Classic,
+}
+
+/// Where herald's Redis is.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// HERALD_REDIS_URL.
+    Standalone(RedisUrl),
+    /// HERALD_REDIS_CLUSTER: seed nodes, in the order given.
+    Cluster { seeds: Vec<RedisUrl>, pubsub: ClusterPubsub },
+}
+
+/// Opens a connection to the first of `urls` that answers; on failure, the last failure and
+/// where it happened.
+fn open_first<'u>(
+    urls: &'u [RedisUrl],
+    name: &str,
+    max_bulk: usize,
+) -> Result<(conn::Conn, &'u RedisUrl), (conn::Failure, &'u RedisUrl)> {
+    let mut last = None;
+    for url in urls {
+        match conn::Conn::open(url, name, CONNECT_TIMEOUT, max_bulk) {
+            Ok(conn) => return Ok((conn, url)),
+            Err(failure) => last = Some((failure, url)),
+        }
+    }
+    Err(last.unwrap_or_else(|| (conn::Failure::Refused("no Redis URL".into()), &urls[0])))
+}
+
 /// The event loops' handle on Redis: publishing goes through the publisher thread; joins and
 /// leaves (exact mode) go to the reader.
 pub struct RedisBroker {
@@ -93,8 +131,9 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Starts the reader and publisher threads.
-    pub fn start(url: &RedisUrl, mode: SubscribeMode, ctx: Context) -> Result<RedisBroker, String> {
+    /// Starts the reader and publisher threads (and, for a cluster in sharded mode, the
+    /// thread that keeps its slot map).
+    pub fn start(endpoint: &Endpoint, mode: SubscribeMode, ctx: Context) -> Result<RedisBroker, String> {
         let poller = || mio::Poll::new().map_err(|e| format!("cannot create a poller for Redis: {e}"));
         let waker_error = |e: std::io::Error| format!("cannot create a waker for Redis: {e}");
         let poll = poller()?;
@@ -110,10 +149,31 @@ impl RedisBroker {
                 (reader::Mode::Exact { changes, reports: reports.clone() }, Some(reports))
             }
         };
-        let (reader_url, reader_ctx) = (url.clone(), ctx.clone());
-        spawn("herald-redis-read", move || reader::run(reader_url, reader_ctx, reader_poll, reader_mode))?;
-        let (publisher_url, wake) = (url.clone(), jobs.clone());
-        spawn("herald-redis-pub", move || publisher::run(publisher_url, ctx, inbox, poll, wake))?;
+        let urls = match endpoint {
+            Endpoint::Standalone(url) => vec![url.clone()],
+            Endpoint::Cluster { seeds, pubsub: ClusterPubsub::Classic } => seeds.clone(),
+            Endpoint::Cluster { seeds, pubsub: ClusterPubsub::Sharded } => {
+                let reader::Mode::Exact { changes, reports } = reader_mode else {
+                    return Err("sharded pub/sub needs exact subscriptions (Redis has no shard patterns)".into());
+                };
+                let broker_reports = reports.clone();
+                let topology = topology::Topology::start(seeds.clone(), ctx.clone())?;
+                let (wake_reader, wake_publisher) = (reports.clone(), jobs.clone());
+                topology.on_change(move || wake_reader.0.nudge());
+                topology.on_change(move || wake_publisher.nudge());
+                let (reader_topology, reader_ctx) = (topology.clone(), ctx.clone());
+                spawn("herald-redis-read", move || {
+                    sharded::run(reader_topology, reader_ctx, reader_poll, changes, reports)
+                })?;
+                let wake = jobs.clone();
+                spawn("herald-redis-pub", move || shard_publisher::run(topology, ctx, inbox, poll, wake))?;
+                return Ok(RedisBroker { jobs, settings, reports: Some(broker_reports) });
+            }
+        };
+        let (reader_urls, reader_ctx) = (urls.clone(), ctx.clone());
+        spawn("herald-redis-read", move || reader::run(reader_urls, reader_ctx, reader_poll, reader_mode))?;
+        let wake = jobs.clone();
+        spawn("herald-redis-pub", move || publisher::run(urls, ctx, inbox, poll, wake))?;
         Ok(RedisBroker { jobs, settings, reports })
     }
 

@@ -158,6 +158,7 @@ impl SlotMap {
         if map.masters.is_empty() {
             return Err(ShardsError("no master serves any slot"));
         }
+        map.canonical();
         Ok(map)
     }
 
@@ -171,7 +172,7 @@ impl SlotMap {
         &self.masters
     }
 
-    /// Every node named (masters and replicas), in the order the reply named them.
+    /// Every node named (masters and replicas).
     pub fn nodes(&self) -> &[NodeAddr] {
         &self.nodes
     }
@@ -198,7 +199,27 @@ impl SlotMap {
             *owner = index as u16;
         }
         map.masters_in_use();
+        map.canonical();
         map
+    }
+
+    /// Nodes answer `CLUSTER SHARDS` in orders of their own: sorted, two maps of the same
+    /// cluster compare equal.
+    fn canonical(&mut self) {
+        self.nodes.sort();
+        if self.masters.is_sorted() {
+            return;
+        }
+        let mut order: Vec<usize> = (0..self.masters.len()).collect();
+        order.sort_by(|&a, &b| self.masters[a].cmp(&self.masters[b]));
+        let mut renumber = vec![UNSERVED; self.masters.len()];
+        for (new, &old) in order.iter().enumerate() {
+            renumber[old] = new as u16;
+        }
+        self.masters = order.iter().map(|&old| self.masters[old].clone()).collect();
+        for o in self.owners.iter_mut().filter(|o| **o != UNSERVED) {
+            *o = renumber[usize::from(*o)];
+        }
     }
 
     /// Drops masters that no longer serve a slot (a `MOVED` took their last one), keeping
@@ -404,8 +425,23 @@ mod tests {
             assert_eq!(moved.owner(2).map(|a| a.port), Some(7002));
             let moved = moved.with_moved(0, &new);
             assert_eq!(moved.masters().iter().map(|m| m.port).collect::<Vec<_>>(), vec![7002, 7009]);
+            assert_eq!(moved.owner(2).map(|a| a.port), Some(7002));
             assert_eq!((moved.owner(0), moved.owner(1)), (Some(&new), Some(&new)));
         });
+    }
+
+    #[test]
+    fn maps_read_from_different_nodes_compare_equal() {
+        let (a, b) = (
+            shard(&[(0, 99)], &[node(7001, "master", "online")]),
+            shard(&[(100, 16383)], &[node(7002, "master", "online")]),
+        );
+        let mut maps = Vec::new();
+        for reply in [format!("*2\r\n{a}{b}"), format!("*2\r\n{b}{a}")] {
+            decode(reply.as_bytes(), |value| maps.push(SlotMap::from_shards(value, false).unwrap()));
+        }
+        assert_eq!(maps[0], maps[1]);
+        assert_eq!(maps[1].owner(0).map(|n| n.port), Some(7001));
     }
 
     #[test]
