@@ -837,4 +837,59 @@ mod tests {
         assert!(missing.starts_with("HERALD_API_KEY_FILE"), "{missing}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_cluster_is_a_list_of_seed_urls_instead_of_a_redis_url() {
+        let config = parse(&["--redis-cluster", "redis://127.0.0.1:7001, redis://127.0.0.1:7002"]).unwrap();
+        assert_eq!(config.redis_cluster.iter().map(|u| u.port).collect::<Vec<_>>(), vec![7001, 7002]);
+        assert!(config.redis.is_none());
+        assert!(matches!(config.redis_endpoint(), Some(Endpoint::Cluster { pubsub: ClusterPubsub::Sharded, .. })));
+        let both = parse(&["--redis-cluster", "redis://h:1", "--redis-url", "redis://h:2"]).unwrap_err();
+        assert!(both.contains("HERALD_REDIS_URL or HERALD_REDIS_CLUSTER, not both"), "{both}");
+        for (bad, why) in [
+            ("redis://h:1/3", "database 0"),
+            ("redis://h:1,http://:secret-9@h:2", "seed 2"),
+            (" , ", "no seed"),
+            ("redis://:secret-9@h:1,redis://:other@h:2", "same scheme and credentials"),
+        ] {
+            let err = parse(&["--redis-cluster", bad]).unwrap_err();
+            assert!(err.contains(why) && err.starts_with("HERALD_REDIS_CLUSTER"), "{bad}: {err}");
+            assert!(!err.contains("secret-9"), "{err}");
+        }
+        let pattern = parse(&["--redis-cluster", "redis://h:1", "--redis-subscribe", "pattern"]).unwrap_err();
+        assert!(pattern.contains("HERALD_REDIS_CLUSTER_PUBSUB=classic"), "{pattern}");
+        let classic = parse(&[
+            "--redis-cluster",
+            "redis://h:1",
+            "--redis-subscribe",
+            "pattern",
+            "--redis-cluster-pubsub",
+            "classic",
+        ])
+        .unwrap();
+        assert!(matches!(classic.redis_endpoint(), Some(Endpoint::Cluster { pubsub: ClusterPubsub::Classic, .. })));
+        assert!(parse(&["--redis-cluster", "redis://h:1", "--redis-cluster-pubsub", "broadcast"]).is_err());
+    }
+
+    #[test]
+    fn cluster_seed_passwords_are_redacted_and_can_come_from_a_file() {
+        let args = ["herald", "--redis-cluster", "redis://u:seed-password-3@h1:7001,redis://u:seed-password-3@h2:7002"];
+        let cli = Cli::parse_with_sources(args).unwrap();
+        let raw = format!("{cli:?}");
+        let config = cli.server.into_config().unwrap();
+        let debug = format!("{config:?}\n{raw}");
+        assert!(!debug.contains("seed-password-3"), "{debug}");
+        assert!(debug.contains("redis://u:<redacted>@h2:7002/0"), "{debug}");
+        assert!(config.warnings.iter().any(|w| w.contains("--redis-cluster")), "{:?}", config.warnings);
+        let dir = std::env::temp_dir().join(format!("herald-cluster-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pw");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let path = path.to_string_lossy().into_owned();
+        let config = parse(&["--redis-cluster", "redis://h1:1,redis://h2:2", "--redis-password-file", &path]).unwrap();
+        assert!(config.redis_cluster.iter().all(|u| u.password.as_deref() == Some("from-file")));
+        let twice = parse(&["--redis-cluster", "redis://:x@h1:1", "--redis-password-file", &path]).unwrap_err();
+        assert!(twice.contains("HERALD_REDIS_PASSWORD_FILE"), "{twice}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
