@@ -64,6 +64,7 @@ pub fn run(topology: Arc<Topology>, ctx: Context, poll: Poll, changes: Receiver<
         home: HashMap::new(),
         unplaced: HashSet::new(),
         retry_at: None,
+        redirected: Vec::new(),
         ready: Vec::new(),
         unsent_ready: Vec::new(),
         asked_map: now,
@@ -93,6 +94,8 @@ struct Sharded {
     /// cluster refused them. Placed again on a new map or at `retry_at`.
     unplaced: HashSet<Target>,
     retry_at: Option<Instant>,
+    /// Channels a `MOVED` redirected, with their waiters: placed on the next turn of the loop.
+    redirected: Vec<(Target, Vec<ReplyTo>)>,
     /// Connections that may proceed, gathered while reading and sent after.
     ready: Vec<ReplyTo>,
     /// Confirmations a full loop inbox did not take yet.
@@ -168,6 +171,7 @@ impl Sharded {
         let mut events = Events::with_capacity(64);
         loop {
             self.sync_map();
+            self.place_redirected();
             self.take_changes();
             self.retry_unplaced();
             self.connect_due();
@@ -234,6 +238,17 @@ impl Sharded {
         for target in std::mem::take(&mut self.unplaced) {
             if self.wanted(&target) {
                 self.place(target, Vec::new());
+            }
+        }
+    }
+
+    /// Places the channels a `MOVED` sent elsewhere, by the map that now knows it.
+    fn place_redirected(&mut self) {
+        for (target, waiters) in std::mem::take(&mut self.redirected) {
+            if self.wanted(&target) {
+                self.place(target, waiters);
+            } else {
+                self.ready.extend(waiters);
             }
         }
     }
@@ -590,14 +605,10 @@ impl Sharded {
                     self.home.remove(&target);
                 }
                 // The map learns it at once, and every other channel of the slot moves with
-                // it; a full refresh follows from the topology thread.
+                // it once the reader takes the map (after this read: a reshard's redirects
+                // come by the thousand); a full refresh follows from the topology thread.
                 self.topology.moved(slot, addr);
-                self.sync_map();
-                if self.wanted(&target) {
-                    self.place(target, waiters);
-                } else {
-                    self.ready.extend(waiters);
-                }
+                self.redirected.push((target, waiters));
             }
             Refusal::Moved { .. } => {
                 let failure = Failure::Protocol("a node redirected a channel to itself".into());
