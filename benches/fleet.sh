@@ -278,6 +278,7 @@ json.dump(row, open(f"{out}/{mode}.json", "w"), indent=1)
 print(json.dumps(row), file=sys.stderr)
 EOF
     stop_all
+    rm -rf "$OUT/cluster"
 }
 
 for mode in $MODES; do
