@@ -3,6 +3,11 @@
 //! publishes and relays). Both speak RESP through [`resp`], connect as [`redis_url`] says,
 //! reconnect by themselves with capped, jittered backoff, and report their state to
 //! `/health`. Pub/sub has no replay: what was published while herald was disconnected is gone.
+//!
+//! A Redis Cluster ([`Endpoint::Cluster`]) in sharded pub/sub has a reader ([`sharded`]) and
+//! a publisher ([`shard_publisher`]) with a connection per master, both following the slot
+//! map that [`topology`] keeps ([`slots`]: slot math and the map). In classic pub/sub the
+//! standalone reader and publisher serve, on the first seed that answers.
 
 mod conn;
 mod publisher;
@@ -149,6 +154,11 @@ impl RedisBroker {
                 (reader::Mode::Exact { changes, reports: reports.clone() }, Some(reports))
             }
         };
+        if let Endpoint::Cluster { seeds, .. } = endpoint {
+            if seeds.is_empty() {
+                return Err("a Redis Cluster needs at least one seed node".into());
+            }
+        }
         let urls = match endpoint {
             Endpoint::Standalone(url) => vec![url.clone()],
             Endpoint::Cluster { seeds, pubsub: ClusterPubsub::Classic } => seeds.clone(),
