@@ -151,6 +151,12 @@ impl<T> Mailbox<T> {
         }
     }
 
+    /// Wakes the owner without a command: it has something else to look at (a Redis
+    /// thread: a new cluster slot map).
+    pub fn nudge(&self) {
+        let _ = self.waker.wake();
+    }
+
     /// Called by the loop before it drains its inbox: the next command wakes it again.
     pub fn clear_wake(&self) {
         self.wake_pending.store(false, Ordering::Release);

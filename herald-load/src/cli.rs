@@ -195,6 +195,12 @@ pub struct Args {
     #[arg(long)]
     pub redis_channel: Option<String>,
 
+    /// --publish redis: PUBLISH, or SPUBLISH for a Redis Cluster's sharded pub/sub (every
+    /// channel must then be served by the --redis node: give the users a hash tag of that
+    /// node's, e.g. --user-prefix '{t3}u').
+    #[arg(long, default_value = "PUBLISH", value_parser = ["PUBLISH", "SPUBLISH"])]
+    pub redis_command: String,
+
     /// HTTP publish URL template ({user}, {topic}), http:// or https://; default
     /// http://HOST:PORT/publish of --url (https:// when --url is wss://).
     #[arg(long)]

@@ -317,7 +317,7 @@ fn publish_transport(args: &Args, ws: &cli::Endpoint, secret: Option<&str>) -> R
         let addr = cli::parse_endpoint(&format!("http://{redis}"))?.addr;
         let default_channel = if args.topic.is_some() { "topic_noti:{topic}" } else { "user_noti:{user}" };
         let channel = Template::new(args.redis_channel.as_deref().unwrap_or(default_channel));
-        return Ok(publisher::Transport::Redis { addr, channel });
+        return Ok(publisher::Transport::Redis { addr, channel, command: args.redis_command.clone() });
     }
     let url = match &args.publish_url {
         Some(url) => url.clone(),

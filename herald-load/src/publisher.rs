@@ -41,6 +41,7 @@ pub enum Transport {
     Redis {
         addr: SocketAddr,
         channel: Template,
+        command: String,
     },
     /// `tls`: https://, with this configuration.
     Http {
@@ -369,14 +370,14 @@ impl Publisher<'_> {
     fn dispatch(&mut self) -> io::Result<()> {
         let plan = self.plan;
         match &plan.transport {
-            Transport::Redis { channel, .. } => {
+            Transport::Redis { channel, command, .. } => {
                 while let Some((k, t)) = self.queue.pop_front() {
                     let live = self.build(k, t);
                     let (user, topic) = target_names(plan, k);
                     self.scratch.clear();
                     channel.render(&mut self.scratch, &Vars { user, topic, ..Vars::default() });
                     let Some((_, out, _)) = self.redis.as_mut() else { break };
-                    let _ = write!(out, "*3\r\n$7\r\nPUBLISH\r\n${}\r\n", self.scratch.len());
+                    let _ = write!(out, "*3\r\n${}\r\n{command}\r\n${}\r\n", command.len(), self.scratch.len());
                     out.extend_from_slice(&self.scratch);
                     let _ = write!(out, "\r\n${}\r\n", self.payload.len());
                     out.extend_from_slice(&self.payload);
@@ -442,7 +443,7 @@ impl Publisher<'_> {
                 Err(e) => return Err(e),
             }
         }
-        // PUBLISH answers one line each: ":<receivers>" or "-ERR ...".
+        // (S)PUBLISH answers one line each: ":<receivers>" or "-ERR ...".
         let mut used = 0;
         while let Some(end) = inbuf[used..].windows(2).position(|w| w == b"\r\n") {
             let line = &inbuf[used..used + end];

@@ -21,6 +21,8 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::http::{HeaderName, HeaderValue};
 use tungstenite::protocol::WebSocket;
 
+pub mod cluster;
+
 /// HS256 secret every test herald is started with (unless a test says otherwise).
 pub const SECRET: &str = "herald-integration-test-secret-3f9a1c";
 /// API key used by tests that configure HERALD_API_KEY.
@@ -930,7 +932,7 @@ impl RedisConn {
     }
 }
 
-fn redis_ping(port: u16) -> bool {
+pub fn redis_ping(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
     if s.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {

@@ -19,7 +19,7 @@ use tracing::warn;
 use super::conn::{Conn, Failure};
 use super::redis_url::RedisUrl;
 use super::resp;
-use super::{BACKOFF_CAP, BACKOFF_START, CONNECT_TIMEOUT, Context, LOOP_PATIENCE};
+use super::{BACKOFF_CAP, BACKOFF_START, Context, LOOP_PATIENCE};
 use crate::ids::{Answer, ReplyTo};
 use crate::mailbox::{LoopCmd, Mailbox};
 
@@ -65,7 +65,10 @@ impl InFlight {
 }
 
 struct Publisher {
-    url: RedisUrl,
+    /// Where to connect: the first that answers (see [`super::open_first`]).
+    urls: Vec<RedisUrl>,
+    /// The URL of the current connection, or the last one tried.
+    url: usize,
     ctx: Context,
     jobs: Receiver<PublishJob>,
     conn: Option<Conn>,
@@ -79,10 +82,11 @@ struct Publisher {
 }
 
 /// Publisher thread body: returns when every job sender is gone.
-pub fn run(url: RedisUrl, ctx: Context, jobs: Receiver<PublishJob>, poll: Poll, wake: Arc<Mailbox<PublishJob>>) {
+pub fn run(urls: Vec<RedisUrl>, ctx: Context, jobs: Receiver<PublishJob>, poll: Poll, wake: Arc<Mailbox<PublishJob>>) {
     let now = Instant::now();
     let mut publisher = Publisher {
-        url,
+        urls,
+        url: 0,
         ctx,
         jobs,
         conn: None,
@@ -163,8 +167,9 @@ impl Publisher {
     }
 
     fn connect(&mut self) {
-        match Conn::open(&self.url, self.ctx.settings.tls.as_ref(), "herald-publisher", CONNECT_TIMEOUT, 64 * 1024) {
-            Ok(mut conn) => {
+        match super::open_first(&self.urls, self.ctx.settings.tls.as_ref(), "herald-publisher", 64 * 1024) {
+            Ok((mut conn, url)) => {
+                self.url = self.urls.iter().position(|u| u == url).unwrap_or(0);
                 if let Err(e) =
                     self.poll.registry().register(&mut conn.stream, CONN, Interest::READABLE | Interest::WRITABLE)
                 {
@@ -174,13 +179,16 @@ impl Publisher {
                 self.conn = Some(conn);
                 self.backoff = Duration::ZERO;
             }
-            Err(failure) => self.failed(failure),
+            Err((failure, url)) => {
+                self.url = self.urls.iter().position(|u| u == url).unwrap_or(0);
+                self.failed(failure)
+            }
         }
     }
 
     /// Records a failure to connect and answers everyone waiting.
     fn failed(&mut self, failure: Failure) {
-        warn!(error = %failure, redis = %self.url.redacted(), "redis publisher cannot connect");
+        warn!(error = %failure, redis = %self.urls[self.url].redacted(), "redis publisher cannot connect");
         self.ctx.metrics.redis.set_error(failure.kind());
         self.ctx.metrics.redis.publisher_up.store(false, Relaxed);
         self.backoff = (self.backoff * 2).clamp(BACKOFF_START, BACKOFF_CAP);
@@ -261,7 +269,7 @@ impl Publisher {
 
     /// The connection died: resend what Redis cannot have seen, answer the rest.
     fn lost(&mut self, failure: Failure) {
-        warn!(error = %failure, redis = %self.url.redacted(), "redis publisher connection lost");
+        warn!(error = %failure, redis = %self.urls[self.url].redacted(), "redis publisher connection lost");
         self.ctx.metrics.redis.set_error(failure.kind());
         self.ctx.metrics.redis.publisher_up.store(false, Relaxed);
         self.conn = None;
