@@ -313,7 +313,11 @@ export class Herald {
     const close = await this.#probeCloseFrame();
     if (id !== this.#attemptId) return;
     if (close.refused) return this.#refused(id, { reason: "invalid or expired token", auth: true });
-    this.#refused(id, { reason: "WebSocket upgrade refused (the token is valid; Origin, a limit or the topic?)" });
+    this.#refused(id, {
+      reason: close.accepted
+        ? "WebSocket upgrade refused, though herald accepts the token (Origin, a connection limit, the topic?)"
+        : "WebSocket upgrade refused (the browser hides herald's answer)",
+    });
   }
 
   #tokenProblem() {
@@ -353,7 +357,7 @@ export class Herald {
   }
 
   // Herald's seed-001 path accepts the upgrade and closes 1008 "unauthorized" for a refused
-  // token; a token it accepts keeps the socket open, which is closed again at once.
+  // token; a token it accepts keeps the socket open (`accepted`), which is closed again.
   #probeCloseFrame() {
     return new Promise((resolve) => {
       let socket;
@@ -371,7 +375,7 @@ export class Herald {
         resolve(result);
       };
       const timer = setTimeout(() => done({ refused: false }), PROBE_TIMEOUT_MS);
-      socket.onopen = () => setTimeout(() => done({ refused: false }), 300);
+      socket.onopen = () => setTimeout(() => done({ refused: false, accepted: true }), 300);
       socket.onclose = (event) => done({ refused: event.code === 1008 || event.code === 4401 });
     });
   }
