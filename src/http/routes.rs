@@ -57,9 +57,9 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
         (Method::Get | Method::Head, "/health") => respond(health(shared)),
         (Method::Get | Method::Head, "/ready") => respond(ready(shared)),
         (Method::Get | Method::Head, "/metrics") => respond(metrics(req, shared)),
-        (Method::Get | Method::Head, "/") => {
-            respond(Response::text(Status::OK, "text/html; charset=utf-8", super::demo::PAGE))
-        }
+        (Method::Get | Method::Head, "/") => respond(super::demo::page()),
+        (Method::Get | Method::Head, "/herald.js") => respond(super::demo::herald_js(req)),
+        (Method::Get | Method::Head, "/favicon.ico") => respond(super::demo::favicon(req)),
         (Method::Post, "/publish") => publishing(publish::publish(req, peer, shared, scratch)),
         (Method::Post, "/publish/batch") => publishing(publish::publish_batch(req, peer, shared, scratch)),
         (Method::Post, "/notify") => publishing(publish::notify(req, peer, shared, scratch)),
@@ -88,8 +88,8 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
         }
         (
             _,
-            "/" | "/health" | "/ready" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect"
-            | "/api/presence",
+            "/" | "/herald.js" | "/favicon.ico" | "/health" | "/ready" | "/metrics" | "/publish" | "/publish/batch"
+            | "/notify" | "/api/disconnect" | "/api/presence",
         ) => respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed")),
         _ => respond(Response::error(Status::NOT_FOUND, "not found")),
     }
