@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-targets=(http_request upgrade ws_frames client_json notification query_token jwt claims resp)
+targets=(http_request upgrade tls_upgrade ws_frames client_json notification query_token jwt claims resp)
 start=$SECONDS
 # The fuzz crate's own workspace and target dir (fuzz/target), apart from herald's build.
 cargo build --profile ci --manifest-path Cargo.toml --bins

@@ -235,4 +235,103 @@ write("resp", "deep", bytes([255, 255, 33, 255, 0]) + b"*1\r\n" * 34 + b":1\r\n"
 write("resp", "generated", bytes([255, 255, 32, 255, 3]) + bytes((i * 37 + 11) % 256 for i in range(300)))
 write("resp", "generated_tight", bytes([4, 3, 2, 6, 3]) + bytes((i * 91 + 5) % 256 for i in range(200)))
 
+# --- tls_upgrade: 8 header bytes, a chunk list, then the payload (fuzz_targets/tls_upgrade.rs) --
+def tls_head(mode, flags=0, frag=0, cfill=0, sfill=0, cwrite=0, pattern=0, enc=0, chunks=()):
+    """mode 0-2 hostile bytes (after nothing / a real ClientHello / a real handshake), 3 a real
+    client sends the payload; chunks: read sizes 1..65536."""
+    head = bytes([mode, flags, frag, cfill, sfill, cwrite, pattern, enc, len(chunks)])
+    return head + b"".join(struct.pack("<H", c - 1) for c in chunks)
+
+
+def tls_record(content_type, body, version=b"\x03\x03"):
+    return bytes([content_type]) + version + struct.pack(">H", len(body)) + body
+
+
+def ext(kind, body):
+    return struct.pack(">HH", kind, len(body)) + body
+
+
+def vec8(body):
+    return bytes([len(body)]) + body
+
+
+def vec16(body):
+    return struct.pack(">H", len(body)) + body
+
+
+def client_hello(tls13=True, sni=b"localhost"):
+    """A ClientHello as a browser would send it (x25519 share: the curve's base point)."""
+    suites = [0x1301, 0x1302, 0x1303] if tls13 else []
+    suites += [0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8]
+    exts = ext(0, vec16(b"\x00" + vec16(sni)))
+    exts += ext(10, vec16(struct.pack(">HH", 0x001D, 0x0017)))
+    exts += ext(11, vec8(b"\x00"))
+    exts += ext(13, vec16(struct.pack(">6H", 0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0807)))
+    exts += ext(23, b"")
+    exts += ext(65281, b"\x00")
+    if tls13:
+        exts += ext(43, vec8(struct.pack(">HH", 0x0304, 0x0303)))
+        exts += ext(45, vec8(b"\x01"))
+        exts += ext(51, vec16(struct.pack(">H", 0x001D) + vec16(b"\x09" + b"\x00" * 31)))
+    body = b"\x03\x03" + bytes(range(32)) + vec8(bytes(range(32, 64))) + vec16(
+        b"".join(struct.pack(">H", s) for s in suites)) + vec8(b"\x00") + vec16(exts)
+    return b"\x01" + struct.pack(">I", len(body))[1:] + body
+
+
+HELLO13, HELLO12 = client_hello(), client_hello(tls13=False)
+one_byte_records = b"".join(tls_record(0x16, HELLO13[i:i + 1], b"\x03\x01") for i in range(len(HELLO13)))
+hostile = {
+    "raw_hello13": tls_head(0) + tls_record(0x16, HELLO13, b"\x03\x01"),
+    "raw_hello12_byte_reads": tls_head(0, chunks=[1]) + tls_record(0x16, HELLO12, b"\x03\x01"),
+    "raw_hello13_one_byte_records": tls_head(0, chunks=[300, 7]) + one_byte_records,
+    "raw_hello_then_ccs_finished": tls_head(0) + tls_record(0x16, HELLO13, b"\x03\x01") + tls_record(0x14, b"\x01")
+                                   + tls_record(0x17, bytes(range(53))),
+    "raw_huge_handshake": tls_head(0) + tls_record(0x16, b"\x01\x00\xff\xff" + bytes(2000), b"\x03\x01"),
+    "raw_plain_http": tls_head(0) + requests["health"].encode(),
+    "raw_bad_length": tls_head(0) + bytes([0x16, 0x03, 0x01, 0xFF, 0xFF, 0, 0, 0]),
+    "raw_sslv2": tls_head(0) + bytes([0x80, 0x2E, 0x01, 0x03, 0x01]) + bytes(48),
+    "after_hello_ccs_alert": tls_head(1) + tls_record(0x14, b"\x01") + tls_record(0x15, b"\x02\x28"),
+    "after_hello12_garbage": tls_head(1, flags=1, chunks=[5]) + tls_record(0x16, b"\x10\x00\x00\x21\x20" + bytes(32)),
+    "after_hello_second_hello": tls_head(1) + tls_record(0x16, HELLO13),
+    "after_handshake_forged_data": tls_head(2) + tls_record(0x17, bytes(range(40))),
+    "after_handshake12_alert": tls_head(2, flags=1) + tls_record(0x15, b"\x01\x00"),
+    "after_handshake_partial_record": tls_head(2, chunks=[3]) + bytes([0x17, 0x03, 0x03, 0x40, 0x00]) + bytes(600),
+    "after_handshake_renegotiate": tls_head(2, flags=1) + tls_record(0x16, HELLO12),
+    "after_handshake_close": tls_head(2, flags=64, chunks=[2]) + bytes([0x17, 0x03, 0x03, 0x00]),
+    "after_hello_close": tls_head(1, flags=64 | 2) + bytes([0x14, 0x03, 0x03]),
+    # The handshake timeout's 408 through tls::Writer, then close_notify.
+    "after_hello_answer_close": tls_head(1, flags=128 | 64),
+    "after_handshake_answer_close": tls_head(2, flags=128 | 64 | 1),
+    "raw_partial_record_answer_close": tls_head(0, flags=128 | 64) + bytes([0x16, 0x03, 0x01, 0x00, 0x30, 0x01]),
+    # A ClientHello announced at 64 KiB - 1, then 1-byte records of it until 200 KiB: the
+    # session carries them all (the message never completes) up to MAX_CARRY.
+    "raw_endless_hello_records": tls_head(0, cfill=200, cwrite=9, chunks=[65536, 999])
+                                 + tls_record(0x16, b"\x01\x00\xff\xff", b"\x03\x01") + tls_record(0x16, b"\x00", b"\x03\x01"),
+    "raw_endless_hello_byte_reads": tls_head(0, cfill=90, cwrite=9, chunks=[1])
+                                    + tls_record(0x16, b"\x01\x00\xff\xff", b"\x03\x01") + tls_record(0x16, b"\x00", b"\x03\x01"),
+}
+for name, data in hostile.items():
+    write("tls_upgrade", name, data)
+for name in ["upgrade_query_token", "upgrade_bearer_origin", "upgrade_bad_origin", "upgrade_seed000",
+             "upgrade_seed001_expired", "upgrade_project_topic", "upgrade_focus_session", "upgrade_no_token",
+             "health", "metrics_prom", "head_root", "publish", "pipelined"]:
+    write("tls_upgrade", name, tls_head(3) + requests[name].encode())
+shaped = {
+    # TLS 1.2, 1-byte reads both ways, small records, the answer through tls::Writer.
+    "tls12_byte_reads_writer": (tls_head(3, flags=1 | 16, frag=1, cwrite=1, pattern=0x5A, enc=1, chunks=[1]),
+                                "upgrade_query_token"),
+    "tls13_odd_reads_close_both": (tls_head(3, flags=2 | 4 | 8, frag=9, chunks=[7, 300, 65536]), "upgrade_project_topic"),
+    "big_transfers": (tls_head(3, flags=16 | 8, cfill=200, sfill=150, cwrite=200, pattern=0x21, enc=255,
+                                chunks=[65536, 1000, 16000]), "publish"),
+    # Browsers send the request with their Finished; 7-byte reads split it across the handshake.
+    "eager_request_tls13": (tls_head(3, flags=2 | 32, chunks=[7, 65536]), "upgrade_bearer_origin"),
+    "eager_request_tls12_close_both": (tls_head(3, flags=1 | 32 | 4 | 8 | 16, frag=5, pattern=0x3C, chunks=[100]),
+                                       "upgrade_query_token"),
+    "eager_big_request": (tls_head(3, flags=32, cfill=120, chunks=[65536, 3000]), "publish"),
+    "big_transfers_tls12_small_records": (tls_head(3, flags=1 | 4, frag=3, cfill=40, sfill=40, chunks=[4096, 13]),
+                                          "health"),
+}
+for name, (head, req) in shaped.items():
+    write("tls_upgrade", name, head + requests[req].encode())
+
 print("corpus written to", ROOT)

@@ -16,7 +16,7 @@ duration="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(http_request upgrade ws_frames client_json notification query_token jwt claims resp)
+    targets=(http_request upgrade tls_upgrade ws_frames client_json notification query_token jwt claims resp)
 fi
 sanitizer="${SANITIZER:-address}"
 # Parallel fuzzing (libFuzzer -jobs/-workers) only when asked: JOBS=2 on a free 2-core box.

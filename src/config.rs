@@ -10,12 +10,18 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::broker::redis::SubscribeMode;
+use crate::broker::redis::RedisTls;
 use crate::broker::redis::redis_url::RedisUrl;
+use crate::broker::redis::{ClusterPubsub, Endpoint, SubscribeMode};
 
 /// A Redis URL as the raw arguments hold it, fit for a log line: its password hidden.
 fn redact_url(url: &str) -> String {
     RedisUrl::parse(url).map_or_else(|_| "<not a valid Redis URL>".to_string(), |r| r.redacted().to_string())
+}
+
+/// HERALD_REDIS_CLUSTER as the raw arguments hold it, each seed's password hidden.
+fn redact_seeds(seeds: &str) -> String {
+    seeds.split(',').map(|seed| redact_url(seed.trim())).collect::<Vec<_>>().join(",")
 }
 
 /// herald: a WebSocket notification gateway.
@@ -86,16 +92,37 @@ pub struct ServerArgs {
     /// Required `iss` claim: when set, a token must come from this issuer.
     #[arg(long, env = "HERALD_JWT_ISSUER", global = true)]
     pub jwt_issuer: Option<String>,
-    /// `redis://[:password@]host:port[/db]` (alias REDIS_URL). Absent: embedded broker.
+    /// `redis://[[user]:password@]host:port[/db]` (alias REDIS_URL), `rediss://…` for TLS.
+    /// Absent: embedded broker.
     #[arg(long, env = "HERALD_REDIS_URL", hide_env_values = true, global = true)]
     pub redis_url: Option<String>,
     /// File holding the Redis password (trailing newline ignored), added to HERALD_REDIS_URL.
     #[arg(long, env = "HERALD_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
+    /// PEM bundle of the CAs that sign Redis's certificate (`rediss://`). Absent: the
+    /// system's root certificates.
+    #[arg(long, env = "HERALD_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM certificate chain herald presents to Redis over TLS (for `tls-auth-clients yes`),
+    /// with HERALD_REDIS_CLIENT_KEY.
+    #[arg(long, env = "HERALD_REDIS_CLIENT_CERT")]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM private key of HERALD_REDIS_CLIENT_CERT.
+    #[arg(long, env = "HERALD_REDIS_CLIENT_KEY")]
+    pub redis_client_key: Option<PathBuf>,
     /// `exact`: subscribe to each user's and topic's channel while this instance holds it;
     /// `pattern`: one PSUBSCRIBE per prefix (every instance receives every message).
     #[arg(long, env = "HERALD_REDIS_SUBSCRIBE", default_value = "exact", value_parser = ["exact", "pattern"])]
     pub redis_subscribe: String,
+    /// Redis Cluster seed nodes, comma separated (`redis://h1:p1,redis://h2:p2`): cluster
+    /// mode, instead of HERALD_REDIS_URL. The first seeds that answer give the slot map.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER", hide_env_values = true)]
+    pub redis_cluster: Option<String>,
+    /// `sharded`: SSUBSCRIBE/SPUBLISH on the master serving each channel's slot (Redis ≥ 7;
+    /// backends publish with SPUBLISH); `classic`: SUBSCRIBE/PUBLISH on one node, relayed
+    /// to every node by the cluster bus.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER_PUBSUB", default_value = "sharded", value_parser = ["sharded", "classic"])]
+    pub redis_cluster_pubsub: String,
     /// Redis channel of a user = prefix + user id.
     #[arg(long, env = "HERALD_USER_CHANNEL_PREFIX", default_value = "user_noti:")]
     pub user_channel_prefix: String,
@@ -142,6 +169,16 @@ pub struct ServerArgs {
     /// spread evenly over this period, so clients do not all reconnect at the same instant.
     #[arg(long, env = "HERALD_DRAIN_PERIOD", default_value = "0s", value_parser = parse_duration)]
     pub drain_period: Duration,
+    /// Notifications kept per user stream and per topic stream (newest N, at most 100,000);
+    /// 0 = history off.
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 0)]
+    pub history_size: usize,
+    /// History entries older than this are dropped.
+    #[arg(long, env = "HERALD_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// Embedded mode: memory all history may take (e.g. 64MiB); oldest entries evicted first.
+    #[arg(long, env = "HERALD_HISTORY_MEMORY", default_value = "64MiB", value_parser = parse_bytes)]
+    pub history_memory: usize,
     /// Bearer key accepted by the HTTP publish/admin API.
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -189,7 +226,12 @@ impl std::fmt::Debug for ServerArgs {
             jwt_issuer,
             redis_url,
             redis_password_file,
+            redis_ca_file,
+            redis_client_cert,
+            redis_client_key,
             redis_subscribe,
+            redis_cluster,
+            redis_cluster_pubsub,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -203,6 +245,9 @@ impl std::fmt::Debug for ServerArgs {
             handshake_timeout,
             shutdown_grace,
             drain_period,
+            history_size,
+            history_ttl,
+            history_memory,
             tls_cert,
             tls_key,
             api_key,
@@ -231,7 +276,12 @@ impl std::fmt::Debug for ServerArgs {
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis_url.as_deref().map(redact_url))
             .field("redis_password_file", redis_password_file)
+            .field("redis_ca_file", redis_ca_file)
+            .field("redis_client_cert", redis_client_cert)
+            .field("redis_client_key", redis_client_key)
             .field("redis_subscribe", redis_subscribe)
+            .field("redis_cluster", &redis_cluster.as_deref().map(redact_seeds))
+            .field("redis_cluster_pubsub", redis_cluster_pubsub)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -245,6 +295,9 @@ impl std::fmt::Debug for ServerArgs {
             .field("handshake_timeout", handshake_timeout)
             .field("shutdown_grace", shutdown_grace)
             .field("drain_period", drain_period)
+            .field("history_size", history_size)
+            .field("history_ttl", history_ttl)
+            .field("history_memory", history_memory)
             .field("tls_cert", tls_cert)
             .field("tls_key", tls_key)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
@@ -262,7 +315,8 @@ impl std::fmt::Debug for ServerArgs {
 }
 
 /// Settings whose value is a secret, by clap id: given as flags, they show in `ps`.
-const SECRET_FLAGS: [&str; 5] = ["jwt_secret", "jwt_secret_previous", "api_key", "redis_url", "webhook_secret"];
+const SECRET_FLAGS: [&str; 6] =
+    ["jwt_secret", "jwt_secret_previous", "api_key", "redis_url", "redis_cluster", "webhook_secret"];
 
 impl Cli {
     /// Parses a command line (with the environment, as clap does), remembering which secrets
@@ -297,6 +351,22 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{text}` is not a duration like 30s, 500ms or 2m ({e})"))
 }
 
+/// `65536`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB, meaning the same powers of 1024).
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("`{text}` is not a size like 65536, 64KiB or 64MiB")),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("`{text}` is not a size like 65536, 64KiB or 64MiB"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("`{text}` is too large"))
+}
+
 fn parse_ttl(text: &str) -> Result<Duration, String> {
     let ttl = parse_duration(text)?;
     if ttl > crate::auth::MAX_TOKEN_TTL {
@@ -324,6 +394,41 @@ fn read_secret_file(variable: &str, path: &std::path::Path) -> Result<Vec<u8>, S
         return Err(format!("{variable} `{}` is empty", path.display()));
     }
     Ok(bytes)
+}
+
+/// HERALD_REDIS_CLUSTER: comma-separated `redis://` URLs of seed nodes. A cluster has database
+/// 0 only, and one set of users: every seed must say the same scheme and credentials (nodes
+/// learnt from the slot map are reached with them). Errors name a seed by its position, never
+/// by its text (it may hold a password).
+fn parse_seeds(list: &str) -> Result<Vec<RedisUrl>, String> {
+    let mut seeds: Vec<RedisUrl> = Vec::new();
+    for (i, seed) in list.split(',').map(str::trim).enumerate() {
+        if seed.is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let url = RedisUrl::parse(seed).map_err(|e| {
+            format!(
+                "HERALD_REDIS_CLUSTER seed {n}: {}: each must look like redis://[[user]:password@]host:port",
+                e.reason()
+            )
+        })?;
+        if url.db != 0 {
+            return Err(format!("HERALD_REDIS_CLUSTER seed {n}: a Redis Cluster has database 0 only"));
+        }
+        if let Some(first) = seeds.first() {
+            if (first.tls, &first.user, &first.password) != (url.tls, &url.user, &url.password) {
+                return Err(format!(
+                    "HERALD_REDIS_CLUSTER seed {n}: every seed must use the same scheme and credentials as the first"
+                ));
+            }
+        }
+        seeds.push(url);
+    }
+    if seeds.is_empty() {
+        return Err("HERALD_REDIS_CLUSTER names no seed node".into());
+    }
+    Ok(seeds)
 }
 
 fn read_secret_text(variable: &str, path: &std::path::Path) -> Result<String, String> {
@@ -409,7 +514,13 @@ pub struct Config {
     /// Parsed, with the password from HERALD_REDIS_PASSWORD_FILE, if any, already in it
     /// (its `Debug` hides the password).
     pub redis: Option<RedisUrl>,
+    /// Trust (and client certificate) for a `rediss://` URL, loaded.
+    pub redis_tls: Option<RedisTls>,
     pub redis_subscribe: SubscribeMode,
+    /// HERALD_REDIS_CLUSTER's seeds (password from HERALD_REDIS_PASSWORD_FILE in each);
+    /// empty without a cluster. Never set together with `redis`.
+    pub redis_cluster: Vec<RedisUrl>,
+    pub redis_cluster_pubsub: ClusterPubsub,
     pub user_channel_prefix: String,
     pub topic_channel_prefix: String,
     pub threads: usize,
@@ -423,6 +534,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub shutdown_grace: Duration,
     pub drain_period: Duration,
+    pub history: crate::history::Settings,
     /// Certificate and key files when the port serves TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub api_key: Option<String>,
@@ -454,7 +566,10 @@ impl std::fmt::Debug for Config {
             jwt_audience,
             jwt_issuer,
             redis,
+            redis_tls,
             redis_subscribe,
+            redis_cluster,
+            redis_cluster_pubsub,
             user_channel_prefix,
             topic_channel_prefix,
             threads,
@@ -468,6 +583,7 @@ impl std::fmt::Debug for Config {
             handshake_timeout,
             shutdown_grace,
             drain_period,
+            history,
             tls,
             api_key,
             presence_channel,
@@ -487,7 +603,10 @@ impl std::fmt::Debug for Config {
             .field("jwt_audience", jwt_audience)
             .field("jwt_issuer", jwt_issuer)
             .field("redis_url", &redis.as_ref().map(|r| r.redacted().to_string()))
+            .field("redis_tls", redis_tls)
             .field("redis_subscribe", redis_subscribe)
+            .field("redis_cluster", &redis_cluster.iter().map(|r| r.redacted().to_string()).collect::<Vec<_>>())
+            .field("redis_cluster_pubsub", redis_cluster_pubsub)
             .field("user_channel_prefix", user_channel_prefix)
             .field("topic_channel_prefix", topic_channel_prefix)
             .field("threads", threads)
@@ -501,6 +620,7 @@ impl std::fmt::Debug for Config {
             .field("handshake_timeout", handshake_timeout)
             .field("shutdown_grace", shutdown_grace)
             .field("drain_period", drain_period)
+            .field("history", history)
             .field("tls", tls)
             .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
             .field("presence_channel", presence_channel)
@@ -511,6 +631,44 @@ impl std::fmt::Debug for Config {
             .field("log", log)
             .field("warnings", warnings)
             .finish()
+    }
+}
+
+/// Loads the TLS settings of a `rediss://` URL now, so a bad file stops herald with one line.
+/// They are refused without one: an operator who set a CA file believes the connection is
+/// encrypted.
+fn redis_tls(
+    redis: Option<&RedisUrl>,
+    ca_file: Option<&std::path::Path>,
+    client_cert: Option<&std::path::Path>,
+    client_key: Option<&std::path::Path>,
+) -> Result<Option<RedisTls>, String> {
+    let client = match (client_cert, client_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err("HERALD_REDIS_CLIENT_CERT and HERALD_REDIS_CLIENT_KEY go together: set both or neither".into()),
+    };
+    let set = [("HERALD_REDIS_CA_FILE", ca_file.is_some()), ("HERALD_REDIS_CLIENT_CERT", client.is_some())]
+        .into_iter()
+        .find_map(|(name, set)| set.then_some(name));
+    match (redis, set) {
+        (Some(url), _) if url.tls => RedisTls::load(ca_file, client).map(Some),
+        (None, Some(name)) => Err(format!("{name} is set but HERALD_REDIS_URL is not")),
+        (Some(_), Some(name)) => {
+            Err(format!("{name} is set but HERALD_REDIS_URL is redis://, which does not use TLS: use rediss://"))
+        }
+        (_, None) => Ok(None),
+    }
+}
+
+impl Config {
+    /// Where Redis is, if herald uses one (HERALD_REDIS_URL or HERALD_REDIS_CLUSTER).
+    pub fn redis_endpoint(&self) -> Option<Endpoint> {
+        match &self.redis {
+            Some(url) => Some(Endpoint::Standalone(url.clone())),
+            None if self.redis_cluster.is_empty() => None,
+            None => Some(Endpoint::Cluster { seeds: self.redis_cluster.clone(), pubsub: self.redis_cluster_pubsub }),
+        }
     }
 }
 
@@ -613,28 +771,63 @@ impl ServerArgs {
             None if public_keys => (JwtKey::Unset, false),
             None => (JwtKey::Secret(crate::auth::random_secret()), true),
         };
-        let redis_url = non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL"));
+        let cluster = non_empty(self.redis_cluster);
+        if cluster.is_some() && non_empty(self.redis_url.clone()).is_some() {
+            return Err("set HERALD_REDIS_URL or HERALD_REDIS_CLUSTER, not both".into());
+        }
+        // In cluster mode the REDIS_URL alias (often set for other programs) is not ours.
+        let redis_url =
+            if cluster.is_some() { None } else { non_empty(self.redis_url).or_else(|| env_alias("REDIS_URL")) };
         let mut redis = match &redis_url {
             None => None,
             Some(url) => Some(RedisUrl::parse(url).map_err(|e| {
-                format!("HERALD_REDIS_URL {}: it must look like redis://[[user]:password@]host:port[/db]", e.reason())
+                format!(
+                    "HERALD_REDIS_URL {}: it must look like redis[s]://[[user]:password@]host:port[/db]",
+                    e.reason()
+                )
             })?),
         };
         if self.given_as_flags.contains(&"redis_url") && redis.as_ref().is_some_and(|r| r.password.is_some()) {
             warnings.push(flag_warning("--redis-url with a password", "HERALD_REDIS_PASSWORD_FILE"));
         }
+        let pubsub =
+            if self.redis_cluster_pubsub == "classic" { ClusterPubsub::Classic } else { ClusterPubsub::Sharded };
+        let mut redis_cluster = match &cluster {
+            Some(seeds) => parse_seeds(seeds)?,
+            None => Vec::new(),
+        };
+        if self.given_as_flags.contains(&"redis_cluster") && redis_cluster.iter().any(|r| r.password.is_some()) {
+            warnings.push(flag_warning("--redis-cluster with a password", "HERALD_REDIS_PASSWORD_FILE"));
+        }
+        if !redis_cluster.is_empty() && pubsub == ClusterPubsub::Sharded && self.redis_subscribe == "pattern" {
+            return Err("HERALD_REDIS_SUBSCRIBE=pattern needs HERALD_REDIS_CLUSTER_PUBSUB=classic: \
+                        sharded pub/sub has no patterns"
+                .into());
+        }
         if let Some(path) = &self.redis_password_file {
-            let Some(url) = redis.as_mut() else {
-                return Err("HERALD_REDIS_PASSWORD_FILE is set but HERALD_REDIS_URL is not".into());
-            };
-            if url.password.is_some() {
+            let urls: Vec<&mut RedisUrl> = redis.iter_mut().chain(redis_cluster.iter_mut()).collect();
+            if urls.is_empty() {
                 return Err(
-                    "HERALD_REDIS_PASSWORD_FILE: HERALD_REDIS_URL already contains a password; give it in one place only"
+                    "HERALD_REDIS_PASSWORD_FILE is set but neither HERALD_REDIS_URL nor HERALD_REDIS_CLUSTER is".into(),
+                );
+            }
+            if urls.iter().any(|url| url.password.is_some()) {
+                return Err(
+                    "HERALD_REDIS_PASSWORD_FILE: the Redis URL already contains a password; give it in one place only"
                         .into(),
                 );
             }
-            url.password = Some(read_secret_text("HERALD_REDIS_PASSWORD_FILE", path)?);
+            let password = read_secret_text("HERALD_REDIS_PASSWORD_FILE", path)?;
+            for url in urls {
+                url.password = Some(password.clone());
+            }
         }
+        let redis_tls = redis_tls(
+            redis.as_ref().or(redis_cluster.first()),
+            self.redis_ca_file.as_deref(),
+            self.redis_client_cert.as_deref(),
+            self.redis_client_key.as_deref(),
+        )?;
         let api_key = match (non_empty(self.api_key), &self.api_key_file) {
             (Some(_), Some(_)) => return Err("set HERALD_API_KEY or HERALD_API_KEY_FILE, not both".into()),
             (Some(key), None) => {
@@ -733,6 +926,17 @@ impl ServerArgs {
                 return Err(format!("{name} must be at most 24h"));
             }
         }
+        if self.history_size > crate::history::MAX_SIZE {
+            return Err(format!("HERALD_HISTORY_SIZE must be at most {}", crate::history::MAX_SIZE));
+        }
+        if self.history_size > 0 && self.history_ttl < Duration::from_secs(1) {
+            return Err("HERALD_HISTORY_TTL must be at least 1s".into());
+        }
+        if self.history_size > 0 && self.history_memory < 64 * 1024 {
+            return Err("HERALD_HISTORY_MEMORY must be at least 64KiB".into());
+        }
+        let history =
+            crate::history::Settings { size: self.history_size, ttl: self.history_ttl, memory: self.history_memory };
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => {
                 // Checked now so a bad pair stops herald with one line, before anything starts.
@@ -761,11 +965,14 @@ impl ServerArgs {
             jwt_audience: non_empty(self.jwt_audience),
             jwt_issuer: non_empty(self.jwt_issuer),
             redis,
+            redis_tls,
             redis_subscribe: if self.redis_subscribe == "pattern" {
                 SubscribeMode::Pattern
             } else {
                 SubscribeMode::Exact
             },
+            redis_cluster,
+            redis_cluster_pubsub: pubsub,
             user_channel_prefix: self.user_channel_prefix,
             topic_channel_prefix: self.topic_channel_prefix,
             threads,
@@ -779,6 +986,7 @@ impl ServerArgs {
             handshake_timeout: self.handshake_timeout,
             shutdown_grace: self.shutdown_grace,
             drain_period: self.drain_period,
+            history,
             tls,
             api_key,
             presence_channel: self.presence_channel,
@@ -1014,6 +1222,61 @@ mod tests {
         assert!(orphan.contains("HERALD_REDIS_URL"), "{orphan}");
         let missing = parse(&["--api-key-file", "/nonexistent/herald-key"]).unwrap_err();
         assert!(missing.starts_with("HERALD_API_KEY_FILE"), "{missing}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_seed_urls_instead_of_a_redis_url() {
+        let config = parse(&["--redis-cluster", "redis://127.0.0.1:7001, redis://127.0.0.1:7002"]).unwrap();
+        assert_eq!(config.redis_cluster.iter().map(|u| u.port).collect::<Vec<_>>(), vec![7001, 7002]);
+        assert!(config.redis.is_none());
+        assert!(matches!(config.redis_endpoint(), Some(Endpoint::Cluster { pubsub: ClusterPubsub::Sharded, .. })));
+        let both = parse(&["--redis-cluster", "redis://h:1", "--redis-url", "redis://h:2"]).unwrap_err();
+        assert!(both.contains("HERALD_REDIS_URL or HERALD_REDIS_CLUSTER, not both"), "{both}");
+        for (bad, why) in [
+            ("redis://h:1/3", "database 0"),
+            ("redis://h:1,http://:secret-9@h:2", "seed 2"),
+            (" , ", "no seed"),
+            ("redis://:secret-9@h:1,redis://:other@h:2", "same scheme and credentials"),
+        ] {
+            let err = parse(&["--redis-cluster", bad]).unwrap_err();
+            assert!(err.contains(why) && err.starts_with("HERALD_REDIS_CLUSTER"), "{bad}: {err}");
+            assert!(!err.contains("secret-9"), "{err}");
+        }
+        let pattern = parse(&["--redis-cluster", "redis://h:1", "--redis-subscribe", "pattern"]).unwrap_err();
+        assert!(pattern.contains("HERALD_REDIS_CLUSTER_PUBSUB=classic"), "{pattern}");
+        let classic = parse(&[
+            "--redis-cluster",
+            "redis://h:1",
+            "--redis-subscribe",
+            "pattern",
+            "--redis-cluster-pubsub",
+            "classic",
+        ])
+        .unwrap();
+        assert!(matches!(classic.redis_endpoint(), Some(Endpoint::Cluster { pubsub: ClusterPubsub::Classic, .. })));
+        assert!(parse(&["--redis-cluster", "redis://h:1", "--redis-cluster-pubsub", "broadcast"]).is_err());
+    }
+
+    #[test]
+    fn cluster_seed_passwords_are_redacted_and_can_come_from_a_file() {
+        let args = ["herald", "--redis-cluster", "redis://u:seed-password-3@h1:7001,redis://u:seed-password-3@h2:7002"];
+        let cli = Cli::parse_with_sources(args).unwrap();
+        let raw = format!("{cli:?}");
+        let config = cli.server.into_config().unwrap();
+        let debug = format!("{config:?}\n{raw}");
+        assert!(!debug.contains("seed-password-3"), "{debug}");
+        assert!(debug.contains("redis://u:<redacted>@h2:7002/0"), "{debug}");
+        assert!(config.warnings.iter().any(|w| w.contains("--redis-cluster")), "{:?}", config.warnings);
+        let dir = std::env::temp_dir().join(format!("herald-cluster-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pw");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let path = path.to_string_lossy().into_owned();
+        let config = parse(&["--redis-cluster", "redis://h1:1,redis://h2:2", "--redis-password-file", &path]).unwrap();
+        assert!(config.redis_cluster.iter().all(|u| u.password.as_deref() == Some("from-file")));
+        let twice = parse(&["--redis-cluster", "redis://:x@h1:1", "--redis-password-file", &path]).unwrap_err();
+        assert!(twice.contains("HERALD_REDIS_PASSWORD_FILE"), "{twice}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,6 +13,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use crate::ids::StreamPos;
 use crate::sse;
 
 /// Bytes ready for the socket.
@@ -22,6 +23,8 @@ pub struct Frame {
     /// When the notification entered herald; `None` for control frames and HTTP responses,
     /// which are not counted as deliveries.
     pub born: Option<Instant>,
+    /// The notification's place in its stream, when history is on.
+    pub stream: Option<StreamPos>,
     /// This notification as a Server-Sent Event, once an event stream has needed it.
     event: OnceLock<SharedFrame>,
 }
@@ -29,8 +32,8 @@ pub struct Frame {
 pub type SharedFrame = Arc<Frame>;
 
 impl Frame {
-    fn shared(bytes: Box<[u8]>, born: Option<Instant>) -> SharedFrame {
-        Arc::new(Frame { bytes, born, event: OnceLock::new() })
+    fn shared(bytes: Box<[u8]>, born: Option<Instant>, stream: Option<StreamPos>) -> SharedFrame {
+        Arc::new(Frame { bytes, born, stream, event: OnceLock::new() })
     }
 
     /// The payload of a frame this module encoded as a WebSocket frame.
@@ -47,7 +50,7 @@ impl Frame {
         let event = self.event.get_or_init(|| {
             built = true;
             // The notification's stream id goes here once history assigns one.
-            Frame::shared(sse::encode_event(self.payload(), None).into_boxed_slice(), self.born)
+            Frame::shared(sse::encode_event(self.payload(), None).into_boxed_slice(), self.born, self.stream)
         });
         (event, built)
     }
@@ -97,15 +100,20 @@ fn control(opcode: u8, payload: &[u8]) -> SharedFrame {
     let mut out = Vec::with_capacity(2 + payload.len());
     write_header(&mut out, opcode, payload.len());
     out.extend_from_slice(payload);
-    Frame::shared(out.into_boxed_slice(), None)
+    Frame::shared(out.into_boxed_slice(), None, None)
 }
 
 /// A text frame for a notification; `born` feeds the delivery-latency histogram.
 pub fn notification(payload: &[u8], born: Instant) -> SharedFrame {
+    notification_in_stream(payload, born, None)
+}
+
+/// A notification's frame that knows its place in its stream (history on).
+pub fn notification_in_stream(payload: &[u8], born: Instant, stream: Option<StreamPos>) -> SharedFrame {
     let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
     write_header(&mut out, OP_TEXT, payload.len());
     out.extend_from_slice(payload);
-    Frame::shared(out.into_boxed_slice(), Some(born))
+    Frame::shared(out.into_boxed_slice(), Some(born), stream)
 }
 
 /// A text frame that is a reply to one client (pong, error), not a delivery.
@@ -113,7 +121,7 @@ pub fn reply_text(payload: &[u8]) -> SharedFrame {
     let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
     write_header(&mut out, OP_TEXT, payload.len());
     out.extend_from_slice(payload);
-    Frame::shared(out.into_boxed_slice(), None)
+    Frame::shared(out.into_boxed_slice(), None, None)
 }
 
 pub fn ping() -> SharedFrame {
@@ -140,7 +148,7 @@ pub fn close(code: u16, reason: &str) -> SharedFrame {
 
 /// Raw bytes (an HTTP response) wrapped for the send queue.
 pub fn raw(bytes: Vec<u8>) -> SharedFrame {
-    Frame::shared(bytes.into_boxed_slice(), None)
+    Frame::shared(bytes.into_boxed_slice(), None, None)
 }
 
 /// The event-stream keepalive comment (one shared buffer for every stream).

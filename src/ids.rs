@@ -95,8 +95,21 @@ pub enum Answer {
     Closed(u64),
     /// Fleet-wide connections of each user asked about (`/api/presence`).
     Presence(Box<[u64]>),
+    /// A user's stored notifications (`/api/history`).
+    History(Box<HistoryItems>),
     /// It could not be done; the reason is for the client.
     Failed(String),
+}
+
+/// What a history store answered for the history API.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryItems {
+    /// The user's read marker.
+    pub acked: Option<StreamPos>,
+    /// The notifications as delivered, oldest first, as the elements of a JSON array
+    /// (without the brackets).
+    pub items: String,
+    pub complete: bool,
 }
 
 /// The connection a relayed message came from, on which instance: it never gets its own relay.
@@ -141,6 +154,61 @@ impl DeliverTo {
             DeliverTo::Many(ts) => ts,
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream positions (history)
+// ---------------------------------------------------------------------------------------------
+
+/// Lowercase RFC 4648 base32: ids stay URL- and header-safe.
+const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+/// An epoch is 40 bits: 8 base32 characters.
+const EPOCH_CHARS: usize = 8;
+pub const EPOCH_BITS: u32 = 40;
+
+/// A position in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamPos {
+    pub epoch: u64,
+    pub offset: u64,
+}
+
+impl StreamPos {
+    /// `q7kz2m4t:42`.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(EPOCH_CHARS + 21);
+        out.push_str(&epoch_text(self.epoch));
+        out.push(':');
+        out.push_str(&self.offset.to_string());
+        out
+    }
+
+    pub fn parse(text: &str) -> Option<StreamPos> {
+        let (epoch, offset) = text.split_once(':')?;
+        let epoch = parse_epoch(epoch)?;
+        let offset = offset.parse::<u64>().ok().filter(|_| !offset.starts_with('+'))?;
+        Some(StreamPos { epoch, offset })
+    }
+
+    /// Whether this position comes after `other` in the same stream (a different epoch is a
+    /// different stream: everything in it is new).
+    pub fn is_after(&self, other: &StreamPos) -> bool {
+        self.epoch != other.epoch || self.offset > other.offset
+    }
+}
+
+pub fn epoch_text(epoch: u64) -> String {
+    (0..EPOCH_CHARS).rev().map(|i| ALPHABET[((epoch >> (5 * i)) & 31) as usize] as char).collect()
+}
+
+pub fn parse_epoch(text: &str) -> Option<u64> {
+    if text.len() != EPOCH_CHARS {
+        return None;
+    }
+    text.bytes().try_fold(0u64, |acc, c| {
+        let digit = ALPHABET.iter().position(|&a| a == c)? as u64;
+        Some(acc << 5 | digit)
+    })
 }
 
 /// An id as JSON: seed 004's ids are integers, so an id that is the canonical decimal form

@@ -20,6 +20,7 @@ pub mod conn;
 pub mod dialect;
 pub mod event_loop;
 pub mod frame;
+pub mod history;
 pub mod http;
 pub mod ids;
 pub mod jwks;

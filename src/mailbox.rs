@@ -16,7 +16,8 @@ use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use mio::{Poll, Token, Waker};
 
 use crate::frame::SharedFrame;
-use crate::ids::{Answer, ConnRef, DeliverTo, Exclusion, ReplyTo};
+use crate::history::Page;
+use crate::ids::{Answer, ConnRef, DeliverTo, Exclusion, ReplyTo, Target};
 
 /// Commands one loop's inbox holds before senders wait or drop.
 pub const INBOX_CAPACITY: usize = 16 * 1024;
@@ -32,6 +33,8 @@ pub enum LoopCmd {
     /// Redis confirmed a subscription `conn` waited for (or gave up on Redis for now): its
     /// output may flow.
     SubscriptionReady { conn: ConnRef },
+    /// A page of a stream a connection here is replaying; `None`: it could not be read.
+    ReplayPage { conn: ConnRef, target: Target, page: Option<Box<Page>> },
     /// The answer to a request parked on this loop.
     Answer { conn: ConnRef, answer: Answer },
     /// Close every connection of `user` here, add the count to the tally, and let the last
@@ -146,6 +149,12 @@ impl<T> Mailbox<T> {
         if self.tx.is_full() {
             let _ = self.waker.wake();
         }
+    }
+
+    /// Wakes the owner without a command: it has something else to look at (a Redis
+    /// thread: a new cluster slot map).
+    pub fn nudge(&self) {
+        let _ = self.waker.wake();
     }
 
     /// Called by the loop before it drains its inbox: the next command wakes it again.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use simd_json::prelude::*;
 
-use crate::ids::{ConnRef, Exclusion, Origin};
+use crate::ids::{ConnRef, Exclusion, Origin, StreamPos};
 
 use crate::frame::{self, SharedFrame};
 
@@ -109,19 +109,38 @@ pub fn encode_notification(
 
 /// Encodes a validated notification's frame, adding `timestamp` if it has none.
 pub fn frame_valid(valid: Valid<'_>, wall_clock: SystemTime, born: Instant) -> SharedFrame {
-    let Valid { raw, has_timestamp } = valid;
-    if has_timestamp {
-        return frame::notification(raw, born);
+    if valid.has_timestamp {
+        return frame::notification(valid.raw, born);
     }
-    // The object is valid and non-empty (it has "type"), so its last byte is `}` and a
-    // member can be appended right before it.
-    let stamp = rfc3339_millis(wall_clock);
-    let mut payload = Vec::with_capacity(raw.len() + 16 + stamp.len());
+    frame::notification(&payload_with(valid, wall_clock, None), born)
+}
+
+/// Encodes a notification that has a place in its stream (history on): `stream_id` is added,
+/// and `timestamp` when absent, stamped with `stored_at` so that live and replayed copies are
+/// the same bytes.
+pub fn frame_in_stream(valid: Valid<'_>, stored_at: SystemTime, born: Instant, pos: StreamPos) -> SharedFrame {
+    frame::notification_in_stream(&payload_with(valid, stored_at, Some(pos)), born, Some(pos))
+}
+
+/// The delivered JSON: the object as published with herald's members appended.
+fn payload_with(valid: Valid<'_>, wall_clock: SystemTime, pos: Option<StreamPos>) -> Vec<u8> {
+    let Valid { raw, has_timestamp } = valid;
+    // The object is valid and non-empty (it has "type"), so its last byte is `}` and members
+    // can be appended right before it.
+    let mut payload = Vec::with_capacity(raw.len() + 64);
     payload.extend_from_slice(&raw[..raw.len() - 1]);
-    payload.extend_from_slice(b",\"timestamp\":\"");
-    payload.extend_from_slice(stamp.as_bytes());
-    payload.extend_from_slice(b"\"}");
-    frame::notification(&payload, born)
+    if !has_timestamp {
+        payload.extend_from_slice(b",\"timestamp\":\"");
+        payload.extend_from_slice(rfc3339_millis(wall_clock).as_bytes());
+        payload.push(b'"');
+    }
+    if let Some(pos) = pos {
+        payload.extend_from_slice(b",\"stream_id\":\"");
+        payload.extend_from_slice(pos.render().as_bytes());
+        payload.push(b'"');
+    }
+    payload.push(b'}');
+    payload
 }
 
 fn trimmed_end(raw: &[u8]) -> usize {
@@ -219,8 +238,13 @@ impl PingStyle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
     Ping(PingStyle),
-    Ack,
-    Subscribe(String),
+    /// `{"action":"ack","stream_id":…}` (or seed 001's `notification_id`): the id, as given.
+    Ack(Option<String>),
+    /// `{"type":"subscribe","topic":…,"since":…}`.
+    Subscribe {
+        topic: String,
+        since: Option<String>,
+    },
     Unsubscribe(String),
     SubscribeProject(String),
     UnsubscribeProject(String),
@@ -255,11 +279,12 @@ pub fn parse_client_message(text: &str, scratch: &mut JsonScratch) -> ClientMess
             if is("action", "ping") {
                 ClientMessage::Ping(PingStyle::Action)
             } else if is("action", "ack") {
-                ClientMessage::Ack
+                ClientMessage::Ack(field("stream_id").or_else(|| id_field("notification_id")))
             } else if is("type", "ping") {
                 ClientMessage::Ping(PingStyle::Type)
             } else if is("type", "subscribe") {
-                field("topic").map_or(ClientMessage::OtherObject, ClientMessage::Subscribe)
+                let since = id_field("since");
+                field("topic").map_or(ClientMessage::OtherObject, |topic| ClientMessage::Subscribe { topic, since })
             } else if is("type", "unsubscribe") {
                 field("topic").map_or(ClientMessage::OtherObject, ClientMessage::Unsubscribe)
             } else if is("type", "subscribe_project") {
@@ -352,10 +377,22 @@ mod tests {
         assert_eq!(parse_client_message("ping", &mut s), ClientMessage::Ping(PingStyle::Text));
         assert_eq!(parse_client_message(r#"{"action":"ping"}"#, &mut s), ClientMessage::Ping(PingStyle::Action));
         assert_eq!(parse_client_message(r#"{"type":"ping"}"#, &mut s), ClientMessage::Ping(PingStyle::Type));
-        assert_eq!(parse_client_message(r#"{"action":"ack","notification_id":3}"#, &mut s), ClientMessage::Ack);
+        assert_eq!(
+            parse_client_message(r#"{"action":"ack","notification_id":3}"#, &mut s),
+            ClientMessage::Ack(Some("3".into()))
+        );
+        assert_eq!(
+            parse_client_message(r#"{"action":"ack","stream_id":"aaaaaaab:3"}"#, &mut s),
+            ClientMessage::Ack(Some("aaaaaaab:3".into()))
+        );
+        assert_eq!(parse_client_message(r#"{"action":"ack"}"#, &mut s), ClientMessage::Ack(None));
         assert_eq!(
             parse_client_message(r#"{"type":"subscribe","topic":"project:1"}"#, &mut s),
-            ClientMessage::Subscribe("project:1".into())
+            ClientMessage::Subscribe { topic: "project:1".into(), since: None }
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"subscribe","topic":"t","since":"aaaaaaab:3"}"#, &mut s),
+            ClientMessage::Subscribe { topic: "t".into(), since: Some("aaaaaaab:3".into()) }
         );
         assert_eq!(
             parse_client_message(r#"{"type":"subscribe_project","project_id":7}"#, &mut s),

@@ -173,6 +173,22 @@ pub struct Metrics {
     /// Presence transitions this instance emitted (to the Redis channel and the webhook).
     pub presence_events: AtomicU64,
     pub webhook: Arc<WebhookMetrics>,
+    pub history: HistoryCounters,
+}
+
+/// What history did (rare events: resumes and acks, not deliveries).
+#[derive(Debug, Default)]
+pub struct HistoryCounters {
+    /// Notifications stored (embedded: this instance's store; Redis: this instance's publishes).
+    pub appended: AtomicU64,
+    /// Entries the embedded store dropped for memory.
+    pub evicted: AtomicU64,
+    pub resumes: AtomicU64,
+    pub replayed: AtomicU64,
+    pub incomplete_resumes: AtomicU64,
+    pub acks: AtomicU64,
+    /// Acks of positions that do not exist or are not after the marker.
+    pub acks_ignored: AtomicU64,
 }
 
 /// A consistent-enough read of all counters for one response.
@@ -190,6 +206,7 @@ pub struct Snapshot {
     pub redis_reconnects: u64,
     pub redis_subscriptions: u64,
     pub presence_events: u64,
+    pub history: [u64; 7],
     pub webhook_delivered: u64,
     pub webhook_retries: u64,
     pub webhook_dropped: u64,
@@ -236,6 +253,7 @@ impl Metrics {
             redis: RedisHealth { configured: redis_configured, ..RedisHealth::default() },
             presence_events: AtomicU64::new(0),
             webhook: Arc::default(),
+            history: HistoryCounters::default(),
         }
     }
 
@@ -260,6 +278,11 @@ impl Metrics {
             redis_reconnects: self.redis_reconnects.load(Relaxed),
             redis_subscriptions: self.redis.subscriptions.load(Relaxed),
             presence_events: self.presence_events.load(Relaxed),
+            history: {
+                let h = &self.history;
+                [&h.appended, &h.evicted, &h.resumes, &h.replayed, &h.incomplete_resumes, &h.acks, &h.acks_ignored]
+                    .map(|c| c.load(Relaxed))
+            },
             webhook_delivered: self.webhook.delivered.load(Relaxed),
             webhook_retries: self.webhook.retries.load(Relaxed),
             webhook_dropped: self.webhook.dropped.load(Relaxed),
@@ -347,6 +370,15 @@ impl Snapshot {
                 },
             },
             "tls": { "handshakes": self.tls_handshakes, "failures": self.tls_failures },
+            "history": {
+                "appended": self.history[0],
+                "evicted": self.history[1],
+                "resumes": self.history[2],
+                "replayed": self.history[3],
+                "incomplete_resumes": self.history[4],
+                "acks": self.history[5],
+                "acks_ignored": self.history[6],
+            },
             "jwks": { "refreshes": self.jwks_refreshes, "refresh_failures": self.jwks_refresh_failures },
             "internals": { "slab_entries": self.slab_entries, "index_entries": self.index_entries },
         })
@@ -380,7 +412,18 @@ impl Snapshot {
             "Redis channels (exact mode) or patterns this instance is subscribed to.",
             self.redis_subscriptions.to_string(),
         );
-        let counters: [(&str, &str, u64); 29] = [
+        let counters: [(&str, &str, u64); 36] = [
+            ("herald_history_appended_total", "Notifications stored in history.", self.history[0]),
+            ("herald_history_evicted_total", "History entries dropped for HERALD_HISTORY_MEMORY.", self.history[1]),
+            ("herald_history_resumes_total", "Resumes (since / Last-Event-ID) served.", self.history[2]),
+            ("herald_history_replayed_total", "Notifications replayed to resuming clients.", self.history[3]),
+            (
+                "herald_history_incomplete_resumes_total",
+                "Resumes that could not replay everything after their position.",
+                self.history[4],
+            ),
+            ("herald_history_acks_total", "Acks that moved a read marker.", self.history[5]),
+            ("herald_history_acks_ignored_total", "Acks of unknown or old positions.", self.history[6]),
             ("herald_messages_received_total", "Notifications received from Redis.", self.received_from_redis),
             ("herald_messages_received_http_total", "Notifications received by the HTTP API.", self.received_from_http),
             ("herald_messages_sent_total", "Notifications written to clients.", self.sent),

@@ -112,6 +112,9 @@ pub struct Dispatched {
 pub enum Sender {
     /// An event loop: never waits; `here` is its own id.
     Loop { here: LoopId },
+    /// An event loop routing a stream whose order must hold across publishers (history on):
+    /// never waits, and its own share goes through its own inbox like everyone else's.
+    InOrder,
     /// Any other thread: waits up to `patience`.
     Thread { patience: Duration },
 }
@@ -302,7 +305,7 @@ impl RouteTable {
 
 pub fn send(handle: &LoopHandle, cmd: LoopCmd, from: Sender) -> Result<(), Overloaded> {
     match from {
-        Sender::Loop { .. } => handle.try_send(cmd),
+        Sender::Loop { .. } | Sender::InOrder => handle.try_send(cmd),
         Sender::Thread { patience } => handle.send_waiting(cmd, patience),
     }
 }

@@ -57,7 +57,8 @@ fn raise_fd_limit() {
 
 /// Starts every thread; returns once the listeners are bound.
 pub fn start(config: Config) -> Result<Running, String> {
-    let metrics = Arc::new(Metrics::new(config.threads, config.redis.is_some()));
+    let endpoint = config.redis_endpoint();
+    let metrics = Arc::new(Metrics::new(config.threads, endpoint.is_some()));
     // First of all: a key set that cannot be loaded stops herald with its one error line.
     let (keyring, jwks_fetcher) = crate::jwks::keyring(&config, &metrics)?;
     raise_fd_limit();
@@ -85,13 +86,20 @@ pub fn start(config: Config) -> Result<Running, String> {
         Some((url, secret)) => Some(Webhook::start(url.clone(), secret.clone(), metrics.webhook.clone())?),
         None => None,
     };
-    let broker = match &config.redis {
-        None => Broker::Embedded { webhook },
-        Some(url) => {
+    let broker = match &endpoint {
+        None => Broker::Embedded {
+            webhook,
+            history: config
+                .history
+                .enabled()
+                .then(|| crate::history::ring::Rings::new(config.history, metrics.clone())),
+        },
+        Some(endpoint) => {
             let settings = redis::Settings {
                 user_prefix: config.user_channel_prefix.clone(),
                 topic_prefix: config.topic_channel_prefix.clone(),
                 max_message_bytes: config.max_message_bytes,
+                tls: config.redis_tls.clone(),
             };
             let ctx =
                 redis::Context { settings: Arc::new(settings), routing: routing.clone(), metrics: metrics.clone() };
@@ -99,8 +107,9 @@ pub fn start(config: Config) -> Result<Running, String> {
                 instance: instance_name(instance_id).into(),
                 presence_channel: config.presence_channel.clone(),
                 webhook,
+                history: config.history,
             };
-            Broker::Redis(redis::RedisBroker::start(url, config.redis_subscribe, fleet, ctx)?)
+            Broker::Redis(redis::RedisBroker::start(endpoint, config.redis_subscribe, fleet, ctx)?)
         }
     };
     let tls = match &config.tls {
@@ -173,9 +182,11 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
     let base = format!("{host}:{}", addr.port());
     let message = r#"{"type":"notification","payload":{"title":"hi"}}"#;
     // Host, port and db only: a Redis password never reaches the banner (redis-cli asks for it).
-    let redis = config.redis.as_ref().map(|url| {
+    let sharded = config.redis.is_none() && config.redis_cluster_pubsub == redis::ClusterPubsub::Sharded;
+    let redis = config.redis.as_ref().or(config.redis_cluster.first()).map(|url| {
         let host = if url.host_is_ipv6() { format!("[{}]", url.host) } else { url.host.clone() };
-        let mut cli = format!("redis-cli -h {host} -p {}", url.port);
+        let cluster = if config.redis.is_none() { " -c" } else { "" };
+        let mut cli = format!("redis-cli{cluster} -h {host} -p {}", url.port);
         if url.tls {
             cli.push_str(" --tls");
         }
@@ -188,7 +199,8 @@ fn dev_banner(config: &Config, addr: SocketAddr) {
         if url.password.is_some() {
             cli.push_str(" --askpass");
         }
-        format!("  redis:    {cli} PUBLISH {}{user} '{message}'\n", config.user_channel_prefix)
+        let publish = if sharded { "SPUBLISH" } else { "PUBLISH" };
+        format!("  redis:    {cli} {publish} {}{user} '{message}'\n", config.user_channel_prefix)
     });
     println!(
         "\n  herald is in DEV MODE: no HERALD_JWT_SECRET was set, so a random secret signs tokens\n  \
@@ -243,7 +255,11 @@ pub fn run(config: Config) -> Result<(), String> {
     let grace = config.shutdown_grace;
     let drain = config.drain_period;
     let dev_mode = config.dev_mode;
-    let mode = if config.redis.is_some() { "redis" } else { "embedded broker" };
+    let mode = match (&config.redis, config.redis_cluster.is_empty()) {
+        (Some(_), _) => "redis",
+        (None, false) => "redis cluster",
+        (None, true) => "embedded broker",
+    };
     let threads = config.threads;
     let banner_config = config.clone();
     let running = start(config)?;

@@ -106,17 +106,23 @@ impl Session {
         self.established
     }
 
+    pub fn buffered(&self) -> usize {
+        self.carry.len()
+    }
+
     /// Feeds bytes read from the socket; appends the plaintext they carry to `plain`. Records
     /// to send (handshake replies) are queued for [`Session::pending_output`].
     pub fn receive(&mut self, input: &mut [u8], plain: &mut Vec<u8>) -> Result<Received, Failed> {
         if self.carry.is_empty() {
             let (consumed, received) = self.process(input, plain)?;
             if consumed < input.len() {
-                self.keep(&input[consumed..])?;
+                self.carry.extend_from_slice(&input[consumed..]);
             }
-            return Ok(received);
+            return self.bounded().map(|()| received);
         }
-        self.keep(input)?;
+        // The bound applies to what is left once the new bytes are processed: a read that
+        // completes a record carried so far is fine, however the reads were cut.
+        self.carry.extend_from_slice(input);
         let mut carry = std::mem::take(&mut self.carry);
         let result = self.process(&mut carry, plain);
         if let Ok((consumed, _)) = &result {
@@ -126,15 +132,42 @@ impl Session {
             }
             self.carry = carry;
         }
-        result.map(|(_, received)| received)
+        let received = result.map(|(_, received)| received)?;
+        self.bounded().map(|()| received)
     }
 
-    fn keep(&mut self, bytes: &[u8]) -> Result<(), Failed> {
-        if self.carry.len() + bytes.len() > MAX_CARRY {
+    fn bounded(&self) -> Result<(), Failed> {
+        if self.carry.len() > MAX_CARRY {
             return Err(Failed("more than a record's worth of bytes without a complete record".into()));
         }
-        self.carry.extend_from_slice(bytes);
         Ok(())
+    }
+
+    /// Runs `step` (given the pending output) over the state machine with the carried bytes: rustls keeps its place in
+    /// bytes it has read but not released, and must be shown them again on every call (an
+    /// empty buffer there makes it index past the end).
+    fn with_carry<R>(
+        &mut self,
+        mut step: impl FnMut(
+            &mut Vec<u8>,
+            rustls::unbuffered::UnbufferedStatus<'_, '_, rustls::server::ServerConnectionData>,
+        ) -> Step<R>,
+    ) -> R {
+        let mut carry = std::mem::take(&mut self.carry);
+        let mut consumed = 0;
+        let result = loop {
+            let status = self.conn.process_tls_records(&mut carry[consumed..]);
+            consumed += status.discard;
+            match step(&mut self.pending, status) {
+                Step::Again => continue,
+                Step::Done(result) => break result,
+            }
+        };
+        carry.drain(..consumed.min(carry.len()));
+        if !carry.is_empty() {
+            self.carry = carry;
+        }
+        result
     }
 
     /// Runs the state machine over `incoming` until it needs more bytes; returns how many
@@ -187,22 +220,30 @@ impl Session {
 
     /// Encrypts `plaintext` (one or more frames) into records queued for the socket.
     pub fn encrypt(&mut self, plaintext: &[u8]) -> Result<(), Failed> {
-        loop {
-            let status = self.conn.process_tls_records(&mut []);
-            match status.state.map_err(|e| Failed(e.to_string()))? {
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    return encode_into(&mut self.pending, |out| {
-                        traffic.encrypt(plaintext, out).map_err(|e| match e {
-                            EncryptError::InsufficientSize(size) => EncodeError::InsufficientSize(size),
-                            EncryptError::EncryptExhausted => EncodeError::AlreadyEncoded,
-                        })
-                    });
+        self.with_carry(|pending, status| {
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => return Step::Done(Err(Failed(e.to_string()))),
+            };
+            match state {
+                ConnectionState::WriteTraffic(mut traffic) => Step::Done(encode_into(pending, |out| {
+                    traffic.encrypt(plaintext, out).map_err(|e| match e {
+                        EncryptError::InsufficientSize(size) => EncodeError::InsufficientSize(size),
+                        EncryptError::EncryptExhausted => EncodeError::AlreadyEncoded,
+                    })
+                })),
+                ConnectionState::EncodeTlsData(mut encode) => match encode_into(pending, |out| encode.encode(out)) {
+                    Ok(()) => Step::Again,
+                    Err(e) => Step::Done(Err(e)),
+                },
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    Step::Again
                 }
-                ConnectionState::EncodeTlsData(mut encode) => encode_into(&mut self.pending, |out| encode.encode(out))?,
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                _ => return Err(Failed("not ready to send application data".into())),
+                // Mid-handshake (a 408 before it completed): nothing can be sent encrypted.
+                _ => Step::Done(Err(Failed("not ready to send application data".into()))),
             }
-        }
+        })
     }
 
     /// Queues close_notify once (best effort: a session that cannot send it just goes quiet).
@@ -210,12 +251,14 @@ impl Session {
         if std::mem::replace(&mut self.closing, true) {
             return;
         }
-        let status = self.conn.process_tls_records(&mut []);
-        if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
-            let _ = encode_into(&mut self.pending, |out| {
-                traffic.queue_close_notify(out).map_err(|_| EncodeError::AlreadyEncoded)
-            });
-        }
+        self.with_carry(|pending, status| {
+            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
+                let _ = encode_into(pending, |out| {
+                    traffic.queue_close_notify(out).map_err(|_| EncodeError::AlreadyEncoded)
+                });
+            }
+            Step::Done(())
+        })
     }
 
     /// Records waiting for the socket.
@@ -231,6 +274,12 @@ impl Session {
             self.written = 0;
         }
     }
+}
+
+/// What a step of [`Session::with_carry`] decided.
+enum Step<R> {
+    Again,
+    Done(R),
 }
 
 /// Runs `encode` into the spare room of `out`, growing it to what the record needs.

@@ -197,6 +197,22 @@ fn plain_http_garbage_and_truncated_handshakes_are_dropped_and_counted_while_oth
     assert_eq!(good.read().unwrap(), Message::text("pong"));
 }
 
+#[test]
+fn a_handshake_message_split_across_records_then_a_timeout_does_not_kill_the_loop() {
+    // Found by the tls_upgrade fuzz target: one record with the start of a ClientHello that
+    // claims 65,535 bytes. rustls keeps its place in those carried bytes; the 408 the
+    // handshake deadline then sends used to run rustls on an empty buffer, which panicked and
+    // took the event loop (the only one here) down with it.
+    let cert = Cert::new("mid-message");
+    let mut h = cert.herald().env("HERALD_HANDSHAKE_TIMEOUT", "1s").env("HERALD_THREADS", "1").start();
+    wait_tls_ready(&cert, &mut h);
+    let mut partial = TcpStream::connect(("127.0.0.1", h.port)).unwrap();
+    partial.write_all(&[0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0xff, 0xff]).unwrap();
+    assert!(closed_within(&mut partial, T), "the handshake deadline did not end it");
+    assert!(https(&cert, h.port, "GET", "/health", &[], b"").is_some(), "the loop died:\n{}", h.stderr());
+    assert!(h.is_running(), "herald exited:\n{}", h.stderr());
+}
+
 /// Reads until EOF or reset; true if that came within `timeout`.
 fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald::auth::{self, Identity, MAX_TOKEN_TTL, MAX_USER_ID_BYTES, TokenSpec, Verifier};
 use herald::tick::Tick;
-use herald::http::publish::id_as_json;
+use herald::ids::id_as_json;
 use herald_fuzz::{Bytes, SECRET, b64url, config, hs256_verifier, now};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;

@@ -30,11 +30,12 @@ fn expected(json: &Json) -> ClientMessage {
     if is("action", "ping") {
         ClientMessage::Ping(PingStyle::Action)
     } else if is("action", "ack") {
-        ClientMessage::Ack
+        ClientMessage::Ack(field("stream_id").or_else(|| id_of(json.first("notification_id"))))
     } else if is("type", "ping") {
         ClientMessage::Ping(PingStyle::Type)
     } else if is("type", "subscribe") {
-        field("topic").map_or(ClientMessage::OtherObject, ClientMessage::Subscribe)
+        let since = id_of(json.first("since"));
+        field("topic").map_or(ClientMessage::OtherObject, |topic| ClientMessage::Subscribe { topic, since })
     } else if is("type", "unsubscribe") {
         field("topic").map_or(ClientMessage::OtherObject, ClientMessage::Unsubscribe)
     } else if is("type", "subscribe_project") {

@@ -261,7 +261,7 @@ fuzz_target!(|data: &[u8]| {
             match event {
                 Ok(text) => match message::parse_client_message(&text, &mut scratch) {
                     ClientMessage::Ping(style) => h.reply(style.answer_frame()),
-                    ClientMessage::Subscribe(topic) | ClientMessage::Unsubscribe(topic) => {
+                    ClientMessage::Subscribe { topic, .. } | ClientMessage::Unsubscribe(topic) => {
                         let reply = serde_json::json!({ "type": "subscribed", "topic": topic }).to_string();
                         h.reply(frame::reply_text(reply.as_bytes()));
                     }

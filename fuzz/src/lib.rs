@@ -7,6 +7,9 @@
 
 use std::sync::OnceLock;
 
+pub mod routing;
+pub mod tls;
+
 use base64::Engine as _;
 use herald::auth::Verifier;
 use herald::config::{Cli, Config, JwtKey};
@@ -62,7 +65,8 @@ pub fn build_shared(config: Config) -> Shared {
     let verifier = Verifier::new(&config.jwt_key).expect("fuzz key is valid");
     let metrics = std::sync::Arc::new(herald::metrics::Metrics::new(config.threads, false));
     let routing = std::sync::Arc::new(herald::broker::Routing::default());
-    Shared::new(config, verifier, metrics, routing, herald::broker::Broker::Embedded)
+    // Instance 0: `/health` names it, and runs stay comparable.
+    Shared::new(config, verifier, metrics, routing, herald::broker::Broker::Embedded { webhook: None, history: None }, 0)
 }
 
 /// An HS256 verifier with [`SECRET`] (what `shared().verifier` is, standalone).

@@ -13,6 +13,11 @@ Examples (herald with HERALD_JWT_SECRET=s on 127.0.0.1:18090, Redis on :16390):
   herald-load connect -n 10000 --secret s --url 'ws://127.0.0.1:18090/ws?token={token}' \\
       --connect-rate 20000 --hold 10s --server-pid $(pgrep -x herald)
 
+  # the same over TLS (herald with HERALD_TLS_CERT/HERALD_TLS_KEY): wss://, and https:// for
+  # --publish http; --ca trusts a self-signed certificate, --tls-server-name overrides the name
+  herald-load connect -n 10000 --secret s --url 'wss://localhost:18090/ws?token={token}' \\
+      --ca cert.pem --connect-rate 0 --hold 10s --server-pid $(pgrep -x herald)
+
   # unicast: 10,000 users, one connection each, 20,000 msgs/s round-robin through Redis
   herald-load unicast -n 10000 --secret s --url 'ws://127.0.0.1:18090/ws?token={token}' \\
       --redis 127.0.0.1:16390 --rate 20000 --duration 10s
@@ -59,9 +64,20 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:18099")]
     pub listen: String,
 
-    /// WebSocket URL template; {token} is the minted JWT, {user} the user id.
+    /// WebSocket URL template; {token} is the minted JWT, {user} the user id. ws:// or wss://
+    /// (TLS: see --ca and --tls-server-name).
     #[arg(long, default_value = "ws://127.0.0.1:8081/ws?token={token}")]
     pub url: String,
+
+    /// wss:// and https://: trust the certificates in this PEM file (a self-signed server
+    /// certificate, or the CA that issued it). Default: SSL_CERT_FILE or the system bundle.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+
+    /// wss:// and https://: the name the server's certificate must be valid for (and the SNI
+    /// sent). Default: the URL's host.
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
 
     /// Connections to open.
     #[arg(short = 'n', long, default_value_t = 1000)]
@@ -179,7 +195,14 @@ pub struct Args {
     #[arg(long)]
     pub redis_channel: Option<String>,
 
-    /// HTTP publish URL template ({user}, {topic}); default http://HOST:PORT/publish of --url.
+    /// --publish redis: PUBLISH, or SPUBLISH for a Redis Cluster's sharded pub/sub (every
+    /// channel must then be served by the --redis node: give the users a hash tag of that
+    /// node's, e.g. --user-prefix '{t3}u').
+    #[arg(long, default_value = "PUBLISH", value_parser = ["PUBLISH", "SPUBLISH"])]
+    pub redis_command: String,
+
+    /// HTTP publish URL template ({user}, {topic}), http:// or https://; default
+    /// http://HOST:PORT/publish of --url (https:// when --url is wss://).
     #[arg(long)]
     pub publish_url: Option<String>,
 
@@ -327,16 +350,21 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// The Host header value.
     pub host: String,
+    /// wss:// or https://.
+    pub tls: bool,
+    /// The host without port or brackets: the default TLS server name.
+    pub hostname: String,
     /// Path and query, a template.
     pub path: Template,
 }
 
-/// Parses a ws:// or http:// URL template; the host part may not hold placeholders.
+/// Parses a ws://, wss://, http:// or https:// URL template; the host part may not hold
+/// placeholders.
 pub fn parse_endpoint(url: &str) -> Result<Endpoint, String> {
     let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("not a URL: {url}"))?;
-    let default_port = match scheme {
-        "ws" | "http" => 80,
-        "wss" | "https" => return Err(format!("{scheme}:// needs TLS, which herald-load does not speak: {url}")),
+    let (default_port, tls) = match scheme {
+        "ws" | "http" => (80, false),
+        "wss" | "https" => (443, true),
         _ => return Err(format!("unsupported scheme {scheme}: {url}")),
     };
     let (host, path) = match rest.find('/') {
@@ -346,11 +374,12 @@ pub fn parse_endpoint(url: &str) -> Result<Endpoint, String> {
     if host.is_empty() {
         return Err(format!("no host in {url}"));
     }
-    let with_port = if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-        host.to_string()
-    } else {
-        format!("{host}:{default_port}")
-    };
+    let has_port = host
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| p.parse::<u16>().is_ok() && (!h.starts_with('[') || h.ends_with(']')));
+    let with_port = if has_port { host.to_string() } else { format!("{host}:{default_port}") };
+    let bare = if has_port { host.rsplit_once(':').map_or(host, |(h, _)| h) } else { host };
+    let hostname = bare.trim_start_matches('[').trim_end_matches(']').to_string();
     let addrs: Vec<SocketAddr> =
         with_port.to_socket_addrs().map_err(|e| format!("cannot resolve {host}: {e}"))?.collect();
     let addr = addrs
@@ -359,7 +388,7 @@ pub fn parse_endpoint(url: &str) -> Result<Endpoint, String> {
         .or_else(|| addrs.first())
         .copied()
         .ok_or_else(|| format!("{host} resolves to nothing"))?;
-    Ok(Endpoint { addr, host: host.to_string(), path: Template::new(path) })
+    Ok(Endpoint { addr, host: host.to_string(), tls, hostname, path: Template::new(path) })
 }
 
 /// Parses `--source-ips` for a connection to `target`.
@@ -416,7 +445,14 @@ mod tests {
         assert_eq!(e.host, "127.0.0.1:18090");
         let e = parse_endpoint("http://127.0.0.1").unwrap();
         assert_eq!(e.addr.port(), 80);
-        assert!(parse_endpoint("wss://x:1/").is_err());
+        assert!(!e.tls);
+        assert!(parse_endpoint("ftp://x:1/").is_err());
+        let w = parse_endpoint("wss://localhost:18443/ws?token={token}").unwrap();
+        assert!(w.tls);
+        assert_eq!((w.addr.port(), w.host.as_str(), w.hostname.as_str()), (18443, "localhost:18443", "localhost"));
+        let h = parse_endpoint("https://[::1]/publish").unwrap();
+        assert!(h.tls);
+        assert_eq!((h.addr.port(), h.hostname.as_str()), (443, "::1"));
         let ips = parse_source_ips("127.0.0.1-127.0.0.3, 127.0.0.9", e.addr).unwrap();
         assert_eq!(ips.len(), 4);
         assert_eq!(parse_source_ips("auto", e.addr).unwrap().len(), 16);

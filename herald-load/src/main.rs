@@ -12,6 +12,7 @@ mod publisher;
 mod report;
 mod shared;
 mod sys;
+mod tls;
 mod worker;
 mod ws;
 
@@ -105,6 +106,7 @@ fn run(args: &Args) -> Result<(), String> {
         topic: topic.clone(),
         subscribe,
         key_seed: ws::Rng::from_entropy().next_u64(),
+        tls: tls_client(args, &endpoint)?,
     });
     let publish_plan = match args.mode {
         Mode::Connect | Mode::CeilingServer => None,
@@ -315,11 +317,11 @@ fn publish_transport(args: &Args, ws: &cli::Endpoint, secret: Option<&str>) -> R
         let addr = cli::parse_endpoint(&format!("http://{redis}"))?.addr;
         let default_channel = if args.topic.is_some() { "topic_noti:{topic}" } else { "user_noti:{user}" };
         let channel = Template::new(args.redis_channel.as_deref().unwrap_or(default_channel));
-        return Ok(publisher::Transport::Redis { addr, channel });
+        return Ok(publisher::Transport::Redis { addr, channel, command: args.redis_command.clone() });
     }
     let url = match &args.publish_url {
         Some(url) => url.clone(),
-        None => format!("http://{}/publish", ws.host),
+        None => format!("{}://{}/publish", if ws.tls { "https" } else { "http" }, ws.host),
     };
     let endpoint = cli::parse_endpoint(&url)?;
     let default_body = if args.topic.is_some() {
@@ -339,5 +341,15 @@ fn publish_transport(args: &Args, ws: &cli::Endpoint, secret: Option<&str>) -> R
         )),
         _ => None,
     };
-    Ok(publisher::Transport::Http { endpoint, body, auth, conns: args.publish_conns })
+    let tls = tls_client(args, &endpoint)?;
+    Ok(publisher::Transport::Http { endpoint, body, auth, conns: args.publish_conns, tls })
+}
+
+/// The TLS client for a wss:// or https:// endpoint (None for ws:// and http://).
+fn tls_client(args: &Args, endpoint: &cli::Endpoint) -> Result<Option<tls::Client>, String> {
+    if !endpoint.tls {
+        return Ok(None);
+    }
+    let name = args.tls_server_name.as_deref().unwrap_or(&endpoint.hostname);
+    tls::Client::new(args.ca.as_deref(), name).map(Some)
 }

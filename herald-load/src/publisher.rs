@@ -1,6 +1,6 @@
 //! The publisher thread: messages on a fixed schedule (open loop) or as fast as deliveries
 //! come back (closed loop, bounded in-flight), over Redis (pipelined PUBLISH, raw RESP) or
-//! HTTP (keep-alive POSTs, one request in flight per connection).
+//! HTTP or HTTPS (keep-alive POSTs, one request in flight per connection).
 //!
 //! Open loop: message k is due at start + k / rate and carries that scheduled time as `t`,
 //! whenever it actually leaves; a publisher (or server) that falls behind therefore shows
@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use rustls::ClientConnection;
 
 use crate::cli::{Endpoint, Rate, Template, Vars};
 use crate::shared::Shared;
@@ -37,8 +38,19 @@ pub enum Target {
 
 #[derive(Debug)]
 pub enum Transport {
-    Redis { addr: SocketAddr, channel: Template },
-    Http { endpoint: Endpoint, body: Template, auth: Option<String>, conns: usize },
+    Redis {
+        addr: SocketAddr,
+        channel: Template,
+        command: String,
+    },
+    /// `tls`: https://, with this configuration.
+    Http {
+        endpoint: Endpoint,
+        body: Template,
+        auth: Option<String>,
+        conns: usize,
+        tls: Option<crate::tls::Client>,
+    },
 }
 
 #[derive(Debug)]
@@ -87,9 +99,46 @@ const MAX_BACKLOG: usize = 4_000_000;
 
 struct HttpConn {
     stream: TcpStream,
+    /// https://: the session; `wbuf` then holds plaintext not yet handed to it.
+    tls: Option<ClientConnection>,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     busy: bool,
+}
+
+impl HttpConn {
+    /// Connects (and, for https://, completes the TLS handshake, blocking: before publishing
+    /// starts, or on a reconnect, which is an error path anyway).
+    fn open(addr: SocketAddr, tls: Option<&crate::tls::Client>) -> io::Result<HttpConn> {
+        let mut stream = connect_stream(addr)?;
+        let session = match tls {
+            None => None,
+            Some(client) => {
+                let mut session = client.connect().map_err(io::Error::other)?;
+                stream.set_nonblocking(false)?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+                while session.is_handshaking() {
+                    session.complete_io(&mut stream)?;
+                }
+                stream.set_read_timeout(None)?;
+                stream.set_write_timeout(None)?;
+                stream.set_nonblocking(true)?;
+                Some(session)
+            }
+        };
+        Ok(HttpConn { stream, tls: session, rbuf: Vec::new(), wbuf: Vec::new(), busy: false })
+    }
+
+    /// Writes as much of the queued request as the socket takes.
+    fn flush(&mut self) -> io::Result<()> {
+        let Some(session) = self.tls.as_mut() else { return flush(&mut self.stream, &mut self.wbuf) };
+        if !self.wbuf.is_empty() {
+            session.writer().write_all(&self.wbuf)?;
+            self.wbuf.clear();
+        }
+        crate::tls::flush(session, &mut self.stream).map(|_| ())
+    }
 }
 
 struct Publisher<'a> {
@@ -158,12 +207,12 @@ impl Publisher<'_> {
                 self.poll.add(stream.as_raw_fd(), REDIS, false, true).map_err(|e| e.to_string())?;
                 self.redis = Some((stream, Vec::new(), Vec::new()));
             }
-            Transport::Http { endpoint, conns, .. } => {
+            Transport::Http { endpoint, conns, tls, .. } => {
                 for i in 0..(*conns).max(1) {
-                    let stream = connect_stream(endpoint.addr)
+                    let conn = HttpConn::open(endpoint.addr, tls.as_ref())
                         .map_err(|e| format!("cannot connect to publish URL {}: {e}", endpoint.addr))?;
-                    self.poll.add(stream.as_raw_fd(), i as u64 + 1, true, true).map_err(|e| e.to_string())?;
-                    self.http.push(HttpConn { stream, rbuf: Vec::new(), wbuf: Vec::new(), busy: false });
+                    self.poll.add(conn.stream.as_raw_fd(), i as u64 + 1, true, true).map_err(|e| e.to_string())?;
+                    self.http.push(conn);
                 }
             }
         }
@@ -321,14 +370,14 @@ impl Publisher<'_> {
     fn dispatch(&mut self) -> io::Result<()> {
         let plan = self.plan;
         match &plan.transport {
-            Transport::Redis { channel, .. } => {
+            Transport::Redis { channel, command, .. } => {
                 while let Some((k, t)) = self.queue.pop_front() {
                     let live = self.build(k, t);
                     let (user, topic) = target_names(plan, k);
                     self.scratch.clear();
                     channel.render(&mut self.scratch, &Vars { user, topic, ..Vars::default() });
                     let Some((_, out, _)) = self.redis.as_mut() else { break };
-                    let _ = write!(out, "*3\r\n$7\r\nPUBLISH\r\n${}\r\n", self.scratch.len());
+                    let _ = write!(out, "*3\r\n${}\r\n{command}\r\n${}\r\n", command.len(), self.scratch.len());
                     out.extend_from_slice(&self.scratch);
                     let _ = write!(out, "\r\n${}\r\n", self.payload.len());
                     out.extend_from_slice(&self.payload);
@@ -365,7 +414,7 @@ impl Publisher<'_> {
                     req.extend_from_slice(b"\r\n");
                     req.extend_from_slice(&self.scratch);
                     conn.busy = true;
-                    if let Err(e) = flush(&mut conn.stream, &mut conn.wbuf) {
+                    if let Err(e) = conn.flush() {
                         self.http_failed(i, &e)?;
                     }
                     self.account(t, live);
@@ -394,7 +443,7 @@ impl Publisher<'_> {
                 Err(e) => return Err(e),
             }
         }
-        // PUBLISH answers one line each: ":<receivers>" or "-ERR ...".
+        // (S)PUBLISH answers one line each: ":<receivers>" or "-ERR ...".
         let mut used = 0;
         while let Some(end) = inbuf[used..].windows(2).position(|w| w == b"\r\n") {
             let line = &inbuf[used..used + end];
@@ -420,7 +469,7 @@ impl Publisher<'_> {
 
     fn on_http(&mut self, i: usize) -> io::Result<()> {
         let Some(conn) = self.http.get_mut(i) else { return Ok(()) };
-        if let Err(e) = flush(&mut conn.stream, &mut conn.wbuf) {
+        if let Err(e) = conn.flush() {
             return self.http_failed(i, &e);
         }
         let mut chunk = [0u8; 8 * 1024];
@@ -431,7 +480,16 @@ impl Publisher<'_> {
                     eof = true;
                     break;
                 }
-                Ok(n) => conn.rbuf.extend_from_slice(&chunk[..n]),
+                Ok(n) => match conn.tls.as_mut() {
+                    None => conn.rbuf.extend_from_slice(&chunk[..n]),
+                    Some(session) => match crate::tls::receive(session, &chunk[..n], &mut conn.rbuf) {
+                        Ok(peer_closed) => eof |= peer_closed,
+                        Err(why) => {
+                            self.error(format!("http: {why}"));
+                            return self.reconnect(i);
+                        }
+                    },
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return self.http_failed(i, &e),
@@ -477,11 +535,11 @@ impl Publisher<'_> {
 
     fn reconnect(&mut self, i: usize) -> io::Result<()> {
         let plan = self.plan;
-        let Transport::Http { endpoint, .. } = &plan.transport else { return Ok(()) };
+        let Transport::Http { endpoint, tls, .. } = &plan.transport else { return Ok(()) };
         self.poll.remove(self.http[i].stream.as_raw_fd());
-        let stream = connect_stream(endpoint.addr)?;
-        self.poll.add(stream.as_raw_fd(), i as u64 + 1, true, true)?;
-        self.http[i] = HttpConn { stream, rbuf: Vec::new(), wbuf: Vec::new(), busy: false };
+        let conn = HttpConn::open(endpoint.addr, tls.as_ref())?;
+        self.poll.add(conn.stream.as_raw_fd(), i as u64 + 1, true, true)?;
+        self.http[i] = conn;
         Ok(())
     }
 }

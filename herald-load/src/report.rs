@@ -90,6 +90,7 @@ impl Report {
         let config = json!({
             "url": args.url,
             "target": endpoint.addr.to_string(),
+            "tls": endpoint.tls,
             "connections": args.connections,
             "users": args.users,
             "topic": args.topic,
@@ -123,6 +124,7 @@ impl Report {
         let mut connect_latency = new_histogram();
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();
         let mut closes: BTreeMap<String, u64> = BTreeMap::new();
+        let tls = workers.iter().find_map(|w| w.tls.clone());
         c.min_window_msgs = u64::MAX;
         let mut first_attempt = u64::MAX;
         let mut last_established = 0;
@@ -235,6 +237,7 @@ impl Report {
                 "failures": failures,
                 "closes": closes,
                 "pings_answered": c.pings,
+                "tls": tls,
             },
             "server": server,
             "generator": generator,

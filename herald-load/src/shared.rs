@@ -114,4 +114,6 @@ pub struct ConnPlan {
     pub subscribe: Option<Vec<u8>>,
     /// Seed of the Sec-WebSocket-Key values.
     pub key_seed: u64,
+    /// wss://: the configuration every connection's TLS session starts from.
+    pub tls: Option<crate::tls::Client>,
 }

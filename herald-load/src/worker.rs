@@ -3,7 +3,9 @@
 //!
 //! A connection costs about a hundred bytes here: its socket, a state byte, a sequence
 //! window, and two buffers that stay unallocated unless a frame or a write is split across
-//! reads. All reads go through one buffer per worker.
+//! reads. All reads go through one buffer per worker. A wss:// connection adds its rustls
+//! session (buffered: its state and the buffers rustls keeps; decrypted bytes go through a
+//! second buffer per worker), and its writes wait in the session instead of `wbuf`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -15,11 +17,13 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use rustls::ClientConnection;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::cli::Vars;
 use crate::shared::{ConnPlan, PHASE_CLOSE, Shared};
 use crate::sys::clock::realtime_ns;
+use crate::tls;
 use crate::ws::{self, Handshake, Rng, Seen, SeqWindow};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +50,10 @@ struct Conn {
     last_rx_ns: u64,
     /// Bytes of an incomplete response head or frame.
     rbuf: Vec<u8>,
-    /// Bytes the socket did not take yet.
+    /// Bytes the socket did not take yet (plaintext connections).
     wbuf: Vec<u8>,
+    /// wss://: the TLS session, from the TCP connect on.
+    tls: Option<Box<ClientConnection>>,
 }
 
 /// Counters of one worker.
@@ -92,6 +98,8 @@ pub struct WorkerReport {
     pub connect_latency: Histogram<u64>,
     pub failures: BTreeMap<String, u64>,
     pub closes: BTreeMap<String, u64>,
+    /// wss://: what the first upgraded connection negotiated (version, suite, group).
+    pub tls: Option<String>,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -116,6 +124,7 @@ struct Sink<'a> {
     /// User index and global index of the connection being handled.
     user_index: usize,
     conn_index: u64,
+    tls_info: Option<String>,
 }
 
 pub struct Worker {
@@ -150,11 +159,13 @@ impl Worker {
                 last_rx_ns: 0,
                 rbuf: Vec::new(),
                 wbuf: Vec::new(),
+                tls: None,
             })
             .collect();
         let mut poll = Poll::new()?;
         let mut events = Events::with_capacity(4096);
         let mut buf = vec![0u8; 64 * 1024];
+        let mut plain = Vec::with_capacity(if plan.tls.is_some() { 64 * 1024 } else { 0 });
         let mut scratch = Vec::with_capacity(1024);
         let mut sink = Sink {
             shared: &shared,
@@ -170,6 +181,7 @@ impl Worker {
             window_end: u64::MAX,
             user_index: 0,
             conn_index: 0,
+            tls_info: None,
         };
         let counters = &shared.workers[self.id];
         let rate = if plan.connect_rate > 0.0 { plan.connect_rate / plan.threads as f64 } else { 0.0 };
@@ -236,11 +248,11 @@ impl Worker {
                 if conn.state == State::Connecting {
                     self.on_connected(k, conn, &mut sink, &mut scratch);
                 }
-                if event.is_writable() && !conn.wbuf.is_empty() && conn.stream.is_some() {
+                if event.is_writable() && wants_flush(conn) && conn.stream.is_some() {
                     flush(conn, &mut sink);
                 }
                 if matches!(conn.state, State::Handshaking | State::Subscribing | State::Open) {
-                    on_readable(conn, &mut buf, &mut sink);
+                    on_readable(conn, &mut buf, &mut plain, &mut sink);
                 }
             }
         }
@@ -261,11 +273,22 @@ impl Worker {
         for (k, conn) in conns.iter_mut().enumerate() {
             if let Some(stream) = conn.stream.as_mut() {
                 if matches!(conn.state, State::Open | State::Subscribing) && conn.wbuf.is_empty() {
-                    let _ = stream.write(&wsframe::masked_close(1000, sink.rng.mask()));
+                    let frame = wsframe::masked_close(1000, sink.rng.mask());
+                    match conn.tls.as_mut() {
+                        Some(session) => {
+                            let _ = session.writer().write_all(&frame);
+                            session.send_close_notify();
+                            let _ = tls::flush(session, stream);
+                        }
+                        None => {
+                            let _ = stream.write(&frame);
+                        }
+                    }
                 }
                 sink.user_index = plan.users.index_of_conn(self.global(k));
                 set_live(conn, &mut sink, false);
                 conn.stream = None;
+                conn.tls = None;
                 conn.state = State::Closed;
             }
         }
@@ -277,6 +300,7 @@ impl Worker {
             connect_latency: sink.connect_latency,
             failures: sink.failures,
             closes: sink.closes,
+            tls: sink.tls_info,
         })
     }
 
@@ -324,6 +348,13 @@ impl Worker {
         scratch.clear();
         ws::upgrade_request(scratch, &String::from_utf8_lossy(&path), &sink.plan.endpoint.host, &key);
         conn.state = State::Handshaking;
+        if let Some(client) = &sink.plan.tls {
+            // The request waits in the session until the TLS handshake is done.
+            match client.connect() {
+                Ok(session) => conn.tls = Some(Box::new(session)),
+                Err(why) => return fail(conn, sink, why),
+            }
+        }
         send(conn, sink, scratch);
     }
 }
@@ -386,6 +417,7 @@ fn fail(conn: &mut Conn, sink: &mut Sink<'_>, reason: String) {
         *sink.failures.entry(reason).or_default() += 1;
     }
     conn.stream = None;
+    conn.tls = None;
     conn.state = State::Closed;
     conn.rbuf = Vec::new();
     conn.wbuf = Vec::new();
@@ -405,6 +437,7 @@ fn closed(conn: &mut Conn, sink: &mut Sink<'_>, reason: String) {
     }
     *sink.closes.entry(reason).or_default() += 1;
     conn.stream = None;
+    conn.tls = None;
     conn.state = State::Closed;
     conn.rbuf = Vec::new();
     conn.wbuf = Vec::new();
@@ -436,6 +469,12 @@ fn open(conn: &mut Conn, sink: &mut Sink<'_>) {
 
 /// Writes `bytes` after whatever is still queued.
 fn send(conn: &mut Conn, sink: &mut Sink<'_>, bytes: &[u8]) {
+    if let (Some(session), Some(stream)) = (conn.tls.as_mut(), conn.stream.as_mut()) {
+        if let Err(e) = tls::send(session, stream, bytes) {
+            closed(conn, sink, error_reason("write", &e));
+        }
+        return;
+    }
     if !conn.wbuf.is_empty() {
         conn.wbuf.extend_from_slice(bytes);
         return flush(conn, sink);
@@ -456,8 +495,19 @@ fn send(conn: &mut Conn, sink: &mut Sink<'_>, bytes: &[u8]) {
     }
 }
 
+/// Something waits for the socket to take it.
+fn wants_flush(conn: &Conn) -> bool {
+    !conn.wbuf.is_empty() || conn.tls.as_ref().is_some_and(|s| s.wants_write())
+}
+
 fn flush(conn: &mut Conn, sink: &mut Sink<'_>) {
     let Some(stream) = conn.stream.as_mut() else { return };
+    if let Some(session) = conn.tls.as_mut() {
+        if let Err(e) = tls::flush(session, stream) {
+            closed(conn, sink, error_reason("write", &e));
+        }
+        return;
+    }
     let mut done = 0;
     while done < conn.wbuf.len() {
         match stream.write(&conn.wbuf[done..]) {
@@ -475,8 +525,9 @@ fn flush(conn: &mut Conn, sink: &mut Sink<'_>) {
     }
 }
 
-/// Reads until the socket is empty (edge-triggered), handing every byte to `consume`.
-fn on_readable(conn: &mut Conn, buf: &mut [u8], sink: &mut Sink<'_>) {
+/// Reads until the socket is empty (edge-triggered), handing every byte (decrypted into
+/// `plain` first on a TLS connection) to `consume`.
+fn on_readable(conn: &mut Conn, buf: &mut [u8], plain: &mut Vec<u8>, sink: &mut Sink<'_>) {
     loop {
         let Some(stream) = conn.stream.as_mut() else { return };
         let n = match stream.read(buf) {
@@ -487,18 +538,25 @@ fn on_readable(conn: &mut Conn, buf: &mut [u8], sink: &mut Sink<'_>) {
             Err(e) => return closed(conn, sink, error_reason("read", &e)),
         };
         sink.now_rt = realtime_ns();
-        if conn.rbuf.is_empty() {
-            let used = consume(conn, &buf[..n], sink);
-            if conn.state != State::Closed && used < n {
-                conn.rbuf.extend_from_slice(&buf[used..n]);
-            }
-        } else {
-            let mut pending = std::mem::take(&mut conn.rbuf);
-            pending.extend_from_slice(&buf[..n]);
-            let used = consume(conn, &pending, sink);
-            if conn.state != State::Closed && used < pending.len() {
-                pending.drain(..used);
-                conn.rbuf = pending;
+        match conn.tls.as_mut() {
+            None => deliver(conn, &buf[..n], sink),
+            Some(session) => {
+                plain.clear();
+                let received = tls::receive(session, &buf[..n], plain);
+                // Handshake records, and the upgrade request once the handshake is done; an
+                // alert after a failure (best effort).
+                if session.wants_write() {
+                    flush(conn, sink);
+                }
+                match received {
+                    Ok(peer_closed) => {
+                        deliver(conn, plain, sink);
+                        if peer_closed {
+                            closed(conn, sink, "tls: close_notify".into());
+                        }
+                    }
+                    Err(why) => closed(conn, sink, why),
+                }
             }
         }
         if conn.state == State::Closed {
@@ -508,6 +566,25 @@ fn on_readable(conn: &mut Conn, buf: &mut [u8], sink: &mut Sink<'_>) {
             // A short read almost always means the socket is empty; one more read would
             // just return WouldBlock. Edge-triggered epoll reports new data later anyway.
             return;
+        }
+    }
+}
+
+/// Hands `data` to `consume` after the bytes of an incomplete head or frame kept from before;
+/// keeps what is still incomplete.
+fn deliver(conn: &mut Conn, data: &[u8], sink: &mut Sink<'_>) {
+    if conn.rbuf.is_empty() {
+        let used = consume(conn, data, sink);
+        if conn.state != State::Closed && used < data.len() {
+            conn.rbuf.extend_from_slice(&data[used..]);
+        }
+    } else {
+        let mut pending = std::mem::take(&mut conn.rbuf);
+        pending.extend_from_slice(data);
+        let used = consume(conn, &pending, sink);
+        if conn.state != State::Closed && used < pending.len() {
+            pending.drain(..used);
+            conn.rbuf = pending;
         }
     }
 }
@@ -544,6 +621,9 @@ fn consume(conn: &mut Conn, data: &[u8], sink: &mut Sink<'_>) -> usize {
                 let now_ns = sink.shared.epoch.elapsed().as_nanos() as u64;
                 sink.counts.last_established_ns = now_ns;
                 sink.connect_latency.saturating_record(now_ns.saturating_sub(conn.started_ns).max(1));
+                if sink.tls_info.is_none() {
+                    sink.tls_info = conn.tls.as_deref().and_then(tls::describe);
+                }
                 match sink.plan.subscribe.as_deref() {
                     Some(text) => {
                         conn.state = State::Subscribing;
@@ -623,5 +703,113 @@ fn on_message(conn: &mut Conn, payload: &[u8], sink: &mut Sink<'_>) {
                 sink.latency.saturating_record(sink.now_rt.saturating_sub(t).max(1));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream as StdTcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Release;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::shared::{Shared, Users};
+    use crate::tls::testing::SelfSigned;
+
+    /// One wss:// server connection on its own thread (blocking rustls): the upgrade, one load
+    /// message, then whatever the client sends until it goes away.
+    fn serve(tcp: StdTcpStream, config: Arc<rustls::ServerConfig>) {
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let Ok(session) = rustls::ServerConnection::new(config) else { return };
+        let mut tls = rustls::StreamOwned::new(session, tcp);
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match tls.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return, // a client that refused the certificate
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("the upgrade request has a key")
+            .trim();
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        let message = format!(r#"{{"type":"load","seq":0,"t":{}}}"#, realtime_ns());
+        let mut out = reply.into_bytes();
+        out.extend_from_slice(&wsframe::encode(true, ws::OP_TEXT, message.as_bytes(), None));
+        tls.write_all(&out).unwrap();
+        let mut sink = [0u8; 1024];
+        while matches!(tls.read(&mut sink), Ok(n) if n > 0) {}
+    }
+
+    /// Runs one worker with `conns` connections to a wss:// server with `cert`, trusting
+    /// `trusted`, until `done` or 10 s; returns its report.
+    fn run(conns: usize, cert: &SelfSigned, trusted: &SelfSigned, done: impl Fn(&Shared) -> bool) -> WorkerReport {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let config = cert.server_config();
+        let server = std::thread::spawn(move || {
+            let mut handlers = Vec::new();
+            for _ in 0..conns {
+                let Ok((tcp, _)) = listener.accept() else { break };
+                let config = config.clone();
+                handlers.push(std::thread::spawn(move || serve(tcp, config)));
+            }
+            for h in handlers {
+                let _ = h.join();
+            }
+        });
+        let plan = Arc::new(ConnPlan {
+            endpoint: crate::cli::parse_endpoint(&format!("wss://localhost:{port}/ws")).unwrap(),
+            source_ips: Vec::new(),
+            connections: conns,
+            threads: 1,
+            connect_rate: 0.0,
+            max_pending: 100,
+            connect_timeout: Duration::from_secs(5),
+            users: Users::Numbered { prefix: "u".into(), count: conns },
+            topic: String::new(),
+            subscribe: None,
+            key_seed: 7,
+            tls: Some(crate::tls::Client::new(Some(&trusted.ca_path()), "localhost").unwrap()),
+        });
+        let shared = Arc::new(Shared::new(conns, 1));
+        let worker = Worker::new(0, plan, shared.clone(), None);
+        let handle = std::thread::spawn(move || worker.run());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&shared) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        shared.phase.store(PHASE_CLOSE, Release);
+        let report = handle.join().unwrap().unwrap();
+        server.join().unwrap();
+        report
+    }
+
+    #[test]
+    fn wss_connections_upgrade_and_receive_through_the_event_loop() {
+        let cert = SelfSigned::new();
+        let report = run(5, &cert, &cert, |s| s.sum(|w| &w.received_all) >= 5);
+        let c = report.counts;
+        assert_eq!((c.established, c.failed, c.received_all, c.duplicates_all), (5, 0, 5, 0), "{:?}", report.failures);
+        assert!(report.tls.as_deref().is_some_and(|t| t.starts_with("TLSv1_3")), "{:?}", report.tls);
+        assert!(report.connect_latency.len() == 5);
+    }
+
+    #[test]
+    fn an_untrusted_certificate_fails_every_connection() {
+        let (cert, other) = (SelfSigned::new(), SelfSigned::new());
+        let report = run(3, &cert, &other, |s| s.sum(|w| &w.failed) >= 3);
+        assert_eq!((report.counts.established, report.counts.failed), (0, 3));
+        assert!(report.failures.keys().all(|k| k.contains("certificate")), "{:?}", report.failures);
+        assert!(report.tls.is_none());
     }
 }

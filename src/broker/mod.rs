@@ -15,7 +15,9 @@ use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
 
 use crate::frame::SharedFrame;
-use crate::ids::{DeliverTo, Exclusion, ReplyTo, Target};
+use crate::history::ring::Rings;
+use crate::history::{PAGE, Page, Since, StreamPos};
+use crate::ids::{DeliverTo, Exclusion, HistoryItems, ReplyTo, Target};
 use crate::mailbox::Loops;
 use crate::message::{self, Valid};
 use crate::metrics::Metrics;
@@ -32,11 +34,18 @@ pub struct Outgoing {
     pub message: Box<[u8]>,
     pub has_timestamp: bool,
     pub exclusion: Exclusion,
+    /// Delivered live only, never stored (focus-session relays: chatter, not notifications).
+    pub live_only: bool,
 }
 
 impl Outgoing {
     pub fn new(targets: Vec<Target>, valid: Valid<'_>, exclusion: Exclusion) -> Outgoing {
-        Outgoing { targets, message: valid.raw.into(), has_timestamp: valid.has_timestamp, exclusion }
+        Outgoing { targets, message: valid.raw.into(), has_timestamp: valid.has_timestamp, exclusion, live_only: false }
+    }
+
+    /// This notification is not kept in history.
+    pub fn live_only(self) -> Outgoing {
+        Outgoing { live_only: true, ..self }
     }
 }
 
@@ -79,9 +88,10 @@ pub enum Published {
 }
 
 pub enum Broker {
-    /// One instance: routing, presence transitions and webhook posts all happen here.
+    /// One instance: routing, history, presence transitions and webhook posts all happen here.
     Embedded {
         webhook: Option<Arc<Webhook>>,
+        history: Option<Rings>,
     },
     Redis(redis::RedisBroker),
 }
@@ -97,6 +107,54 @@ impl Broker {
         match self {
             Broker::Redis(redis) => redis.subscription_reports(),
             Broker::Embedded { .. } => None,
+        }
+    }
+
+    /// Whether notifications are stored (HERALD_HISTORY_SIZE > 0).
+    pub fn history_enabled(&self) -> bool {
+        match self {
+            Broker::Embedded { history, .. } => history.is_some(),
+            Broker::Redis(redis) => redis.history_enabled(),
+        }
+    }
+
+    /// A page of `target`'s stream after `since`: at once from the embedded store, or later
+    /// (`LoopCmd::ReplayPage` to `reply`) from Redis.
+    pub fn history_page(&self, target: &Target, since: Since, reply: ReplyTo) -> Option<Page> {
+        match self {
+            Broker::Embedded { history: Some(rings), .. } => Some(rings.page(target, since, PAGE)),
+            Broker::Embedded { history: None, .. } => Some(Page { complete: false, ..Page::default() }),
+            Broker::Redis(redis) => {
+                let job = FleetJob::History { target: target.clone(), since, reply };
+                redis.fleet().try_send(job).err().map(|_| Page { complete: false, ..Page::default() })
+            }
+        }
+    }
+
+    /// The history API's answer, when this instance has the store (embedded); `None` with
+    /// Redis, which answers through the fleet thread.
+    pub fn history_now(&self, user: &Target, since: Since, limit: usize) -> Option<HistoryItems> {
+        let Broker::Embedded { history: Some(rings), .. } = self else { return None };
+        let page = rings.page(user, since, limit);
+        Some(HistoryItems {
+            acked: rings.acked(user),
+            items: crate::history::items_json(&page.entries),
+            complete: page.complete,
+        })
+    }
+
+    /// A client acknowledged `pos` of its user's stream: the read marker moves forward.
+    pub fn ack(&self, user: &Target, pos: StreamPos, metrics: &Metrics) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self {
+            Broker::Embedded { history: Some(rings), .. } => {
+                let counter = if rings.ack(user, pos) { &metrics.history.acks } else { &metrics.history.acks_ignored };
+                counter.fetch_add(1, Relaxed);
+            }
+            Broker::Embedded { history: None, .. } => {}
+            Broker::Redis(redis) => {
+                let _ = redis.fleet().try_send(FleetJob::Ack { user: user.clone(), pos });
+            }
         }
     }
 
@@ -116,7 +174,7 @@ impl Broker {
             Broker::Redis(redis) => {
                 let _ = redis.fleet().try_send(FleetJob::Presence(user.into()));
             }
-            Broker::Embedded { webhook } => {
+            Broker::Embedded { webhook, .. } => {
                 let Some(status) = presence::Status::of_change(opened, connections) else { return };
                 metrics.presence_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Some(webhook) = webhook {
@@ -137,6 +195,9 @@ impl Broker {
         reply: Option<ReplyTo>,
     ) -> Published {
         match self {
+            Broker::Embedded { history: Some(rings), .. } if items.iter().all(|i| !i.live_only) => {
+                Published::Routed { receivers: publish_in_order(rings, routing, metrics, items), local: Vec::new() }
+            }
             Broker::Embedded { .. } => {
                 let now = (SystemTime::now(), Instant::now());
                 let mut receivers = Vec::with_capacity(items.len());
@@ -162,6 +223,38 @@ impl Broker {
             },
         }
     }
+}
+
+/// Embedded with history: each target's notification is stored in its stream and routed
+/// under the stream's lock, every share (the caller's too) through the loops' inboxes, so
+/// every connection sees each stream in offset order. A notification to several targets has
+/// one stream position, and so one frame, per target.
+fn publish_in_order(rings: &Rings, routing: &Routing, metrics: &Metrics, items: Vec<Outgoing>) -> Box<[u64]> {
+    let now = (SystemTime::now(), Instant::now());
+    let mut receivers = Vec::with_capacity(items.len());
+    for item in items {
+        let valid = Valid { raw: &item.message, has_timestamp: item.has_timestamp };
+        let mut reached = 0;
+        for target in &item.targets {
+            let out = rings.append(
+                target,
+                |pos| message::frame_in_stream(valid, now.0, now.1, pos),
+                |frame| {
+                    routing.table.dispatch(
+                        routing.loops(),
+                        Sender::InOrder,
+                        std::slice::from_ref(target),
+                        frame,
+                        &item.exclusion,
+                    )
+                },
+            );
+            metrics.count_overload(out.dropped);
+            reached |= out.reached;
+        }
+        receivers.push(u64::from(reached.count_ones()));
+    }
+    receivers.into()
 }
 
 /// The channel a target's notifications travel on in Redis.

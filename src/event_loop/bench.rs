@@ -49,7 +49,14 @@ impl DeliveryBench {
         let routing = Arc::new(Routing::default());
         let (poll, handle, inbox) = crate::mailbox::prepare()?;
         routing.attach(Arc::from(vec![handle]));
-        let shared = Arc::new(Shared::new(config, verifier, metrics, routing, Broker::Embedded { webhook: None }, 0));
+        let shared = Arc::new(Shared::new(
+            config,
+            verifier,
+            metrics,
+            routing,
+            Broker::Embedded { webhook: None, history: None },
+            0,
+        ));
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -129,6 +136,7 @@ impl EventLoop {
             stream: Stream::Personal,
             identity: Ok(bench_identity(user)),
             response: b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec(),
+            since: None,
         };
         self.shared.admission.reserve(&self.shared.routing.table, user).map_err(|_| io::Error::other("admission"))?;
         self.open(key, upgrade);
@@ -175,7 +183,7 @@ impl EventLoop {
     }
 
     fn subscribe_for_bench(&mut self, key: u32, topic: &str) {
-        self.subscribe(key, topic.to_string(), true);
+        self.subscribe(key, topic.to_string(), true, None);
     }
 }
 

@@ -29,13 +29,14 @@ impl EventLoop {
         let deadline = self.now_tick.saturating_add(self.timeouts.close_linger);
         let old = std::mem::replace(&mut conn.phase, Phase::Closing { deadline, fin_sent: false });
         if let Phase::Open(session) = old {
-            self.detach(&session);
+            self.detach(key, &session);
         }
         self.arm(key);
     }
 
     /// Removes a session from the index, the route table and admission.
-    fn detach(&mut self, session: &Session) {
+    fn detach(&mut self, key: u32, session: &Session) {
+        self.drop_replays(key);
         if session.personal() {
             self.index_remove(&session.user, session.user_node);
         }
@@ -66,7 +67,7 @@ impl EventLoop {
             // The client vanished; what was queued for it is lost.
             let lost = conn.queue.discard_unsent();
             self.counters.failed += lost.notifications as u64;
-            self.detach(&session);
+            self.detach(key, &session);
         }
     }
 

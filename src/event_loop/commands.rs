@@ -32,6 +32,8 @@ impl EventLoop {
                     self.deliver(&to, &frame, exclusion.as_deref().unwrap_or(&none));
                 }
                 LoopCmd::SubscriptionReady { conn } => self.subscription_ready(conn),
+                LoopCmd::ReplayPage { conn, target, page: Some(page) } => self.on_replay_page(conn, target, *page),
+                LoopCmd::ReplayPage { conn, target, page: None } => self.replay_failed(conn, target),
                 LoopCmd::Answer { conn, answer } => self.on_answer(conn, answer),
                 LoopCmd::Disconnect { user, tally } => self.disconnect_user(&user, &tally),
                 LoopCmd::Drain { until } => self.begin_drain(until),

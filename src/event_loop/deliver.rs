@@ -19,6 +19,9 @@ impl EventLoop {
                 // A connection is in a target's list once: no duplicates to rule out.
                 let mut keys = std::mem::take(&mut self.delivery_keys);
                 keys.extend(self.index.connections(target));
+                if self.resuming() {
+                    keys.retain(|&key| !self.held_for_replay(key, target, frame));
+                }
                 self.deliver_to(&keys, frame, exclusion);
                 keys.clear();
                 self.delivery_keys = keys;
@@ -27,7 +30,18 @@ impl EventLoop {
                 // A connection holding several of the targets gets the message once.
                 let mut keys = std::mem::take(&mut self.delivery_keys);
                 for target in targets.iter() {
+                    let start = keys.len();
                     keys.extend(self.index.connections(target));
+                    if self.resuming() {
+                        let mut i = start;
+                        while i < keys.len() {
+                            if self.held_for_replay(keys[i], target, frame) {
+                                keys.swap_remove(i);
+                            } else {
+                                i += 1;
+                            }
+                        }
+                    }
                 }
                 keys.sort_unstable();
                 keys.dedup();
@@ -78,7 +92,7 @@ impl EventLoop {
         }
     }
 
-    fn close_slow_consumer(&mut self, key: u32) {
+    pub(super) fn close_slow_consumer(&mut self, key: u32) {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         if !matches!(conn.phase, Phase::Open(_)) {
             return;

@@ -29,6 +29,7 @@ mod deliver;
 pub mod index;
 mod output;
 mod read;
+mod replay;
 mod requests;
 mod sse;
 pub mod timers;
@@ -36,7 +37,7 @@ mod websocket;
 
 pub use websocket::MAX_TOPICS_PER_CONNECTION;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -50,6 +51,7 @@ use tracing::warn;
 
 use crate::conn::{Conn, Timeouts};
 use crate::frame::{self, SharedFrame};
+use crate::ids::{StreamPos, Target};
 use crate::mailbox::{LoopCmd, WAKER};
 use crate::message::JsonScratch;
 use crate::metrics::LocalCounters;
@@ -108,6 +110,11 @@ pub struct EventLoop {
     plain_order: VecDeque<(u32, u32)>,
     /// Live plain connections on this loop; at the cap the oldest is evicted.
     plain_count: usize,
+    /// Resumes in progress, by connection and stream: few at a time, empty most of the time
+    /// (deliveries check it only when it is not).
+    replays: HashMap<(u32, Target), replay::Replay>,
+    /// Resumes just done: the last position each replayed, until live delivery has passed it.
+    replay_floors: HashMap<(u32, Target), StreamPos>,
 }
 
 /// Size of the loop's shared read buffer.
@@ -169,6 +176,8 @@ impl EventLoop {
             released_bytes: 0,
             plain_order: VecDeque::new(),
             plain_count: 0,
+            replays: HashMap::new(),
+            replay_floors: HashMap::new(),
         })
     }
 

@@ -32,6 +32,10 @@ impl EventLoop {
             if let Some(conn) = self.conns.get_mut(key as usize) {
                 conn.dirty = false;
                 self.flush(key);
+                if !self.replays.is_empty() {
+                    // What was written makes room for more of a replay.
+                    self.pump_all(key);
+                }
             }
         }
         // Reuse the allocation unless flushing re-filled the list.

@@ -9,11 +9,12 @@ use crate::broker::redis::fleet::FleetJob;
 use crate::broker::{Outgoing, Published};
 use crate::conn::{Phase, Waiting};
 use crate::frame;
+use crate::http::history::HistoryQuery;
 use crate::http::presence::PresenceQuery;
 use crate::http::publish::Responder;
 use crate::http::routes::{self, Outcome};
 use crate::http::{self, Parsed, Response, Status};
-use crate::ids::{Answer, ConnRef, ReplyTo};
+use crate::ids::{Answer, ConnRef, ReplyTo, Target};
 use crate::mailbox::{DisconnectTally, LoopCmd, TallyReply};
 use crate::route::Sender;
 
@@ -66,6 +67,7 @@ impl EventLoop {
                 Outcome::Publish(publish) => self.publish(key, publish.items, publish.respond, keep_alive),
                 Outcome::Disconnect(user) => self.start_disconnect(key, user, keep_alive),
                 Outcome::Presence(query) => self.presence(key, query, keep_alive),
+                Outcome::History(query) => self.history(key, query, keep_alive),
             }
         }
     }
@@ -144,6 +146,29 @@ impl EventLoop {
         let respond = Responder::Presence(Arc::new(query));
         let Some(reply) = self.park(key, Waiting { keep_alive, respond }) else { return };
         if fleet.try_send(FleetJob::Query { users, reply }).is_err() {
+            self.on_answer(reply.conn, Answer::Failed("redis fleet thread unavailable".into()));
+        }
+    }
+
+    /// `/api/history`: the embedded store answers at once; Redis through the fleet thread.
+    fn history(&mut self, key: u32, query: HistoryQuery, keep_alive: bool) {
+        let shared = self.shared.clone();
+        if !shared.broker.history_enabled() {
+            let response = Response::api_error(Status::NOT_FOUND, "history is off (HERALD_HISTORY_SIZE is 0)");
+            self.respond(key, response, false, !keep_alive);
+            return;
+        }
+        let user = Target::user(&query.user);
+        if let Some(items) = shared.broker.history_now(&user, query.since, query.limit) {
+            self.respond(key, query.render(&items), false, !keep_alive);
+            return;
+        }
+        let Some(fleet) = shared.broker.fleet() else { return };
+        let (since, limit) = (query.since, query.limit);
+        let Some(reply) = self.park(key, Waiting { keep_alive, respond: Responder::History(Arc::new(query)) }) else {
+            return;
+        };
+        if fleet.try_send(FleetJob::HistoryApi { user, since, limit, reply }).is_err() {
             self.on_answer(reply.conn, Answer::Failed("redis fleet thread unavailable".into()));
         }
     }

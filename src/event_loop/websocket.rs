@@ -13,6 +13,7 @@ use crate::conn::inbound::{Flow, Inbound, Violation};
 use crate::conn::{Membership, NO_NODE, Phase, Session, Topics};
 use crate::dialect::Stream;
 use crate::frame::{self, SharedFrame, code};
+use crate::history::{Since, StreamPos};
 use crate::http::routes::Upgrade;
 use crate::ids::{ConnRef, Exclusion, Origin, ReplyTo, Target};
 use crate::message::{self, ClientMessage};
@@ -31,7 +32,10 @@ enum Action {
     Subscribe {
         topic: String,
         silent: bool,
+        since: Option<String>,
     },
+    /// The client read up to this stream position (history on).
+    Ack(Option<String>),
     Unsubscribe {
         topic: String,
         silent: bool,
@@ -93,6 +97,10 @@ impl EventLoop {
             }
         }
         let greets = session.dialect().greets;
+        let stream = match session.path_topic() {
+            Some(topic) => topic.clone(),
+            None => session.user.clone(),
+        };
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         conn.phase = Phase::Open(session);
         self.shared.metrics.loops[self.id].connections.fetch_add(1, Ordering::Relaxed);
@@ -100,6 +108,9 @@ impl EventLoop {
             let greeting =
                 format!("{{\"type\":\"connected\",\"timestamp\":\"{}\"}}", message::rfc3339_millis(SystemTime::now()));
             self.queue_reply(key, frame::reply_text(greeting.as_bytes()));
+        }
+        if let Some(since) = upgrade.since.filter(|_| self.shared.broker.history_enabled()) {
+            self.start_replay(key, stream, Since::parse(&since));
         }
         self.arm(key);
         if !early_frames.is_empty() {
@@ -130,11 +141,16 @@ impl EventLoop {
             Inbound::Text(text) => {
                 match message::parse_client_message(text, json) {
                     ClientMessage::Ping(style) => actions.push(Action::Reply(style.answer_frame())),
-                    ClientMessage::Ack => counters.acked += 1,
-                    ClientMessage::Subscribe(topic) => actions.push(Action::Subscribe { topic, silent: false }),
+                    ClientMessage::Ack(id) => {
+                        counters.acked += 1;
+                        actions.push(Action::Ack(id));
+                    }
+                    ClientMessage::Subscribe { topic, since } => {
+                        actions.push(Action::Subscribe { topic, silent: false, since })
+                    }
                     ClientMessage::Unsubscribe(topic) => actions.push(Action::Unsubscribe { topic, silent: false }),
                     ClientMessage::SubscribeProject(id) if dialect.project_subscriptions => {
-                        actions.push(Action::Subscribe { topic: format!("project:{id}"), silent: true })
+                        actions.push(Action::Subscribe { topic: format!("project:{id}"), silent: true, since: None })
                     }
                     ClientMessage::UnsubscribeProject(id) if dialect.project_subscriptions => {
                         actions.push(Action::Unsubscribe { topic: format!("project:{id}"), silent: true })
@@ -166,7 +182,8 @@ impl EventLoop {
             }
             // Echo the client's code (RFC 6455 §5.5.1); an absent code becomes 1000.
             Action::CloseReply(code) => self.close_with(key, code, ""),
-            Action::Subscribe { topic, silent } => self.subscribe(key, topic, silent),
+            Action::Subscribe { topic, silent, since } => self.subscribe(key, topic, silent, since),
+            Action::Ack(id) => self.ack(key, id),
             Action::Unsubscribe { topic, silent } => self.unsubscribe(key, topic, silent),
             Action::Relay(data) => self.relay(key, &data),
         }
@@ -187,13 +204,13 @@ impl EventLoop {
         let update = format!(
             "{{\"type\":\"focus_session_update\",\"session_id\":{},\"sender_id\":{},\"data\":{data}}}",
             serde_json::Value::from(session_id),
-            crate::http::publish::id_as_json(session.user.name()),
+            crate::ids::id_as_json(session.user.name()),
         );
         // Built by herald around an object the inbound limit already bounded: valid, and its
         // envelope must never be what makes it too large.
         let valid = message::Valid { raw: update.as_bytes(), has_timestamp: false };
         let exclusion = Exclusion { users: None, origin: Some(origin) };
-        let item = Outgoing::new(vec![topic], valid, exclusion);
+        let item = Outgoing::new(vec![topic], valid, exclusion).live_only();
         let shared = self.shared.clone();
         let from = Sender::Loop { here: self.id };
         if let Published::Routed { local, .. } =
@@ -203,7 +220,22 @@ impl EventLoop {
         }
     }
 
-    pub(super) fn subscribe(&mut self, key: u32, topic: String, silent: bool) {
+    /// Moves the user's read marker (history on); an id that is not a stream position of
+    /// this herald is ignored and counted.
+    fn ack(&mut self, key: u32, id: Option<String>) {
+        if !self.shared.broker.history_enabled() {
+            return;
+        }
+        let Some(Phase::Open(session)) = self.conns.get(key as usize).map(|c| &c.phase) else { return };
+        match id.as_deref().and_then(StreamPos::parse) {
+            Some(pos) => self.shared.broker.ack(&session.user, pos, &self.shared.metrics),
+            None => {
+                self.shared.metrics.history.acks_ignored.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(super) fn subscribe(&mut self, key: u32, topic: String, silent: bool, since: Option<String>) {
         let Some(Phase::Open(session)) = self.conns.get_mut(key as usize).map(|c| &mut c.phase) else { return };
         let held = session.held().iter().any(|m| m.topic.name() == topic);
         let allowed = session.topics.as_ref().is_some_and(|t| crate::auth::topic_allowed(&t.allowed, &topic));
@@ -227,8 +259,15 @@ impl EventLoop {
             }
             (!silent).then(|| serde_json::json!({"type": "subscribed", "topic": topic}))
         };
+        let refused = reply.as_ref().is_some_and(|r| r["type"] == "error");
         if let Some(reply) = reply {
             self.queue_reply(key, frame::reply_text(reply.to_string().as_bytes()));
+        }
+        if let Some(since) = since.filter(|_| !refused && self.shared.broker.history_enabled()) {
+            let target = Target::topic(&topic);
+            if !self.replays.contains_key(&(key, target.clone())) {
+                self.start_replay(key, target, Since::parse(&since));
+            }
         }
     }
 
@@ -311,6 +350,10 @@ impl EventLoop {
             session.awaiting_subscriptions = session.awaiting_subscriptions.saturating_sub(1);
             if session.awaiting_subscriptions == 0 {
                 self.mark_dirty(conn.key);
+                // A replay reads the store only once its channel is confirmed.
+                if !self.replays.is_empty() {
+                    self.pump_all(conn.key);
+                }
             }
         }
     }

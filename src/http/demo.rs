@@ -1,88 +1,138 @@
-//! `GET /`: a self-contained demo page (no external assets): paste a token, connect, watch
-//! notifications arrive, publish one.
+//! The browser side, embedded in the binary: `GET /` (the demo page), `GET /herald.js` (the
+//! client module the page is built on, for any page to import) and `GET /favicon.ico`.
+//!
+//! The page's style and script are inline, so the page is one request and needs no other
+//! route; its Content-Security-Policy allows exactly those two by their SHA-256 hashes, so
+//! nothing else inline can run, whatever a notification contains.
 
-pub const PAGE: &str = r#"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>herald demo</title>
-<style>
-  body { font: 15px/1.4 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
-  h1 { font-size: 1.4rem; }
-  fieldset { border: 1px solid #ccc; border-radius: 6px; margin: 1rem 0; }
-  input, select, textarea, button { font: inherit; }
-  input[type=text], textarea { width: 100%; box-sizing: border-box; }
-  textarea { height: 5rem; font-family: ui-monospace, monospace; }
-  #log { background: #111; color: #cfc; font-family: ui-monospace, monospace; font-size: 13px;
-         padding: .75rem; border-radius: 6px; height: 18rem; overflow: auto; white-space: pre-wrap; }
-  .status { font-weight: 600; }
-</style>
-</head>
-<body>
-<h1>herald</h1>
-<p>Paste a token (dev mode prints one at start-up; otherwise <code>herald token --sub USER</code>),
-connect, then publish a notification to yourself.</p>
-<fieldset>
-  <legend>Connect</legend>
-  <label>Token <input type="text" id="token" placeholder="eyJ..." autocomplete="off"></label>
-  <p><label>Path
-    <select id="path">
-      <option value="/ws">/ws (seed 003)</option>
-      <option value="/ws/notifications">/ws/notifications (seeds 001, 004)</option>
-      <option value="/ws/notifications/">/ws/notifications/ (seed 002)</option>
-      <option value="/v1/notifications/ws/notifications">/v1/notifications/ws/notifications (seed 000)</option>
-    </select></label>
-  <button id="connect">Connect</button> <button id="disconnect" disabled>Disconnect</button>
-  <span class="status" id="status">disconnected</span></p>
-</fieldset>
-<fieldset>
-  <legend>Publish</legend>
-  <label>User id <input type="text" id="user" placeholder="the token's user"></label>
-  <label>Message <textarea id="message">{"type":"notification","payload":{"title":"hi"}}</textarea></label>
-  <button id="publish">Publish</button> <span id="result"></span>
-</fieldset>
-<div id="log"></div>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let socket = null;
-function log(line) {
-  const el = $("log");
-  el.textContent += new Date().toISOString().slice(11, 23) + "  " + line + "\n";
-  el.scrollTop = el.scrollHeight;
+use std::sync::LazyLock;
+
+use ring::digest;
+
+use super::{Request, Response, Status};
+
+/// The client module, as served at `/herald.js`.
+pub const HERALD_JS: &str = include_str!("assets/herald.js");
+const PAGE_TEMPLATE: &str = include_str!("assets/demo.html");
+const PAGE_CSS: &str = include_str!("assets/demo.css");
+const PAGE_JS: &str = include_str!("assets/demo.js");
+const FAVICON: &str = include_str!("assets/favicon.svg");
+
+/// Browsers may reuse `/herald.js` this long before revalidating it with its ETag.
+const HERALD_JS_CACHE: &str = "public, max-age=300";
+const FAVICON_CACHE: &str = "public, max-age=86400";
+
+struct Page {
+    html: String,
+    csp: String,
 }
-function userOf(token) {
-  try {
-    const claims = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
-    return String(claims.sub ?? claims.user_id ?? "");
-  } catch (e) { return ""; }
+
+static PAGE: LazyLock<Page> = LazyLock::new(|| Page {
+    html: PAGE_TEMPLATE.replacen("{{style}}", PAGE_CSS, 1).replacen("{{script}}", PAGE_JS, 1),
+    csp: format!(
+        "default-src 'self'; script-src 'self' 'sha256-{}'; style-src 'sha256-{}'; img-src 'self'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        base64(digest::digest(&digest::SHA256, PAGE_JS.as_bytes()).as_ref()),
+        base64(digest::digest(&digest::SHA256, PAGE_CSS.as_bytes()).as_ref()),
+    ),
+});
+
+static HERALD_JS_ETAG: LazyLock<String> = LazyLock::new(|| etag(HERALD_JS));
+static FAVICON_ETAG: LazyLock<String> = LazyLock::new(|| etag(FAVICON));
+
+/// `GET /`.
+pub fn page() -> Response {
+    Response::text(Status::OK, "text/html; charset=utf-8", PAGE.html.as_bytes())
+        .header("Content-Security-Policy", PAGE.csp.as_str())
+        .header("X-Content-Type-Options", "nosniff")
+        .header("Referrer-Policy", "no-referrer")
 }
-$("token").addEventListener("input", () => { if (!$("user").value) $("user").value = userOf($("token").value.trim()); });
-$("connect").onclick = () => {
-  const token = $("token").value.trim();
-  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  socket = new WebSocket(scheme + location.host + $("path").value + "?token=" + encodeURIComponent(token));
-  $("status").textContent = "connecting";
-  socket.onopen = () => { $("status").textContent = "connected"; $("connect").disabled = true; $("disconnect").disabled = false; log("open"); };
-  socket.onmessage = (event) => log("<- " + event.data);
-  socket.onclose = (event) => {
-    $("status").textContent = "disconnected"; $("connect").disabled = false; $("disconnect").disabled = true;
-    log("closed " + event.code + (event.reason ? " " + event.reason : ""));
-  };
-};
-$("disconnect").onclick = () => socket && socket.close(1000);
-$("publish").onclick = async () => {
-  let message;
-  try { message = JSON.parse($("message").value); } catch (e) { $("result").textContent = "message is not JSON"; return; }
-  const response = await fetch("/publish", {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "Authorization": "Bearer " + $("token").value.trim() },
-    body: JSON.stringify({ user_id: $("user").value.trim(), message }),
-  });
-  $("result").textContent = response.status + " " + await response.text();
-};
-</script>
-</body>
-</html>
-"#;
+
+/// `GET /herald.js`. Any origin may import it: it is public code and carries no credentials.
+pub fn herald_js(req: &Request) -> Response {
+    cacheable(req, "text/javascript; charset=utf-8", HERALD_JS, &HERALD_JS_ETAG, HERALD_JS_CACHE)
+        .header("Access-Control-Allow-Origin", "*")
+}
+
+/// `GET /favicon.ico`: an SVG (browsers go by the Content-Type, not the name), so that no
+/// page of herald's gets a 404 in its console.
+pub fn favicon(req: &Request) -> Response {
+    cacheable(req, "image/svg+xml", FAVICON, &FAVICON_ETAG, FAVICON_CACHE)
+}
+
+fn cacheable(req: &Request, content_type: &'static str, body: &str, etag: &str, cache: &'static str) -> Response {
+    let response = if req.if_none_match.as_deref().is_some_and(|tags| matches_etag(tags, etag)) {
+        Response::text(Status::NOT_MODIFIED, content_type, Vec::new())
+    } else {
+        Response::text(Status::OK, content_type, body.as_bytes())
+    };
+    response.cache(cache).header("ETag", etag).header("X-Content-Type-Options", "nosniff")
+}
+
+/// A strong validator: the first 128 bits of the content's SHA-256.
+fn etag(content: &str) -> String {
+    let hash = digest::digest(&digest::SHA256, content.as_bytes());
+    let hex: String = hash.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}\"")
+}
+
+/// `If-None-Match` holds `*` or a list of entity tags; GET compares them weakly (RFC 9110
+/// §13.1.2), so a `W/` prefix is ignored.
+fn matches_etag(header: &str, etag: &str) -> bool {
+    header.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
+}
+
+/// Standard base64 with padding, as CSP hash sources are written.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (input, encoded) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")]
+        {
+            assert_eq!(base64(input.as_bytes()), encoded);
+        }
+    }
+
+    #[test]
+    fn the_page_inlines_its_style_and_script_once_and_hashes_them() {
+        let page = &*PAGE;
+        assert!(!page.html.contains("{{"), "a placeholder was left in the page");
+        assert_eq!(page.html.matches(PAGE_JS).count(), 1);
+        assert_eq!(page.html.matches(PAGE_CSS).count(), 1);
+        // The script must not end its own element early.
+        assert!(!PAGE_JS.contains("</script") && !PAGE_CSS.contains("</style"));
+        // Python: base64.b64encode(hashlib.sha256(b"").digest())
+        assert_eq!(
+            base64(digest::digest(&digest::SHA256, b"").as_ref()),
+            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
+    }
+
+    #[test]
+    fn if_none_match_revalidates_herald_js() {
+        let etag = &*HERALD_JS_ETAG;
+        assert!(matches_etag(etag, etag));
+        assert!(matches_etag(&format!("\"x\", W/{etag}"), etag));
+        assert!(matches_etag("*", etag));
+        assert!(!matches_etag("\"x\"", etag));
+    }
+}

@@ -1,7 +1,9 @@
 //! HTTP/1.1 on the WebSocket port: request heads parsed from a bounded buffer (httparse), and
 //! responses rendered to bytes. No I/O here; the event loop feeds bytes in and writes bytes out.
 
+pub mod api;
 pub mod demo;
+pub mod history;
 pub mod presence;
 pub mod publish;
 pub mod routes;
@@ -49,6 +51,7 @@ pub struct Request {
     pub host: Option<String>,
     /// An EventSource's reconnection names the last event it received (SSE resume).
     pub last_event_id: Option<String>,
+    pub if_none_match: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -154,6 +157,8 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
             request.host = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("last-event-id") {
             request.last_event_id = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("if-none-match") {
+            request.if_none_match = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("content-length") {
             // Digits only (RFC 9112 §6.3): usize::from_str would also take "+39".
             let Some(n) = value.bytes().all(|b| b.is_ascii_digit()).then(|| value.parse::<usize>().ok()).flatten()
@@ -188,6 +193,7 @@ pub struct Status(pub u16, pub &'static str);
 impl Status {
     pub const OK: Status = Status(200, "OK");
     pub const NO_CONTENT: Status = Status(204, "No Content");
+    pub const NOT_MODIFIED: Status = Status(304, "Not Modified");
     pub const BAD_REQUEST: Status = Status(400, "Bad Request");
     pub const UNAUTHORIZED: Status = Status(401, "Unauthorized");
     pub const FORBIDDEN: Status = Status(403, "Forbidden");
@@ -209,6 +215,8 @@ pub struct Response {
     pub status: Status,
     pub content_type: &'static str,
     pub extra_headers: Vec<(&'static str, String)>,
+    /// `no-store` unless the response says otherwise: API answers are never cached.
+    pub cache_control: &'static str,
     pub body: Vec<u8>,
     /// Close the connection after this response.
     pub close: bool,
@@ -220,6 +228,7 @@ impl Response {
             status,
             content_type: "application/json",
             extra_headers: Vec::new(),
+            cache_control: "no-store",
             body: body.into(),
             close: false,
         }
@@ -236,7 +245,14 @@ impl Response {
     }
 
     pub fn text(status: Status, content_type: &'static str, body: impl Into<Vec<u8>>) -> Response {
-        Response { status, content_type, extra_headers: Vec::new(), body: body.into(), close: false }
+        Response {
+            status,
+            content_type,
+            extra_headers: Vec::new(),
+            cache_control: "no-store",
+            body: body.into(),
+            close: false,
+        }
     }
 
     /// The same refusal with `context` before its message (`{"error":"item 3: …"}`).
@@ -257,6 +273,11 @@ impl Response {
         self
     }
 
+    pub fn cache(mut self, cache_control: &'static str) -> Response {
+        self.cache_control = cache_control;
+        self
+    }
+
     pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Response {
         self.extra_headers.push((name, value.into()));
         self
@@ -266,11 +287,12 @@ impl Response {
     pub fn render(&self, head_only: bool) -> Vec<u8> {
         let mut head = String::with_capacity(160);
         let _ = write!(head, "HTTP/1.1 {} {}\r\n", self.status.0, self.status.1);
-        // A 204 has no body, and no Content-Length either (RFC 9110 §8.6).
-        if self.status != Status::NO_CONTENT {
+        // A 204 and a 304 have no content; a 304's Content-Length would have to be the 200's
+        // (RFC 9110 §8.6): neither field is sent.
+        if self.status != Status::NO_CONTENT && self.status != Status::NOT_MODIFIED {
             let _ = write!(head, "Content-Type: {}\r\nContent-Length: {}\r\n", self.content_type, self.body.len());
         }
-        head.push_str("Cache-Control: no-store\r\n");
+        let _ = write!(head, "Cache-Control: {}\r\n", self.cache_control);
         for (name, value) in &self.extra_headers {
             let _ = write!(head, "{name}: {value}\r\n");
         }

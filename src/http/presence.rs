@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::publish::{self, Caller};
+use super::api::{self, Caller};
 use super::{Request, Response, Status};
 use crate::auth::MAX_USER_ID_BYTES;
 use crate::ids::id_as_json;
@@ -52,7 +52,7 @@ impl PresenceQuery {
 
 /// `GET /api/presence/{user_id}`; `segment` is the raw path segment after the prefix.
 pub fn one(segment: &str, req: &Request, peer: IpAddr, shared: &Shared) -> Result<PresenceQuery, Response> {
-    let caller = publish::caller(req, peer, shared)?;
+    let caller = api::caller(req, peer, shared)?;
     let user = percent_decode(segment)
         .filter(|u| !u.is_empty() && u.len() <= MAX_USER_ID_BYTES && !u.contains('/'))
         .ok_or_else(|| bad_request("the path must end in a user id"))?;
@@ -67,15 +67,15 @@ pub fn many(req: &Request, peer: IpAddr, shared: &Shared) -> Result<PresenceQuer
     struct Body {
         user_ids: Option<Vec<Value>>,
     }
-    let caller = publish::caller(req, peer, shared)?;
-    let body: Body = publish::parse(&req.body)?;
+    let caller = api::caller(req, peer, shared)?;
+    let body: Body = api::parse(&req.body)?;
     let ids = body.user_ids.ok_or_else(|| bad_request("missing user_ids (an array of strings or integers)"))?;
     if ids.len() > MAX_USERS {
         return Err(bad_request(&format!("at most {MAX_USERS} user_ids per request")));
     }
     let users = ids
         .iter()
-        .map(|id| publish::id_from_json(id).map(Arc::from))
+        .map(|id| api::id_from_json(id).map(Arc::from))
         .collect::<Option<Vec<Arc<str>>>>()
         .ok_or_else(|| bad_request("each user_id must be a non-empty string or an integer"))?;
     let query = PresenceQuery { users, single: false };

@@ -8,16 +8,17 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 
+use super::api::{Caller, caller, id_from_json, parse};
+use super::history::HistoryQuery;
 use super::presence::PresenceQuery;
 use super::{Request, Response, Status};
-use crate::auth::MAX_USER_ID_BYTES;
 use crate::broker::Outgoing;
-use crate::ids::{Answer, Exclusion, Target};
+use crate::ids::{Answer, Exclusion, Target, id_as_json};
 use crate::message::{self, JsonScratch};
 use crate::shared::Shared;
 
@@ -41,6 +42,8 @@ pub enum Responder {
     Closed,
     /// `/api/presence`: one user's presence, or a map of several.
     Presence(Arc<PresenceQuery>),
+    /// `/api/history/{user}`.
+    History(Arc<HistoryQuery>),
 }
 
 impl Responder {
@@ -50,6 +53,10 @@ impl Responder {
             Answer::Closed(_) => &[],
             Answer::Presence(counts) => match self {
                 Responder::Presence(query) => return query.render(counts),
+                _ => &[],
+            },
+            Answer::History(items) => match self {
+                Responder::History(query) => return query.render(items),
                 _ => &[],
             },
             Answer::Failed(why) => return Response::api_error(Status::SERVICE_UNAVAILABLE, why),
@@ -76,6 +83,7 @@ impl Responder {
             Responder::WorkspaceSent => r#"{"status":"workspace notification sent"}"#.to_string(),
             Responder::SystemSent => r#"{"status":"system notification sent"}"#.to_string(),
             Responder::Presence(query) => return query.render(&[]),
+            Responder::History(query) => return query.render(&Default::default()),
         };
         Response::json(Status::OK, body)
     }
@@ -87,56 +95,6 @@ pub struct PublishRequest {
     pub respond: Responder,
 }
 
-/// Who is calling.
-pub(super) enum Caller {
-    /// HERALD_API_KEY: any target, no user of its own.
-    ApiKey,
-    /// A token with scope `publish`: any target; `user` is the caller for seed-004 defaults.
-    Publisher { user: Arc<str> },
-    /// A plain user token: its own user only.
-    User { user: Arc<str> },
-}
-
-impl Caller {
-    fn user(&self) -> Option<&Arc<str>> {
-        match self {
-            Caller::ApiKey => None,
-            Caller::Publisher { user } | Caller::User { user } => Some(user),
-        }
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub(super) fn caller(req: &Request, peer: IpAddr, shared: &Shared) -> Result<Caller, Response> {
-    let limit = &shared.auth_failures;
-    let now = Instant::now();
-    if limit.exhausted(peer, now) {
-        shared.metrics.api_auth_rate_limited.fetch_add(1, Relaxed);
-        return Err(Response::api_error(Status::TOO_MANY_REQUESTS, "too many failed authentications")
-            .header("Retry-After", "1"));
-    }
-    let unauthorized = || {
-        limit.failed(peer, now);
-        shared.metrics.api_auth_failures.fetch_add(1, Relaxed);
-        Response::api_error(Status::UNAUTHORIZED, "missing or invalid credentials")
-    };
-    let bearer = req.bearer().ok_or_else(unauthorized)?;
-    if let Some(key) = &shared.config.api_key {
-        if constant_time_eq(bearer.as_bytes(), key.as_bytes()) {
-            return Ok(Caller::ApiKey);
-        }
-    }
-    let identity = shared.verifier.verify(bearer).map_err(|_| unauthorized())?;
-    Ok(if identity.can_publish {
-        Caller::Publisher { user: identity.user }
-    } else {
-        Caller::User { user: identity.user }
-    })
-}
-
 /// A plain user may address only its own user.
 fn permitted(caller: &Caller, targets: &[Target]) -> Result<(), Response> {
     match caller {
@@ -146,17 +104,6 @@ fn permitted(caller: &Caller, targets: &[Target]) -> Result<(), Response> {
         _ => Ok(()),
     }
 }
-
-/// A user id given as a JSON string or integer.
-pub(super) fn id_from_json(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) if !s.is_empty() && s.len() <= MAX_USER_ID_BYTES => Some(s.clone()),
-        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-pub use crate::ids::id_as_json;
 
 fn bad_request(message: &str) -> Response {
     Response::api_error(Status::BAD_REQUEST, message)
@@ -360,10 +307,6 @@ struct SystemEvent {
     content: String,
     user_id: Option<Value>,
     data: Option<Value>,
-}
-
-pub(super) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| bad_request(&format!("invalid body: {e}")))
 }
 
 fn scalar_id(value: &Value, field: &str) -> Result<String, Response> {

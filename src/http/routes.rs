@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
+use super::history::{self, HistoryQuery};
 use super::presence::{self, PresenceQuery};
 use super::publish::{self, PublishRequest};
 use super::{Method, Request, Response, Status};
@@ -28,6 +29,8 @@ pub enum Outcome {
     Presence(PresenceQuery),
     /// Start a Server-Sent Events stream (admitted: its connection slot is reserved).
     EventStream(Box<super::sse::Open>),
+    /// Answer with a user's stored notifications.
+    History(HistoryQuery),
 }
 
 /// An accepted upgrade. When `identity` is `Err`, the dialect wants the failure reported
@@ -38,10 +41,13 @@ pub struct Upgrade {
     pub identity: Result<Identity, u16>,
     /// The complete 101 response.
     pub response: Vec<u8>,
+    /// `since=<stream_id>`: replay what came after it (history on).
+    pub since: Option<String>,
 }
 
 const EVENTS: &str = "/api/v1/realtime/events/";
 const PRESENCE: &str = "/api/presence/";
+const HISTORY: &str = "/api/history/";
 
 /// Routes one request.
 pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonScratch) -> Outcome {
@@ -56,9 +62,9 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
         (Method::Get | Method::Head, "/health") => respond(health(shared)),
         (Method::Get | Method::Head, "/ready") => respond(ready(shared)),
         (Method::Get | Method::Head, "/metrics") => respond(metrics(req, shared)),
-        (Method::Get | Method::Head, "/") => {
-            respond(Response::text(Status::OK, "text/html; charset=utf-8", super::demo::PAGE))
-        }
+        (Method::Get | Method::Head, "/") => respond(super::demo::page()),
+        (Method::Get | Method::Head, "/herald.js") => respond(super::demo::herald_js(req)),
+        (Method::Get | Method::Head, "/favicon.ico") => respond(super::demo::favicon(req)),
         (Method::Post, "/publish") => publishing(publish::publish(req, peer, shared, scratch)),
         (Method::Post, "/publish/batch") => publishing(publish::publish_batch(req, peer, shared, scratch)),
         (Method::Post, "/notify") => publishing(publish::notify(req, peer, shared, scratch)),
@@ -72,6 +78,12 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
                 Err(response) => respond(response),
             }
         }
+        (Method::Get, path) if path.starts_with(HISTORY) => {
+            match history::query(&path[HISTORY.len()..], req, peer, shared) {
+                Ok(query) => Outcome::History(query),
+                Err(response) => respond(response),
+            }
+        }
         (Method::Post, "/api/presence") => match presence::many(req, peer, shared) {
             Ok(query) => Outcome::Presence(query),
             Err(response) => respond(response),
@@ -81,8 +93,8 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
         }
         (
             _,
-            "/" | "/health" | "/ready" | "/metrics" | "/publish" | "/publish/batch" | "/notify" | "/api/disconnect"
-            | "/api/presence",
+            "/" | "/herald.js" | "/favicon.ico" | "/health" | "/ready" | "/metrics" | "/publish" | "/publish/batch"
+            | "/notify" | "/api/disconnect" | "/api/presence",
         ) => respond(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed")),
         _ => respond(Response::error(Status::NOT_FOUND, "not found")),
     }
@@ -128,7 +140,7 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
                 AuthFailure::Http401Json => refuse(Response::error(Status::UNAUTHORIZED, message)),
                 AuthFailure::Http403 => refuse(Response::error(Status::FORBIDDEN, message)),
                 AuthFailure::CloseAfterOpen(code) => {
-                    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Err(code), response }))
+                    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Err(code), response, since: None }))
                 }
             };
         }
@@ -136,7 +148,8 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
     if let Err(refusal) = admit(&identity, shared) {
         return refuse(refusal);
     }
-    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Ok(identity), response }))
+    let since = req.query_param("since").filter(|s| !s.is_empty());
+    Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Ok(identity), response, since }))
 }
 
 /// Whether the request's Origin may open a connection: any, when HERALD_ALLOWED_ORIGINS is

@@ -21,6 +21,8 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::http::{HeaderName, HeaderValue};
 use tungstenite::protocol::WebSocket;
 
+pub mod cluster;
+
 /// HS256 secret every test herald is started with (unless a test says otherwise).
 pub const SECRET: &str = "herald-integration-test-secret-3f9a1c";
 /// API key used by tests that configure HERALD_API_KEY.
@@ -570,20 +572,76 @@ impl Drop for Herald {
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// Arguments added to redis-server's command line (see [`RedisBuilder`]).
+    extra: Vec<String>,
+    /// For a TLS-only server: the redis-cli flags that reach it.
+    tls_cli: Option<Vec<String>>,
+}
+
+/// A redis-server with settings of its own: ACL users, TLS.
+#[derive(Default)]
+pub struct RedisBuilder {
+    extra: Vec<String>,
+    tls_cli: Option<Vec<String>>,
+}
+
+impl RedisBuilder {
+    /// Appends to redis-server's command line, e.g. `["--user", "herald", "on", ">pw", "&*", "+@all"]`.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Serves TLS only: the port becomes `--tls-port` (with `--port 0`), `server` adds the
+    /// `--tls-*` flags, and `cli` are the redis-cli flags that reach it (`--tls --cacert …`):
+    /// the readiness check and [`Redis::cli`] use them.
+    pub fn tls(mut self, server: &[&str], cli: &[&str]) -> Self {
+        self.extra.extend(server.iter().map(|a| a.to_string()));
+        self.tls_cli = Some(cli.iter().map(|a| a.to_string()).collect());
+        self
+    }
+
+    pub fn start(self) -> Redis {
+        let mut r = Redis { child: None, port: free_port(), extra: self.extra, tls_cli: self.tls_cli };
+        r.spawn();
+        r
+    }
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut r = Redis { child: None, port: free_port() };
-        r.spawn();
-        r
+        Redis::builder().start()
+    }
+
+    pub fn builder() -> RedisBuilder {
+        RedisBuilder::default()
     }
 
     /// Starts redis-server on a given port.
     pub fn start_on(port: u16) -> Redis {
-        let mut r = Redis { child: None, port };
+        let mut r = Redis { child: None, port, extra: Vec::new(), tls_cli: None };
         r.spawn();
         r
+    }
+
+    /// Runs `redis-cli` against this server (over TLS for a TLS-only one) and returns its
+    /// standard output, trimmed; killed after 5 s.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        cmd.args(self.tls_cli.iter().flatten());
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn redis-cli");
+        let out = Arc::new(Mutex::new(String::new()));
+        drain(child.stdout.take().unwrap(), out.clone());
+        let exited = wait_until(Duration::from_secs(5), || matches!(child.try_wait(), Ok(Some(_))));
+        if !exited {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        // The drain thread ends at EOF, right after the exit.
+        wait_until(Duration::from_millis(500), || Arc::strong_count(&out) == 1);
+        out.lock().unwrap().trim().to_string()
     }
 
     pub fn url(&self) -> String {
@@ -593,10 +651,14 @@ impl Redis {
     fn spawn(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            let port = self.port.to_string();
+            let ports = match self.tls_cli {
+                None => ["--port", &port, "", ""],
+                Some(_) => ["--port", "0", "--tls-port", &port],
+            };
             let mut child = Command::new("redis-server")
+                .args(ports.iter().filter(|a| !a.is_empty()))
                 .args([
-                    "--port",
-                    &self.port.to_string(),
                     "--bind",
                     "127.0.0.1",
                     "--save",
@@ -608,6 +670,7 @@ impl Redis {
                     "--loglevel",
                     "warning",
                 ])
+                .args(&self.extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -618,7 +681,10 @@ impl Redis {
                 if let Ok(Some(_)) = child.try_wait() {
                     return true;
                 }
-                redis_ping(self.port)
+                match self.tls_cli {
+                    None => redis_ping(self.port),
+                    Some(_) => self.cli(&["PING"]) == "PONG",
+                }
             });
             if ready && child.try_wait().unwrap().is_none() {
                 self.child = Some(child);
@@ -866,7 +932,7 @@ impl RedisConn {
     }
 }
 
-fn redis_ping(port: u16) -> bool {
+pub fn redis_ping(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
     if s.write_all(b"*1\r\n$4\r\nPING\r\n").is_err() {

@@ -22,14 +22,17 @@ use mio::{Events, Interest, Poll, Token};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use super::conn::{Conn, Failure};
+use super::conn::{Conn, Failure, RedisTls};
 use super::presence_sync::PresenceSync;
 use super::redis_url::RedisUrl;
 use super::resp::{self, Push, SubKind, Value};
+use super::stream::{self, HistoryReply};
 use super::survey::Surveys;
 use super::{Backoff, CONNECT_TIMEOUT, Context, LOOP_PATIENCE};
-use crate::ids::{Answer, ReplyTo, id_as_json};
+use crate::history::{self, Page, Since, StreamPos};
+use crate::ids::{Answer, HistoryItems, ReplyTo, Target, id_as_json};
 use crate::mailbox::{DisconnectTally, LoopCmd, Mailbox, TallyReply};
+use crate::message::JsonScratch;
 use crate::presence::{self, Status};
 use crate::webhook::Webhook;
 
@@ -41,8 +44,6 @@ const CMD: Token = Token(2);
 pub const CONTROL_CHANNEL: &str = "herald:control";
 /// Instances by the time they count as dead (Redis's clock, so hosts' clocks do not matter).
 pub const INSTANCES_KEY: &str = "herald:presence:instances";
-/// herald's function library (presence now; history shares it).
-const LIBRARY: &str = include_str!("herald.lua");
 
 /// How often an instance says it is alive…
 const BEAT_EVERY: Duration = Duration::from_secs(5);
@@ -70,6 +71,12 @@ pub enum FleetJob {
     Closed { survey: u64, asker: Arc<str>, closed: u64 },
     /// Fleet-wide connections of each of `users`.
     Query { users: Vec<Arc<str>>, reply: ReplyTo },
+    /// A page of `target`'s stream after `since`, for a connection replaying it.
+    History { target: Target, since: Since, reply: ReplyTo },
+    /// A client acknowledged `pos` of `user`'s stream.
+    Ack { user: Target, pos: StreamPos },
+    /// `/api/history`: up to `limit` of `user`'s stored notifications after `since`.
+    HistoryApi { user: Target, since: Since, limit: usize, reply: ReplyTo },
 }
 
 /// The loops' side.
@@ -160,6 +167,9 @@ enum Expect {
     SweepMembers(Arc<str>),
     Swept(Arc<str>),
     QueryPart { query: u64, index: usize },
+    History { target: Target, since: Since, reply: ReplyTo },
+    Ack,
+    HistoryApi { since: Since, reply: ReplyTo },
 }
 
 struct Query {
@@ -205,6 +215,10 @@ pub struct FleetThread {
     next_query: u64,
     next_beat: Instant,
     next_flush: Instant,
+    history: history::Settings,
+    /// herald.lua with this instance's settings, loaded on every new command connection.
+    library: String,
+    scratch: JsonScratch,
 }
 
 /// The parts of the configuration the fleet thread needs.
@@ -212,6 +226,7 @@ pub struct FleetSettings {
     pub instance: Arc<str>,
     pub presence_channel: String,
     pub webhook: Option<Arc<Webhook>>,
+    pub history: history::Settings,
 }
 
 impl FleetThread {
@@ -246,6 +261,9 @@ impl FleetThread {
             next_query: 0,
             next_beat: now,
             next_flush: now,
+            history: settings.history,
+            library: stream::library(&settings.history, "PUBLISH"),
+            scratch: JsonScratch::default(),
         }
     }
 
@@ -306,17 +324,17 @@ impl FleetThread {
     fn connect_if_due(&mut self) {
         let now = Instant::now();
         if self.sub.conn.is_none() && now >= self.sub.retry_at {
-            if let Some(mut conn) = open(&self.url, &mut self.sub, &self.poll) {
+            if let Some(mut conn) = open(&self.url, self.ctx.settings.tls.as_ref(), &mut self.sub, &self.poll) {
                 let channels = [CONTROL_CHANNEL, self.reply_channel.as_str()];
                 resp::encode_subscription(conn.commands(), SubKind::Subscribe, channels.iter().map(|c| c.as_bytes()));
                 self.sub.conn = Some(conn);
             }
         }
         if self.cmd.conn.is_none() && now >= self.cmd.retry_at {
-            if let Some(mut conn) = open(&self.url, &mut self.cmd, &self.poll) {
+            if let Some(mut conn) = open(&self.url, self.ctx.settings.tls.as_ref(), &mut self.cmd, &self.poll) {
                 resp::encode_command(
                     conn.commands(),
-                    [b"FUNCTION".as_slice(), b"LOAD", b"REPLACE", LIBRARY.as_bytes()],
+                    [b"FUNCTION".as_slice(), b"LOAD", b"REPLACE", self.library.as_bytes()],
                 );
                 self.expect.push_back((Expect::FunctionLoad, Instant::now()));
                 self.cmd.conn = Some(conn);
@@ -340,6 +358,32 @@ impl FleetThread {
                     self.command([b"PUBLISH".as_slice(), channel.as_bytes(), body.as_bytes()], Expect::Ignore);
                 }
                 FleetJob::Query { users, reply } => self.start_query(users, reply),
+                FleetJob::History { target, since, reply } => {
+                    let expect = Expect::History { target: target.clone(), since, reply };
+                    if !self.read_history(&target, since, history::PAGE, expect) {
+                        self.send_page(reply, target, None);
+                    }
+                }
+                FleetJob::HistoryApi { user, since, limit, reply } => {
+                    if !self.read_history(&user, since, limit, Expect::HistoryApi { since, reply }) {
+                        self.answer(reply, Answer::Failed("redis unavailable".into()));
+                    }
+                }
+                FleetJob::Ack { user, pos } => {
+                    let channel = self.channel_of(&user);
+                    let (epoch, offset) = (history::epoch_text(pos.epoch), pos.offset.to_string());
+                    let args = [
+                        b"FCALL".as_slice(),
+                        b"herald_ack",
+                        b"1",
+                        channel.as_bytes(),
+                        epoch.as_bytes(),
+                        offset.as_bytes(),
+                    ];
+                    if !self.command(args, Expect::Ack) {
+                        self.ctx.metrics.history.acks_ignored.fetch_add(1, Relaxed);
+                    }
+                }
             }
         }
     }
@@ -414,6 +458,38 @@ impl FleetThread {
             self.command([b"HVALS".as_slice(), key.as_bytes()], Expect::QueryPart { query, index });
         }
         self.queries.insert(query, Query { reply, counts: vec![0; users.len()], left: users.len() });
+    }
+
+    fn channel_of(&self, target: &Target) -> String {
+        super::super::channel_of(target, &self.ctx.settings.user_prefix, &self.ctx.settings.topic_prefix)
+    }
+
+    /// Asks for up to `limit` entries of `target`'s stream after `since`; false when there is
+    /// no connection to ask on.
+    fn read_history(&mut self, target: &Target, since: Since, limit: usize, expect: Expect) -> bool {
+        let channel = self.channel_of(target);
+        let (epoch, offset) = match since {
+            Since::After(pos) => (history::epoch_text(pos.epoch), pos.offset),
+            Since::Beginning | Since::Unknown => (String::new(), 0),
+        };
+        let (offset, limit) = (offset.to_string(), limit.to_string());
+        let args = [
+            b"FCALL".as_slice(),
+            b"herald_history",
+            b"1",
+            channel.as_bytes(),
+            epoch.as_bytes(),
+            offset.as_bytes(),
+            limit.as_bytes(),
+        ];
+        self.command(args, expect)
+    }
+
+    fn send_page(&self, reply: ReplyTo, target: Target, page: Option<Page>) {
+        if let Some(handle) = self.ctx.routing.loops().get(reply.loop_id) {
+            let cmd = LoopCmd::ReplayPage { conn: reply.conn, target, page: page.map(Box::new) };
+            let _ = handle.send_waiting(cmd, LOOP_PATIENCE);
+        }
     }
 
     fn presence_key(&self, user: &str) -> String {
@@ -550,6 +626,35 @@ impl FleetThread {
                 }
                 self.sweep_step(dead);
             }
+            Expect::History { target, since, reply: asker } => {
+                let reading = stream::Reading {
+                    since,
+                    ttl: self.history.ttl,
+                    max_bytes: self.ctx.settings.max_message_bytes,
+                    scratch: &mut self.scratch,
+                };
+                let page = history_reply(reply).page(reading);
+                self.send_page(asker, target, Some(page));
+            }
+            Expect::HistoryApi { since, reply: asker } => {
+                let reply = history_reply(reply);
+                let acked =
+                    reply.epoch.filter(|_| reply.acked > 0).map(|epoch| StreamPos { epoch, offset: reply.acked });
+                let reading = stream::Reading {
+                    since,
+                    ttl: self.history.ttl,
+                    max_bytes: self.ctx.settings.max_message_bytes,
+                    scratch: &mut self.scratch,
+                };
+                let page = reply.page(reading);
+                let items = HistoryItems { acked, items: history::items_json(&page.entries), complete: page.complete };
+                self.answer(asker, Answer::History(Box::new(items)));
+            }
+            Expect::Ack => {
+                let moved = matches!(reply, Reply::Int(1));
+                let history = &self.ctx.metrics.history;
+                (if moved { &history.acks } else { &history.acks_ignored }).fetch_add(1, Relaxed);
+            }
             Expect::QueryPart { query, index } => {
                 let Some(pending) = self.queries.get_mut(&query) else { return Ok(()) };
                 if let Some(count) = pending.counts.get_mut(index) {
@@ -569,8 +674,26 @@ impl FleetThread {
     /// An error reply. The connection stays unless Redis refuses herald as a whole.
     fn on_error(&mut self, expect: Expect, error: &str) -> Result<(), Failure> {
         match expect {
+            Expect::FunctionLoad if self.history.enabled() => {
+                // History cannot work at all without them: say so once and stop, rather than
+                // run without the resume clients were promised.
+                tracing::error!(
+                    error,
+                    "redis refused herald's functions (FUNCTION LOAD needs Redis 7.0 or later); \
+                     history (HERALD_HISTORY_SIZE) cannot work: exiting"
+                );
+                std::process::exit(2);
+            }
             Expect::FunctionLoad => {
                 warn!(error, "redis refused herald's functions: presence is unavailable (FUNCTION LOAD needs Redis 7)");
+            }
+            Expect::History { target, reply, .. } => {
+                warn!(error, "history read refused by redis");
+                self.send_page(reply, target, None);
+            }
+            Expect::HistoryApi { reply, .. } => {
+                warn!(error, "history read refused by redis");
+                self.answer(reply, Answer::Failed("redis refused the history read".into()));
             }
             Expect::Presence(user) => {
                 warn!(error, "presence update refused by redis");
@@ -687,14 +810,38 @@ impl FleetThread {
                         self.answer(done.reply, Answer::Failed("redis connection lost".into()));
                     }
                 }
+                Expect::History { target, reply, .. } => self.send_page(reply, target, None),
+                Expect::HistoryApi { reply, .. } => self.answer(reply, Answer::Failed("redis connection lost".into())),
                 _ => {}
             }
         }
     }
 }
 
-fn open(url: &RedisUrl, link: &mut Link, poll: &Poll) -> Option<Conn> {
-    let result = Conn::open(url, link.name, CONNECT_TIMEOUT, MAX_REPLY).and_then(|mut conn| {
+/// `herald_history`'s answer, owned.
+fn history_reply(reply: Reply) -> HistoryReply {
+    let Reply::List(items) = reply else { return HistoryReply::default() };
+    let mut items = items.into_iter();
+    let text = |r: Option<Reply>| if let Some(Reply::Text(t)) = r { t } else { String::new() };
+    let number = |r: Option<Reply>| match r {
+        Some(Reply::Int(n)) => n.max(0) as u64,
+        Some(Reply::Text(t)) => t.parse().unwrap_or(0),
+        _ => 0,
+    };
+    let epoch = history::parse_epoch(&text(items.next()));
+    let (top, oldest, acked) = (number(items.next()), number(items.next()), number(items.next()));
+    let entries = match items.next() {
+        Some(Reply::List(entries)) => entries
+            .into_iter()
+            .filter_map(|e| if let Reply::Text(t) = e { Some(t.into_bytes()) } else { None })
+            .collect(),
+        _ => Vec::new(),
+    };
+    HistoryReply { epoch, top, oldest, acked, entries }
+}
+
+fn open(url: &RedisUrl, tls: Option<&RedisTls>, link: &mut Link, poll: &Poll) -> Option<Conn> {
+    let result = Conn::open(url, tls, link.name, CONNECT_TIMEOUT, MAX_REPLY).and_then(|mut conn| {
         poll.registry()
             .register(&mut conn.stream, link.token, Interest::READABLE | Interest::WRITABLE)
             .map_err(Failure::Io)?;

@@ -3,6 +3,11 @@
 //! publishes and relays). Both speak RESP through [`resp`], connect as [`redis_url`] says,
 //! reconnect by themselves with capped, jittered backoff, and report their state to
 //! `/health`. Pub/sub has no replay: what was published while herald was disconnected is gone.
+//!
+//! A Redis Cluster ([`Endpoint::Cluster`]) in sharded pub/sub has a reader ([`sharded`]) and
+//! a publisher ([`shard_publisher`]) with a connection per master, both following the slot
+//! map that [`topology`] keeps ([`slots`]: slot math and the map). In classic pub/sub the
+//! standalone reader and publisher serve, on the first seed that answers.
 
 mod conn;
 pub mod fleet;
@@ -11,8 +16,13 @@ mod publisher;
 mod reader;
 pub mod redis_url;
 pub mod resp;
+mod shard_publisher;
+mod sharded;
+pub mod slots;
+mod stream;
 pub mod subscriptions;
 mod survey;
+mod topology;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,8 +32,9 @@ use crate::ids::ReplyTo;
 use crate::mailbox::Mailbox;
 use crate::message;
 use crate::metrics::Metrics;
+pub use conn::RedisTls;
 use fleet::{FleetHandle, FleetSettings, FleetThread};
-use publisher::PublishJob;
+use publisher::{Message, PublishJob};
 pub use reader::pattern_for;
 use redis_url::RedisUrl;
 use subscriptions::Reports;
@@ -68,6 +79,8 @@ pub struct Settings {
     pub user_prefix: String,
     pub topic_prefix: String,
     pub max_message_bytes: usize,
+    /// What `rediss://` connections trust; `None` for `redis://`.
+    pub tls: Option<RedisTls>,
 }
 
 /// What the Redis threads share with the rest of herald.
@@ -87,6 +100,42 @@ pub enum SubscribeMode {
     Pattern,
 }
 
+/// How herald uses a Redis Cluster's pub/sub (HERALD_REDIS_CLUSTER_PUBSUB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterPubsub {
+    /// SSUBSCRIBE/SPUBLISH: each channel lives on the master serving its slot.
+    Sharded,
+    /// SUBSCRIBE/PUBLISH on one node, which the cluster bus relays to every other node.
+    Classic,
+}
+
+/// Where herald's Redis is.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// HERALD_REDIS_URL.
+    Standalone(RedisUrl),
+    /// HERALD_REDIS_CLUSTER: seed nodes, in the order given.
+    Cluster { seeds: Vec<RedisUrl>, pubsub: ClusterPubsub },
+}
+
+/// Opens a connection to the first of `urls` that answers; on failure, the last failure and
+/// where it happened.
+fn open_first<'u>(
+    urls: &'u [RedisUrl],
+    tls: Option<&RedisTls>,
+    name: &str,
+    max_bulk: usize,
+) -> Result<(conn::Conn, &'u RedisUrl), (conn::Failure, &'u RedisUrl)> {
+    let mut last = None;
+    for url in urls {
+        match conn::Conn::open(url, tls, name, CONNECT_TIMEOUT, max_bulk) {
+            Ok(conn) => return Ok((conn, url)),
+            Err(failure) => last = Some((failure, url)),
+        }
+    }
+    Err(last.unwrap_or_else(|| (conn::Failure::Refused("no Redis URL".into()), &urls[0])))
+}
+
 /// The event loops' handle on Redis: publishing goes through the publisher thread; joins and
 /// leaves (exact mode) go to the reader.
 pub struct RedisBroker {
@@ -94,12 +143,14 @@ pub struct RedisBroker {
     settings: Arc<Settings>,
     reports: Option<Arc<Reports>>,
     fleet: Arc<FleetHandle>,
+    history_on: bool,
 }
 
 impl RedisBroker {
-    /// Starts the reader, publisher and fleet threads.
+    /// Starts the reader, publisher and fleet threads (and, for a cluster in sharded mode,
+    /// the thread that keeps its slot map).
     pub fn start(
-        url: &RedisUrl,
+        endpoint: &Endpoint,
         mode: SubscribeMode,
         fleet_settings: FleetSettings,
         ctx: Context,
@@ -119,16 +170,49 @@ impl RedisBroker {
                 (reader::Mode::Exact { changes, reports: reports.clone() }, Some(reports))
             }
         };
-        let (reader_url, reader_ctx) = (url.clone(), ctx.clone());
-        spawn("herald-redis-read", move || reader::run(reader_url, reader_ctx, reader_poll, reader_mode))?;
+        if let Endpoint::Cluster { seeds, .. } = endpoint {
+            if seeds.is_empty() {
+                return Err("a Redis Cluster needs at least one seed node".into());
+            }
+        }
+        let urls = match endpoint {
+            Endpoint::Standalone(url) => vec![url.clone()],
+            Endpoint::Cluster { seeds, .. } => seeds.clone(),
+        };
+        let history_on = fleet_settings.history.enabled();
         let fleet_poll = poller()?;
         let (fleet, fleet_jobs) = Mailbox::unbounded(&fleet_poll, fleet::WAKER).map_err(waker_error)?;
         let fleet = Arc::new(fleet);
-        let thread = FleetThread::new(url.clone(), ctx.clone(), fleet_settings, fleet_poll, fleet_jobs, fleet.clone());
+        let thread =
+            FleetThread::new(urls[0].clone(), ctx.clone(), fleet_settings, fleet_poll, fleet_jobs, fleet.clone());
         spawn("herald-redis-fleet", move || thread.run())?;
-        let (publisher_url, wake) = (url.clone(), jobs.clone());
-        spawn("herald-redis-pub", move || publisher::run(publisher_url, ctx, inbox, poll, wake))?;
-        Ok(RedisBroker { jobs, settings, reports, fleet })
+        if let Endpoint::Cluster { seeds, pubsub: ClusterPubsub::Sharded } = endpoint {
+            let reader::Mode::Exact { changes, reports } = reader_mode else {
+                return Err("sharded pub/sub needs exact subscriptions (Redis has no shard patterns)".into());
+            };
+            let broker_reports = reports.clone();
+            let topology = topology::Topology::start(seeds.clone(), ctx.clone())?;
+            let (wake_reader, wake_publisher) = (reports.clone(), jobs.clone());
+            topology.on_change(move || wake_reader.0.nudge());
+            topology.on_change(move || wake_publisher.nudge());
+            let (reader_topology, reader_ctx) = (topology.clone(), ctx.clone());
+            spawn("herald-redis-read", move || {
+                sharded::run(reader_topology, reader_ctx, reader_poll, changes, reports)
+            })?;
+            let wake = jobs.clone();
+            spawn("herald-redis-pub", move || shard_publisher::run(topology, ctx, inbox, poll, wake))?;
+            return Ok(RedisBroker { jobs, settings, reports: Some(broker_reports), fleet, history_on });
+        }
+        let (reader_urls, reader_ctx) = (urls.clone(), ctx.clone());
+        spawn("herald-redis-read", move || reader::run(reader_urls, reader_ctx, reader_poll, reader_mode))?;
+        let wake = jobs.clone();
+        spawn("herald-redis-pub", move || publisher::run(urls, ctx, inbox, poll, wake))?;
+        Ok(RedisBroker { jobs, settings, reports, fleet, history_on })
+    }
+
+    /// Whether notifications are stored (herald's publishes go through `herald_publish`).
+    pub fn history_enabled(&self) -> bool {
+        self.history_on
     }
 
     /// The fleet thread's mailbox.
@@ -147,12 +231,14 @@ impl RedisBroker {
         let mut counts = Vec::with_capacity(items.len());
         for item in items {
             // Published as it came, with any exclusion embedded so that every instance
-            // honours it; each receiving instance stamps and frames it once.
+            // honours it; each receiving instance stamps and frames it once. With history on,
+            // `herald_publish` stores it and publishes it with its stream position.
             let payload: Arc<[u8]> = Arc::from(message::embed_exclusion(&item.message, &item.exclusion));
+            let stored = self.history_on && !item.live_only;
             counts.push(item.targets.len() as u32);
             for target in &item.targets {
                 let channel = super::channel_of(target, &self.settings.user_prefix, &self.settings.topic_prefix);
-                messages.push((channel.into_bytes(), payload.clone()));
+                messages.push(Message { channel: channel.into_bytes(), payload: payload.clone(), stored });
             }
         }
         self.jobs.try_send(PublishJob { messages, counts, reply }).map_err(|_| "redis publisher overloaded".to_string())

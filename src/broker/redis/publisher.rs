@@ -19,7 +19,7 @@ use tracing::warn;
 use super::conn::{Conn, Failure};
 use super::redis_url::RedisUrl;
 use super::resp;
-use super::{BACKOFF_CAP, BACKOFF_START, CONNECT_TIMEOUT, Context, LOOP_PATIENCE};
+use super::{BACKOFF_CAP, BACKOFF_START, Context, LOOP_PATIENCE};
 use crate::ids::{Answer, ReplyTo};
 use crate::mailbox::{LoopCmd, Mailbox};
 
@@ -30,11 +30,20 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 /// A reply not back after this long means the connection is wedged.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// PUBLISH commands on behalf of one request: `counts[i]` consecutive messages belong to
-/// item `i`, whose receivers are summed for the answer.
+/// One notification to one channel.
+#[derive(Debug)]
+pub struct Message {
+    pub channel: Vec<u8>,
+    pub payload: Arc<[u8]>,
+    /// Through `herald_publish` (stored in the channel's stream), not a plain PUBLISH.
+    pub stored: bool,
+}
+
+/// Commands on behalf of one request: `counts[i]` consecutive messages belong to item `i`,
+/// whose receivers are summed for the answer.
 #[derive(Debug)]
 pub struct PublishJob {
-    pub messages: Vec<(Vec<u8>, Arc<[u8]>)>,
+    pub messages: Vec<Message>,
     pub counts: Vec<u32>,
     pub reply: Option<ReplyTo>,
 }
@@ -56,7 +65,10 @@ impl InFlight {
 }
 
 struct Publisher {
-    url: RedisUrl,
+    /// Where to connect: the first that answers (see [`super::open_first`]).
+    urls: Vec<RedisUrl>,
+    /// The URL of the current connection, or the last one tried.
+    url: usize,
     ctx: Context,
     jobs: Receiver<PublishJob>,
     conn: Option<Conn>,
@@ -70,10 +82,11 @@ struct Publisher {
 }
 
 /// Publisher thread body: returns when every job sender is gone.
-pub fn run(url: RedisUrl, ctx: Context, jobs: Receiver<PublishJob>, poll: Poll, wake: Arc<Mailbox<PublishJob>>) {
+pub fn run(urls: Vec<RedisUrl>, ctx: Context, jobs: Receiver<PublishJob>, poll: Poll, wake: Arc<Mailbox<PublishJob>>) {
     let now = Instant::now();
     let mut publisher = Publisher {
-        url,
+        urls,
+        url: 0,
         ctx,
         jobs,
         conn: None,
@@ -154,8 +167,9 @@ impl Publisher {
     }
 
     fn connect(&mut self) {
-        match Conn::open(&self.url, "herald-publisher", CONNECT_TIMEOUT, 64 * 1024) {
-            Ok(mut conn) => {
+        match super::open_first(&self.urls, self.ctx.settings.tls.as_ref(), "herald-publisher", 64 * 1024) {
+            Ok((mut conn, url)) => {
+                self.url = self.urls.iter().position(|u| u == url).unwrap_or(0);
                 if let Err(e) =
                     self.poll.registry().register(&mut conn.stream, CONN, Interest::READABLE | Interest::WRITABLE)
                 {
@@ -165,13 +179,16 @@ impl Publisher {
                 self.conn = Some(conn);
                 self.backoff = Duration::ZERO;
             }
-            Err(failure) => self.failed(failure),
+            Err((failure, url)) => {
+                self.url = self.urls.iter().position(|u| u == url).unwrap_or(0);
+                self.failed(failure)
+            }
         }
     }
 
     /// Records a failure to connect and answers everyone waiting.
     fn failed(&mut self, failure: Failure) {
-        warn!(error = %failure, redis = %self.url.redacted(), "redis publisher cannot connect");
+        warn!(error = %failure, redis = %self.urls[self.url].redacted(), "redis publisher cannot connect");
         self.ctx.metrics.redis.set_error(failure.kind());
         self.ctx.metrics.redis.publisher_up.store(false, Relaxed);
         self.backoff = (self.backoff * 2).clamp(BACKOFF_START, BACKOFF_CAP);
@@ -191,8 +208,14 @@ impl Publisher {
         while let Some(mut entry) = self.waiting.pop_front() {
             match &entry.job {
                 Some(job) => {
-                    for (channel, payload) in &job.messages {
-                        resp::encode_publish(conn.commands(), channel, payload);
+                    for message in &job.messages {
+                        if message.stored {
+                            let args =
+                                [b"FCALL".as_slice(), b"herald_publish", b"1", &message.channel, &message.payload];
+                            resp::encode_command(conn.commands(), args);
+                        } else {
+                            resp::encode_publish(conn.commands(), &message.channel, &message.payload);
+                        }
                     }
                 }
                 None => resp::encode_command(conn.commands(), [b"PING"]),
@@ -207,7 +230,11 @@ impl Publisher {
         loop {
             let reply = conn.next(|value| match value.error() {
                 Some(error) => Err(Failure::from_reply(error)),
-                None => Ok(value.as_integer().unwrap_or(0).max(0) as u64),
+                // PUBLISH answers the receivers; herald_publish {offset, epoch, receivers}.
+                None => {
+                    let receivers = value.as_integer().or_else(|| value.items()?.get(2)?.as_integer());
+                    Ok(receivers.unwrap_or(0).max(0) as u64)
+                }
             })?;
             let Some(reply) = reply else { break };
             let receivers = reply?;
@@ -242,7 +269,7 @@ impl Publisher {
 
     /// The connection died: resend what Redis cannot have seen, answer the rest.
     fn lost(&mut self, failure: Failure) {
-        warn!(error = %failure, redis = %self.url.redacted(), "redis publisher connection lost");
+        warn!(error = %failure, redis = %self.urls[self.url].redacted(), "redis publisher connection lost");
         self.ctx.metrics.redis.set_error(failure.kind());
         self.ctx.metrics.redis.publisher_up.store(false, Relaxed);
         self.conn = None;

@@ -25,8 +25,9 @@ use tracing::{info, warn};
 use super::conn::{Conn, Failure};
 use super::redis_url::RedisUrl;
 use super::resp::{self, Push, SubKind};
+use super::stream;
 use super::subscriptions::{Change, Reports, Subscriptions};
-use super::{Backoff, CONNECT_TIMEOUT, Context, LOOP_PATIENCE};
+use super::{Backoff, Context, LOOP_PATIENCE};
 use crate::ids::{ReplyTo, Target};
 use crate::mailbox::LoopCmd;
 use crate::message::{self, JsonScratch};
@@ -38,14 +39,14 @@ pub const READER_NAME: &str = "herald-reader";
 /// The loops' reports wake the reader with this token.
 pub const WAKER: Token = Token(1);
 /// A connection silent this long gets a PING…
-const PROBE_AFTER: Duration = Duration::from_secs(5);
+pub(super) const PROBE_AFTER: Duration = Duration::from_secs(5);
 /// …and is given up on if nothing at all arrives this long after it.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How soon to try again to tell a loop whose inbox was full that a subscription is ready.
-const RETRY_READY: Duration = Duration::from_millis(10);
+pub(super) const RETRY_READY: Duration = Duration::from_millis(10);
 /// Most bytes herald's own wrapping (a relay's envelope: session and sender ids) adds to a
 /// message it built from bounded input.
-const HERALD_ENVELOPE: usize = 4096;
+pub(super) const HERALD_ENVELOPE: usize = 4096;
 
 /// A PSUBSCRIBE pattern matching every channel that starts with `prefix`.
 pub fn pattern_for(prefix: &str) -> String {
@@ -68,10 +69,12 @@ pub enum Mode {
     Exact { changes: Receiver<Change>, reports: Arc<Reports> },
 }
 
-/// Reader thread body: never returns while the process runs.
-pub fn run(url: RedisUrl, ctx: Context, poll: Poll, mode: Mode) {
+/// Reader thread body: never returns while the process runs. Each connection goes to the
+/// first of `urls` that answers (one URL for a standalone Redis; a cluster's seeds in
+/// classic pub/sub, where any node hears every channel).
+pub fn run(urls: Vec<RedisUrl>, ctx: Context, poll: Poll, mode: Mode) {
     let mut reader = Reader {
-        router: Router { ctx: ctx.clone(), scratch: JsonScratch::default(), ids: Interner::default() },
+        router: Router::new(ctx.clone()),
         ctx,
         poll,
         mode,
@@ -82,7 +85,7 @@ pub fn run(url: RedisUrl, ctx: Context, poll: Poll, mode: Mode) {
         backoff: Backoff::new(),
     };
     loop {
-        let failure = reader.session(&url);
+        let (failure, url) = reader.session(&urls);
         reader.disconnected();
         reader.ctx.metrics.redis.set_error(failure.kind());
         warn!(error = %failure, redis = %url.redacted(), "redis reader disconnected; retrying");
@@ -119,21 +122,20 @@ enum Heard {
 }
 
 impl Reader {
-    /// One connection's life; returns why it ended.
-    fn session(&mut self, url: &RedisUrl) -> Failure {
-        let settings = &self.ctx.settings;
-        let mut conn =
-            match Conn::open(url, READER_NAME, CONNECT_TIMEOUT, settings.max_message_bytes * 4 + HERALD_ENVELOPE) {
-                Ok(conn) => conn,
-                Err(failure) => return failure,
-            };
+    /// One connection's life; returns why it ended, and where it was (or was last tried).
+    fn session<'u>(&mut self, urls: &'u [RedisUrl]) -> (Failure, &'u RedisUrl) {
+        let max_bulk = self.ctx.settings.max_message_bytes * 4 + HERALD_ENVELOPE;
+        let (mut conn, url) = match super::open_first(urls, self.ctx.settings.tls.as_ref(), READER_NAME, max_bulk) {
+            Ok(opened) => opened,
+            Err(failed) => return failed,
+        };
         if let Err(e) = self.poll.registry().register(&mut conn.stream, CONN, Interest::READABLE | Interest::WRITABLE) {
-            return Failure::Io(e);
+            return (Failure::Io(e), url);
         }
         self.connected = true;
         let failure = self.converse(&mut conn);
         let _ = self.poll.registry().deregister(&mut conn.stream);
-        failure
+        (failure, url)
     }
 
     fn converse(&mut self, conn: &mut Conn) -> Failure {
@@ -358,22 +360,26 @@ impl Reader {
 }
 
 /// Turns what Redis pushes into deliveries.
-struct Router {
+pub(super) struct Router {
     ctx: Context,
     scratch: JsonScratch,
     ids: Interner,
 }
 
 impl Router {
+    pub(super) fn new(ctx: Context) -> Router {
+        Router { ctx, scratch: JsonScratch::default(), ids: Interner::default() }
+    }
+
     /// The target a channel stands for, if it has one of herald's prefixes.
-    fn target_of(&mut self, channel: &[u8], settings: &super::Settings) -> Option<Target> {
+    pub(super) fn target_of(&mut self, channel: &[u8], settings: &super::Settings) -> Option<Target> {
         let channel = std::str::from_utf8(channel).ok()?;
         let (is_user, name) = super::super::target_of(channel, &settings.user_prefix, &settings.topic_prefix)?;
         Some(self.ids.intern(is_user, name))
     }
 
     /// Routes one message to the loops holding its target, or drops it as invalid.
-    fn route(&mut self, channel: &[u8], payload: &[u8]) {
+    pub(super) fn route(&mut self, channel: &[u8], payload: &[u8]) {
         let (settings, metrics) = (&self.ctx.settings, &self.ctx.metrics);
         metrics.received_from_redis.fetch_add(1, Relaxed);
         let Ok(channel) = std::str::from_utf8(channel) else { return };
@@ -385,6 +391,9 @@ impl Router {
         // embedded is metadata, stripped here before validation. A message that carried one was
         // built by herald (a relay, a seed-004 event) from input it had already bounded, and its
         // envelope is herald's own addition: that must never be what makes it too large.
+        if let Some((stored, json)) = stream::open_envelope(payload) {
+            return self.route_stored(target, stored, json);
+        }
         let stripped = message::strip_exclusion(payload);
         let (payload, exclusion, limit) = match &stripped {
             Some((bytes, exclusion)) => {
@@ -401,6 +410,32 @@ impl Router {
                     return;
                 }
             };
+        let from = route::Sender::Thread { patience: LOOP_PATIENCE };
+        let out = self.ctx.routing.table.dispatch(self.ctx.routing.loops(), from, &[target], &frame, &exclusion);
+        metrics.count_overload(out.dropped);
+    }
+}
+
+impl Router {
+    /// A notification `herald_publish` stored: framed with its position and stored time, the
+    /// same bytes a replay of it gives.
+    fn route_stored(&mut self, target: Target, stored: stream::Stored, json: &[u8]) {
+        let (settings, metrics) = (&self.ctx.settings, &self.ctx.metrics);
+        let stripped = message::strip_exclusion(json);
+        let (json, exclusion, limit) = match &stripped {
+            Some((bytes, exclusion)) => {
+                (bytes.as_slice(), exclusion.clone(), settings.max_message_bytes + HERALD_ENVELOPE)
+            }
+            None => (json, Default::default(), settings.max_message_bytes),
+        };
+        let frame = match message::validate_notification(json, limit, &mut self.scratch) {
+            Ok(valid) => message::frame_in_stream(valid, stored.at, Instant::now(), stored.pos),
+            Err(why) => {
+                metrics.dropped_invalid.fetch_add(1, Relaxed);
+                warn!(reason = why.describe(), bytes = json.len(), "dropped a stored message");
+                return;
+            }
+        };
         let from = route::Sender::Thread { patience: LOOP_PATIENCE };
         let out = self.ctx.routing.table.dispatch(self.ctx.routing.loops(), from, &[target], &frame, &exclusion);
         metrics.count_overload(out.dropped);

@@ -57,6 +57,9 @@ struct Channel {
     queued: Option<bool>,
     /// Commands sent and not yet confirmed.
     in_flight: u32,
+    /// Counted in [`Subscriptions::active`]: confirmed subscribed, and no unsubscribe sent
+    /// since. (A confirmation can settle a channel whose leave is queued but not yet sent.)
+    counted: bool,
 }
 
 impl Channel {
@@ -141,7 +144,8 @@ impl Subscriptions {
         for target in std::mem::take(&mut self.queue) {
             let Some(channel) = self.channels.get_mut(&target) else { continue };
             let Some(command) = channel.queued.take() else { continue };
-            if channel.sent_subscribe && channel.in_flight == 0 && !command {
+            if channel.counted && !command {
+                channel.counted = false;
                 self.active -= 1;
             }
             channel.sent_subscribe = command;
@@ -165,7 +169,10 @@ impl Subscriptions {
             return Settled::default();
         }
         if channel.sent_subscribe {
-            self.active += 1;
+            if !channel.counted {
+                channel.counted = true;
+                self.active += 1;
+            }
             let ready = self.waiters.remove(target).unwrap_or_default();
             Settled { ready, active: Some(true) }
         } else {
@@ -180,12 +187,30 @@ impl Subscriptions {
     pub fn dropped(&mut self, target: &Target) {
         if let Some(channel) = self.channels.get_mut(target) {
             if channel.settled() && channel.sent_subscribe {
-                self.active -= 1;
+                if channel.counted {
+                    channel.counted = false;
+                    self.active -= 1;
+                }
                 channel.sent_subscribe = false;
                 channel.queued = Some(true);
                 self.queue.push(target.clone());
             }
         }
+    }
+
+    /// Stops tracking `target` without a command: its subscription went away with its slot
+    /// (to another node, whose own state takes it over) or was never made. Replies still on
+    /// their way for it are ignored. Returns whoever waited for it.
+    pub fn forget(&mut self, target: &Target) -> Vec<ReplyTo> {
+        if let Some(channel) = self.channels.remove(target) {
+            if channel.counted {
+                self.active -= 1;
+            }
+            if channel.queued.is_some() {
+                self.queue.retain(|t| t != target);
+            }
+        }
+        self.waiters.remove(target).unwrap_or_default()
     }
 
     /// The connection was lost: everything wanted is subscribed again on the next one, and
@@ -194,7 +219,7 @@ impl Subscriptions {
         self.channels.retain(|_, c| c.goal());
         self.queue.clear();
         for (target, channel) in self.channels.iter_mut() {
-            *channel = Channel { sent_subscribe: false, queued: Some(true), in_flight: 0 };
+            *channel = Channel { sent_subscribe: false, queued: Some(true), in_flight: 0, counted: false };
             self.queue.push(target.clone());
         }
         self.active = 0;
@@ -323,5 +348,32 @@ mod tests {
         s.dropped(&user("a"));
         assert_eq!(s.active(), 0);
         assert_eq!(s.take_batches(), vec![(true, vec![user("a")])]);
+    }
+
+    #[test]
+    fn a_confirmation_that_arrives_between_a_leave_and_its_unsubscribe_counts_once() {
+        let mut s = Subscriptions::default();
+        s.reconcile(&user("a"), true, None);
+        s.take_batches();
+        s.reconcile(&user("a"), false, None);
+        let settled = s.confirmed(&user("a"));
+        assert_eq!(settled.active, None, "the leave is still to be sent");
+        assert_eq!(s.take_batches(), vec![(false, vec![user("a")])]);
+        s.confirmed(&user("a"));
+        assert_eq!((s.active(), s.wanted().count()), (0, 0));
+    }
+
+    #[test]
+    fn a_forgotten_channel_releases_its_waiters_and_ignores_late_replies() {
+        let mut s = Subscriptions::default();
+        s.reconcile(&user("a"), true, None);
+        s.take_batches();
+        s.confirmed(&user("a"));
+        s.reconcile(&user("b"), true, Some(waiter(1)));
+        assert_eq!(s.forget(&user("b")), vec![waiter(1)]);
+        assert!(s.forget(&user("a")).is_empty());
+        assert_eq!((s.active(), s.wanted().count()), (0, 0));
+        assert!(s.take_batches().is_empty(), "b's queued subscribe went with it");
+        assert_eq!(s.confirmed(&user("a")), Settled::default());
     }
 }
