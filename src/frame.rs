@@ -42,15 +42,17 @@ impl Frame {
     }
 
     /// The same notification as a Server-Sent Event (same `born`, so it counts as the same
-    /// delivery), built on the first call and shared afterwards; the flag says whether this
-    /// call built it. Only for notification frames: the payload is read past the WebSocket
-    /// header.
+    /// delivery; an `id:` line with its stream id when history gave it one, which is what an
+    /// EventSource sends back as `Last-Event-ID`), built on the first call and shared
+    /// afterwards; the flag says whether this call built it. Only for notification frames: the
+    /// payload is read past the WebSocket header.
     pub fn event_stream_form(&self) -> (&SharedFrame, bool) {
         let mut built = false;
         let event = self.event.get_or_init(|| {
             built = true;
-            // The notification's stream id goes here once history assigns one.
-            Frame::shared(sse::encode_event(self.payload(), None).into_boxed_slice(), self.born, self.stream)
+            let id = self.stream.map(|pos| pos.render());
+            let event = sse::encode_event(self.payload(), id.as_deref());
+            Frame::shared(event.into_boxed_slice(), self.born, self.stream)
         });
         (event, built)
     }
@@ -205,6 +207,15 @@ mod tests {
         let long = notification(&[b'y'; 70_000], born);
         assert_eq!(long.payload().len(), 70_000);
         assert_eq!(long.event_stream_form().0.bytes.len(), 70_000 + 8);
+    }
+
+    #[test]
+    fn a_notification_with_a_stream_position_has_it_as_its_event_id() {
+        let pos = StreamPos { epoch: 5, offset: 42 };
+        let f = notification_in_stream(b"{}", Instant::now(), Some(pos));
+        let (event, _) = f.event_stream_form();
+        assert_eq!(&event.bytes[..], format!("id: {}\ndata: {{}}\n\n", pos.render()).as_bytes());
+        assert_eq!(event.stream, Some(pos));
     }
 
     #[test]

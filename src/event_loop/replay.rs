@@ -1,6 +1,7 @@
-//! Resume: a connection that comes back with `since` gets what it missed of one stream, then
-//! `{"type":"resumed","replayed":N,"complete":bool}`, then live notifications, with no gap and
-//! no duplicate in between.
+//! Resume: a connection that comes back with `since` (an event stream: `Last-Event-ID` too)
+//! gets what it missed of one stream, then `{"type":"resumed","replayed":N,"complete":bool}`,
+//! then live notifications, with no gap and no duplicate in between. An event stream gets each
+//! of them in its event form (`event_form`), the same shared one live delivery uses.
 //!
 //! The connection is in the index before the first page is asked for, so nothing published
 //! from then on can be missed; while it replays, live notifications of that stream wait aside
@@ -140,6 +141,7 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(key as usize) else { return };
         let id = conn.id;
         let waits_for_redis = matches!(&conn.phase, Phase::Open(s) if s.awaiting_subscriptions > 0);
+        let event_stream = matches!(&conn.phase, Phase::Open(s) if s.is_event_stream());
         let Some(replay) = self.replays.get_mut(&(key, target.clone())) else { return };
         let mut queued = false;
         while conn.queue.len() < room {
@@ -151,6 +153,7 @@ impl EventLoop {
             }
             replay.cursor = entry.stream.or(replay.cursor);
             replay.replayed += 1;
+            let entry = if event_stream { super::sse::event_form(&entry, &mut self.counters).clone() } else { entry };
             // Below the bound by construction: the room checked above is half of it.
             let _ = conn.queue.push_notification(entry, usize::MAX);
             queued = true;
@@ -198,14 +201,25 @@ impl EventLoop {
         let resumed =
             format!("{{\"type\":\"resumed\",\"replayed\":{},\"complete\":{}}}", replay.replayed, replay.complete);
         let conn = &mut self.conns[key as usize];
-        conn.queue.push_reply(frame::reply_text(resumed.as_bytes()));
+        // An event stream gets the same JSON as an event (no id: it is no stream's entry).
+        let event_stream = matches!(&conn.phase, Phase::Open(s) if s.is_event_stream());
+        let resumed = if event_stream {
+            frame::raw(crate::sse::encode_event(resumed.as_bytes(), None))
+        } else {
+            frame::reply_text(resumed.as_bytes())
+        };
+        conn.queue.push_reply(resumed);
         let limit = self.shared.config.send_queue;
         for frame in replay.pending {
             let after = match (frame.stream, replay.cursor) {
                 (Some(pos), Some(cursor)) => pos.is_after(&cursor),
                 _ => true,
             };
-            if after && conn.queue.push_notification(frame, limit).is_err() {
+            if !after {
+                continue;
+            }
+            let frame = if event_stream { super::sse::event_form(&frame, &mut self.counters).clone() } else { frame };
+            if conn.queue.push_notification(frame, limit).is_err() {
                 self.slow.push(key);
                 break;
             }

@@ -27,6 +27,7 @@ use super::EventLoop;
 use crate::conn::{Membership, NO_NODE, Phase, Session, Topics};
 use crate::dialect::EVENT_STREAM;
 use crate::frame::{self, SharedFrame};
+use crate::history::Since;
 use crate::http::sse::Open;
 use crate::ids::Target;
 use crate::metrics::LocalCounters;
@@ -81,9 +82,13 @@ impl EventLoop {
         let metrics = &self.shared.metrics.loops[self.id];
         metrics.connections.fetch_add(1, Ordering::Relaxed);
         metrics.event_streams.fetch_add(1, Ordering::Relaxed);
-        // Resuming from `since` is history's (SPEC §9); without history there is nothing to
-        // replay and the stream starts live.
         debug!(topics = topics.len(), resume = since.is_some(), "event stream opened");
+        // `Last-Event-ID` / `since` resumes the user's stream, as `since` does on the
+        // WebSocket's personal path: through the same replay, so replay then live has no gap
+        // and no duplicate. Topics start live. Without history nothing is replayed.
+        if let Some(since) = since.filter(|_| self.shared.broker.history_enabled()) {
+            self.start_replay(key, Target::user(&identity.user), Since::parse(&since));
+        }
         self.arm(key);
     }
 }
