@@ -668,3 +668,185 @@ fn a_broadcast_to_many_streams_is_encoded_once() {
     assert!(prometheus.contains(&format!("herald_connections_sse {STREAMS}\n")), "{prometheus}");
     assert!(prometheus.contains("herald_sse_events_encoded_total 4\n"), "{prometheus}");
 }
+
+// ---------------------------------------------------------------------------------------
+// resume (history on): Last-Event-ID / since through the WebSocket's replay
+// ---------------------------------------------------------------------------------------
+
+fn note(user: &str, n: u64) -> Value {
+    json!({"user_id": user, "message": {"type": "n", "n": n}})
+}
+
+fn publish_batch(port: u16, items: Vec<Value>) {
+    let auth = format!("Bearer {API_KEY}");
+    let r = http(
+        port,
+        "POST",
+        "/publish/batch",
+        &[("Authorization", &auth)],
+        json!({"items": items}).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "publish/batch: {}", r.text());
+}
+
+/// A notification event: its `n`, after checking that its `id:` line is its `stream_id`.
+fn numbered(event: &Event) -> u64 {
+    let m: Value = serde_json::from_str(&event.data).unwrap_or_else(|e| panic!("not JSON ({e}): {event:?}"));
+    let stream_id = m["stream_id"].as_str().unwrap_or_else(|| panic!("no stream_id with history on: {m}"));
+    assert_eq!(event.id.as_deref(), Some(stream_id), "the event's id is its stream_id: {event:?}");
+    m["n"].as_u64().unwrap_or_else(|| panic!("{m}"))
+}
+
+/// Reads events until `resumed`: the replayed `n`s and the `resumed` object.
+fn replayed(sse: &mut Sse) -> (Vec<u64>, Value) {
+    let mut ns = Vec::new();
+    loop {
+        let event = sse.next_event(T);
+        let m: Value = serde_json::from_str(&event.data).unwrap_or_else(|e| panic!("not JSON ({e}): {event:?}"));
+        if m["type"] == "resumed" {
+            return (ns, m);
+        }
+        ns.push(numbered(&event));
+    }
+}
+
+/// Offsets of `id`s (`epoch:offset`) of one stream: one epoch, each offset one more.
+fn assert_consecutive(ids: &[String]) {
+    let parsed: Vec<(&str, u64)> = ids
+        .iter()
+        .map(|id| {
+            let (epoch, offset) = id.split_once(':').unwrap_or_else(|| panic!("not epoch:offset: {id}"));
+            (epoch, offset.parse().unwrap_or_else(|_| panic!("offset of {id}")))
+        })
+        .collect();
+    for pair in parsed.windows(2) {
+        assert_eq!(pair[0].0, pair[1].0, "one epoch: {ids:?}");
+        assert_eq!(pair[0].1 + 1, pair[1].1, "consecutive offsets: {ids:?}");
+    }
+}
+
+/// Connect, receive some, go away; N are published while away and more while the stream comes
+/// back (`resume` opens it, with `Last-Event-ID` or `since=`): the client sees exactly the
+/// missed ones in order, `resumed`, then the live ones, each once.
+fn resume_scenario(h: &Herald, user: &str, resume: impl FnOnce(&Herald, &str) -> Sse) {
+    let mut sse = open(h, &token(user));
+    publish(h, &note(user, 1));
+    publish(h, &note(user, 2));
+    let first = sse.next_event(T);
+    let second = sse.next_event(T);
+    assert_eq!((numbered(&first), numbered(&second)), (1, 2));
+    let last_seen = second.id.clone().expect("an id");
+    assert!(sse.raw.windows(4).any(|w| w == b"id: "), "id: lines on the wire: {:?}", sse.tail());
+    drop(sse);
+    h.wait_active_connections(0, T);
+
+    // Missed while away: enough for several replay pages.
+    const AWAY: u64 = 300;
+    const LIVE: u64 = 200;
+    publish_batch(h.port, (3..3 + AWAY).map(|n| note(user, n)).collect());
+    // …and a publisher that keeps going while the stream comes back and replays.
+    let (port, owner) = (h.port, user.to_string());
+    let publisher = thread::spawn(move || {
+        for n in 3 + AWAY..3 + AWAY + LIVE {
+            let body = note(&owner, n).to_string();
+            let r = http(port, "POST", "/publish", &[("Authorization", &format!("Bearer {API_KEY}"))], body.as_bytes());
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    });
+    thread::sleep(Duration::from_millis(20));
+    let mut sse = resume(h, &last_seen);
+    let (mut ns, resumed) = replayed(&mut sse);
+    assert_eq!(resumed["complete"], true, "{resumed}");
+    assert_eq!(resumed["replayed"].as_u64(), Some(ns.len() as u64), "{resumed}");
+    assert!(ns.len() as u64 >= AWAY, "at least what was published while away was replayed: {}", ns.len());
+    let mut ids = Vec::new();
+    publisher.join().expect("publisher");
+    let last = 2 + AWAY + LIVE;
+    while ns.last() != Some(&last) {
+        let event = sse.next_event(T);
+        ns.push(numbered(&event));
+        ids.push(event.id.expect("an id"));
+    }
+    assert_eq!(ns, (3..=last).collect::<Vec<_>>(), "every missed and live notification once, in order");
+    assert_consecutive(&ids);
+    sse.assert_no_event(Duration::from_millis(300));
+}
+
+#[test]
+fn last_event_id_resumes_what_was_missed_then_live_with_embedded_history() {
+    let h = herald().api_key().env("HERALD_HISTORY_SIZE", "1000").start();
+    resume_scenario(&h, "back", |h, last| {
+        Sse::open(h.port, &format!("/sse?token={}", token("back")), &[("Last-Event-ID", last)])
+            .unwrap_or_else(|r| panic!("refused: {} {}", r.status, r.text()))
+    });
+    assert!(h.metrics()["history"]["resumes"].as_u64() >= Some(1));
+}
+
+#[test]
+fn since_and_last_event_id_resume_with_redis_history() {
+    let redis = Redis::start();
+    let h = herald().api_key().redis(&redis).env("HERALD_HISTORY_SIZE", "1000").start();
+    redis.wait_subscribers(1, Duration::from_secs(10));
+    resume_scenario(&h, "rq", |h, last| open_path(h, &format!("/sse?token={}&since={last}", token("rq"))));
+    // The header wins over the query (an EventSource's reconnection keeps its first URL).
+    resume_scenario(&h, "rh", |h, last| {
+        Sse::open(h.port, &format!("/sse?token={}&since=0", token("rh")), &[("Last-Event-ID", last)])
+            .unwrap_or_else(|r| panic!("refused: {} {}", r.status, r.text()))
+    });
+}
+
+#[test]
+fn id_lines_come_with_history_and_not_without() {
+    let with = herald().api_key().env("HERALD_HISTORY_SIZE", "10").start();
+    let without = herald().api_key().start();
+    for (h, history) in [(&with, true), (&without, false)] {
+        // A resume position is ignored without history: no replay, no `resumed`.
+        let mut sse = Sse::open(h.port, &format!("/sse?token={}&since=0", token("i")), &[("Last-Event-ID", "0")])
+            .unwrap_or_else(|r| panic!("refused: {} {}", r.status, r.text()));
+        if history {
+            let (ns, resumed) = replayed(&mut sse);
+            assert_eq!((ns.len(), resumed), (0, json!({"type": "resumed", "replayed": 0, "complete": true})));
+        }
+        publish(h, &note("i", 1));
+        let event = sse.next_event(T);
+        let m: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(m["n"], 1, "{m}");
+        let has_id_line = sse.raw.split(|&b| b == b'\n').any(|line| line.starts_with(b"id:"));
+        if history {
+            assert_eq!(numbered(&event), 1);
+            assert!(has_id_line, "{:?}", sse.tail());
+        } else {
+            assert!(m.get("stream_id").is_none(), "{m}");
+            assert_eq!(event.id, None);
+            assert!(!has_id_line, "an id: line without history: {:?}", sse.tail());
+            sse.assert_no_event(Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
+fn a_malformed_or_foreign_last_event_id_replays_everything_retained_as_incomplete() {
+    let h = herald().api_key().env("HERALD_HISTORY_SIZE", "10").start();
+    let mut first = open(&h, &token("g0"));
+    publish(&h, &note("g0", 1));
+    let real = first.next_event(T).id.expect("an id");
+    drop(first);
+    let (epoch, _) = real.split_once(':').expect("epoch:offset");
+    let other_epoch: String =
+        epoch.chars().enumerate().map(|(i, c)| if i == 0 { if c == 'a' { 'b' } else { 'a' } } else { c }).collect();
+    let foreign = format!("{other_epoch}:1");
+    let future = format!("{epoch}:999");
+    for (i, garbage) in ["garbage", "12:34:56", "-1", foreign.as_str(), future.as_str()].into_iter().enumerate() {
+        let user = format!("g{}", i + 1);
+        for n in 1..=3 {
+            publish(&h, &note(&user, n));
+        }
+        let mut sse = Sse::open(h.port, &format!("/sse?token={}", token(&user)), &[("Last-Event-ID", garbage)])
+            .unwrap_or_else(|r| panic!("Last-Event-ID {garbage:?} refused: {} {}", r.status, r.text()));
+        let (ns, resumed) = replayed(&mut sse);
+        assert_eq!(ns, vec![1, 2, 3], "Last-Event-ID {garbage:?}");
+        assert_eq!(resumed, json!({"type": "resumed", "replayed": 3, "complete": false}), "{garbage:?}");
+        publish(&h, &note(&user, 4));
+        assert_eq!(numbered(&sse.next_event(T)), 4, "live after the replay ({garbage:?})");
+    }
+}
