@@ -507,9 +507,10 @@ await check("nothing is lost across a restart, and the position survives a page 
   await demo.close();
 });
 
-await check("falls back to Server-Sent Events when WebSocket upgrades are refused", async () => {
+await check("falls back to Server-Sent Events when WebSocket upgrades are refused, and resumes on it", async () => {
+  // Not gated: herald serves /sse, so a missing one is a failure, not a skip.
   const missing = await sseProbe();
-  if (missing) return missing;
+  assert(!missing, missing);
   const proxy = await refusingProxy(PORT);
   try {
     const user = freshUser("sse");
@@ -520,6 +521,28 @@ await check("falls back to Server-Sent Events when WebSocket upgrades are refuse
     assert(state.includes("sse"), `state: ${state}`);
     await publish(user, { title: "over SSE" });
     await waitLog(demo.page, "over SSE");
+
+    // Over SSE as over a WebSocket: the `stream_id` seen last is `since` on the next
+    // attempt, so what was published while herald was down arrives once herald is back.
+    const missingHistory = await historyProbe();
+    if (!missingHistory) {
+      await control("stop");
+      try {
+        await waitLog(demo.page, "event stream ended");
+        const message = JSON.stringify({ type: "notification", payload: { title: "sse: missed while down" } });
+        const fcall = await redisCli("FCALL", "herald_publish", "1", `user_noti:${user}`, message);
+        assert(!fcall.error && !/ERR/.test(fcall.stdout), `FCALL herald_publish: ${fcall.stdout} ${fcall.stderr}`);
+      } finally {
+        await control("start");
+      }
+      await waitLog(demo.page, "sse: missed while down", 20000);
+      await waitLog(demo.page, "resumed: 1 replayed");
+      const after = await text(demo.page, "state");
+      assert(after.includes("sse"), `state after the restart: ${after}`);
+      assert((await countInLog(demo.page, "over SSE")) === 1, "a notification was shown twice");
+      await publish(user, { title: "live again" });
+      await waitLog(demo.page, "live again");
+    }
     await demo.close();
   } finally {
     proxy.close();
