@@ -25,15 +25,18 @@ pub struct Frame {
     pub born: Option<Instant>,
     /// The notification's place in its stream, when history is on.
     pub stream: Option<StreamPos>,
-    /// This notification as a Server-Sent Event, once an event stream has needed it.
+    /// This notification as a Server-Sent Event, once an event stream has needed it: with its
+    /// `id:` line, for streams it is the user's own stream position, and without, for streams
+    /// that receive it as a topic's (see [`Frame::event_stream_form`]).
     event: OnceLock<SharedFrame>,
+    event_without_id: OnceLock<SharedFrame>,
 }
 
 pub type SharedFrame = Arc<Frame>;
 
 impl Frame {
     fn shared(bytes: Box<[u8]>, born: Option<Instant>, stream: Option<StreamPos>) -> SharedFrame {
-        Arc::new(Frame { bytes, born, stream, event: OnceLock::new() })
+        Arc::new(Frame { bytes, born, stream, event: OnceLock::new(), event_without_id: OnceLock::new() })
     }
 
     /// The payload of a frame this module encoded as a WebSocket frame.
@@ -42,15 +45,22 @@ impl Frame {
     }
 
     /// The same notification as a Server-Sent Event (same `born`, so it counts as the same
-    /// delivery; an `id:` line with its stream id when history gave it one, which is what an
-    /// EventSource sends back as `Last-Event-ID`), built on the first call and shared
-    /// afterwards; the flag says whether this call built it. Only for notification frames: the
-    /// payload is read past the WebSocket header.
-    pub fn event_stream_form(&self) -> (&SharedFrame, bool) {
+    /// delivery), built on the first call and shared afterwards; the flag says whether this
+    /// call built it. Only for notification frames: the payload is read past the WebSocket
+    /// header.
+    ///
+    /// With `with_id`, the event carries an `id:` line with its stream id when history gave it
+    /// one: what an EventSource sends back as `Last-Event-ID`, which resumes the user's stream.
+    /// A stream receiving the notification as a topic's asks without: an event with no `id:`
+    /// leaves the client's last event id as it was, so a topic's position can never be sent
+    /// back as if it were one in the user's stream.
+    pub fn event_stream_form(&self, with_id: bool) -> (&SharedFrame, bool) {
+        let id = self.stream.filter(|_| with_id);
+        let cache = if id.is_some() { &self.event } else { &self.event_without_id };
         let mut built = false;
-        let event = self.event.get_or_init(|| {
+        let event = cache.get_or_init(|| {
             built = true;
-            let id = self.stream.map(|pos| pos.render());
+            let id = id.map(|pos| pos.render());
             let event = sse::encode_event(self.payload(), id.as_deref());
             Frame::shared(event.into_boxed_slice(), self.born, self.stream)
         });
@@ -188,34 +198,39 @@ mod tests {
         let born = Instant::now();
         let json = br#"{"type":"t","payload":{"n":1}}"#;
         let f = notification(json, born);
-        let (first, built) = f.event_stream_form();
+        let (first, built) = f.event_stream_form(true);
         assert!(built);
         assert_eq!(&first.bytes[..], &sse::encode_event(json, None)[..]);
         assert_eq!(first.born, Some(born), "an event is the same delivery as its frame");
         for _ in 0..1000 {
-            let (again, built) = f.event_stream_form();
+            let (again, built) = f.event_stream_form(true);
             assert!(!built);
             assert!(Arc::ptr_eq(first, again));
         }
         // Frames cloned to other loops share the cache: built once across threads.
         let g = notification(&[b'x'; 300], born);
         let built_total: usize = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| usize::from(g.event_stream_form().1))).collect();
+            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| usize::from(g.event_stream_form(true).1))).collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
         assert_eq!(built_total, 1);
         let long = notification(&[b'y'; 70_000], born);
         assert_eq!(long.payload().len(), 70_000);
-        assert_eq!(long.event_stream_form().0.bytes.len(), 70_000 + 8);
+        assert_eq!(long.event_stream_form(true).0.bytes.len(), 70_000 + 8);
     }
 
     #[test]
     fn a_notification_with_a_stream_position_has_it_as_its_event_id() {
         let pos = StreamPos { epoch: 5, offset: 42 };
         let f = notification_in_stream(b"{}", Instant::now(), Some(pos));
-        let (event, _) = f.event_stream_form();
+        let (event, _) = f.event_stream_form(true);
         assert_eq!(&event.bytes[..], format!("id: {}\ndata: {{}}\n\n", pos.render()).as_bytes());
         assert_eq!(event.stream, Some(pos));
+        // As a topic's notification, the same frame is an event without an id.
+        let (anonymous, built) = f.event_stream_form(false);
+        assert!(built);
+        assert_eq!(&anonymous.bytes[..], b"data: {}\n\n");
+        assert!(Arc::ptr_eq(event, f.event_stream_form(true).0));
     }
 
     #[test]

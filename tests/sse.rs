@@ -850,3 +850,43 @@ fn a_malformed_or_foreign_last_event_id_replays_everything_retained_as_incomplet
         assert_eq!(numbered(&sse.next_event(T)), 4, "live after the replay ({garbage:?})");
     }
 }
+
+#[test]
+fn topic_events_carry_no_id_so_last_event_id_always_places_the_users_stream() {
+    let h = herald().api_key().env("HERALD_HISTORY_SIZE", "100").start();
+    let tok = topics_token("mixed", &["news"]);
+    let mut sse = open_path(&h, &format!("/sse?token={tok}&topics=news"));
+    publish(&h, &note("mixed", 1));
+    let personal = sse.next_event(T);
+    assert_eq!(numbered(&personal), 1);
+    let personal_id = personal.id.clone().expect("a personal event has an id");
+    // Topic notifications in between: many, so their own stream's offsets run past the user's.
+    for n in 0..5 {
+        publish(&h, &json!({"topic": "news", "message": {"type": "t", "n": n}}));
+    }
+    for _ in 0..5 {
+        let event = sse.next_event(T);
+        let m: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(m["type"], "t", "{m}");
+        assert!(m["stream_id"].is_string(), "the topic notification keeps its stream_id: {m}");
+        assert_eq!(event.id.as_deref(), Some(personal_id.as_str()), "a topic event leaves the last id as it was");
+    }
+    assert!(
+        !sse.raw
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"id:"))
+            .any(|l| l != format!("id: {personal_id}").as_bytes()),
+        "only the personal event has an id: line: {:?}",
+        sse.tail()
+    );
+    drop(sse);
+    h.wait_active_connections(0, T);
+    publish(&h, &note("mixed", 2));
+    publish(&h, &note("mixed", 3));
+    // What an EventSource sends back: the last id in force, the personal one.
+    let mut back = Sse::open(h.port, &format!("/sse?token={tok}&topics=news"), &[("Last-Event-ID", &personal_id)])
+        .unwrap_or_else(|r| panic!("refused: {} {}", r.status, r.text()));
+    let (ns, resumed) = replayed(&mut back);
+    assert_eq!(ns, vec![2, 3], "exactly the missed personal notifications: {resumed}");
+    assert_eq!(resumed["complete"], true, "{resumed}");
+}

@@ -22,7 +22,7 @@ impl EventLoop {
                 if self.resuming() {
                     keys.retain(|&key| !self.held_for_replay(key, target, frame));
                 }
-                self.deliver_to(&keys, frame, exclusion);
+                self.deliver_to(&keys, frame, target.is_user(), exclusion);
                 keys.clear();
                 self.delivery_keys = keys;
             }
@@ -45,14 +45,17 @@ impl EventLoop {
                 }
                 keys.sort_unstable();
                 keys.dedup();
-                self.deliver_to(&keys, frame, exclusion);
+                // One frame for several targets has no single stream an id could name.
+                self.deliver_to(&keys, frame, false, exclusion);
                 keys.clear();
                 self.delivery_keys = keys;
             }
         }
     }
 
-    fn deliver_to(&mut self, keys: &[u32], frame: &SharedFrame, exclusion: &Exclusion) {
+    /// `users_stream`: the frame reaches these connections as their user's own notification
+    /// (so an event stream gets its stream id as the event's `id:`), not as a topic's.
+    fn deliver_to(&mut self, keys: &[u32], frame: &SharedFrame, users_stream: bool, exclusion: &Exclusion) {
         let excluded_conn =
             exclusion.origin.filter(|o| o.instance == self.shared.instance_id && o.loop_id == self.id).map(|o| o.conn);
         let limit = self.shared.config.send_queue;
@@ -68,8 +71,11 @@ impl EventLoop {
                 continue;
             }
             session.last_data_sent = now_tick;
-            let frame =
-                if session.is_event_stream() { super::sse::event_form(frame, &mut self.counters) } else { frame };
+            let frame = if session.is_event_stream() {
+                super::sse::event_form(frame, users_stream, &mut self.counters)
+            } else {
+                frame
+            };
             if conn.queue.push_notification(frame.clone(), limit).is_err() {
                 // A full queue is only slow if the socket is full too: a burst larger
                 // than the queue must reach a client that reads. Write what the kernel

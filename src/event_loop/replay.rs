@@ -153,7 +153,11 @@ impl EventLoop {
             }
             replay.cursor = entry.stream.or(replay.cursor);
             replay.replayed += 1;
-            let entry = if event_stream { super::sse::event_form(&entry, &mut self.counters).clone() } else { entry };
+            let entry = if event_stream {
+                super::sse::event_form(&entry, target.is_user(), &mut self.counters).clone()
+            } else {
+                entry
+            };
             // Below the bound by construction: the room checked above is half of it.
             let _ = conn.queue.push_notification(entry, usize::MAX);
             queued = true;
@@ -218,7 +222,11 @@ impl EventLoop {
             if !after {
                 continue;
             }
-            let frame = if event_stream { super::sse::event_form(&frame, &mut self.counters).clone() } else { frame };
+            let frame = if event_stream {
+                super::sse::event_form(&frame, target.is_user(), &mut self.counters).clone()
+            } else {
+                frame
+            };
             if conn.queue.push_notification(frame, limit).is_err() {
                 self.slow.push(key);
                 break;

@@ -94,9 +94,15 @@ impl EventLoop {
 }
 
 /// The form of `frame` an event stream receives: encoded by the first event stream a
-/// notification reaches (counted), shared by all the others on every loop.
-pub(super) fn event_form<'a>(frame: &'a SharedFrame, counters: &mut LocalCounters) -> &'a SharedFrame {
-    let (event, built) = frame.event_stream_form();
+/// notification reaches (counted), shared by all the others on every loop. `users_stream`
+/// says whether the frame reaches the stream as its user's own notification (with an `id:`
+/// line) or as a topic's (without).
+pub(super) fn event_form<'a>(
+    frame: &'a SharedFrame,
+    users_stream: bool,
+    counters: &mut LocalCounters,
+) -> &'a SharedFrame {
+    let (event, built) = frame.event_stream_form(users_stream);
     counters.events_encoded += u64::from(built);
     event
 }

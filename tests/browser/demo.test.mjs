@@ -3,8 +3,7 @@
 // passes the ports and secrets in the environment and answers `@control stop|start` lines on
 // stdin (herald stopped with SIGTERM, started again on the same port).
 //
-// One check per line: `ok`, `FAIL` or `SKIP` (a check whose server feature is not there yet),
-// then a summary line; the exit code is 1 when any check failed.
+// One check per line, `ok` or `FAIL`, then a summary line; the exit code is 1 when any check failed.
 
 import { execFile } from "node:child_process";
 import { createHmac } from "node:crypto";
@@ -77,7 +76,8 @@ function redisCli(...args) {
   });
 }
 
-// Capabilities landing in parallel (issue #12): each gated check probes for its own.
+// Each check that needs history or SSE first probes for it, so a missing capability fails
+// with a clear reason instead of a timeout.
 async function historyProbe() {
   const { error, stdout } = await redisCli("FUNCTION", "LIST");
   if (error) return `redis-cli FUNCTION LIST failed (${error.message})`;
@@ -194,14 +194,15 @@ async function connected(user, options = {}) {
 
 // ------------------------------------------------------------------------------ checks
 
-const results = { passed: 0, failed: 0, skipped: 0 };
+const results = { passed: 0, failed: 0 };
 async function check(name, body) {
   const started = Date.now();
   try {
-    const skip = await body();
-    if (typeof skip === "string") {
-      results.skipped++;
-      console.log(`SKIP ${name}: ${skip}`);
+    const missing = await body();
+    if (typeof missing === "string") {
+      // Every capability a check probes for is part of herald now: its absence is a failure.
+      results.failed++;
+      console.log(`FAIL ${name}: ${missing}`);
     } else {
       results.passed++;
       console.log(`ok   ${name} (${Date.now() - started} ms)`);
@@ -474,7 +475,7 @@ await check("herald.js: ack(id) sends {action:ack, stream_id}", async () => {
   await demo.close();
 });
 
-// ---------------------------------------------------------------- gated on parallel work
+// ---------------------------------------------------------------- history and SSE
 
 await check("nothing is lost across a restart, and the position survives a page reload", async () => {
   const missing = await historyProbe();
@@ -579,5 +580,5 @@ function refusingProxy(target) {
 }
 
 await browser.close();
-console.log(`browser: ${results.passed} passed, ${results.failed} failed, ${results.skipped} skipped`);
+console.log(`browser: ${results.passed} passed, ${results.failed} failed`);
 process.exit(results.failed ? 1 : 0);
