@@ -87,6 +87,10 @@ pub struct PubReport {
     pub error_kinds: BTreeMap<String, u64>,
     /// Redis replied 0 subscribers / herald replied "sent":false.
     pub not_routed: u64,
+    /// Responses on a connection with no request in flight: the server closing an idle
+    /// keep-alive connection (herald answers 408 when its request deadline passes). No
+    /// message was carried, so they are not errors.
+    pub idle_closes: u64,
     /// Scheduled messages still queued when the drain time ran out.
     pub unsent: u64,
     pub backlog_max: u64,
@@ -180,6 +184,7 @@ pub fn run(plan: PubPlan, shared: Arc<Shared>) -> Result<PubReport, String> {
             errors: 0,
             error_kinds: BTreeMap::new(),
             not_routed: 0,
+            idle_closes: 0,
             unsent: 0,
             backlog_max: 0,
             written_off: 0,
@@ -551,7 +556,13 @@ impl Publisher<'_> {
                 }
             };
             conn.rbuf.drain(..len);
-            conn.busy = false;
+            if !std::mem::replace(&mut conn.busy, false) {
+                self.report.idle_closes += 1;
+                if close {
+                    return self.reconnect(i);
+                }
+                continue;
+            }
             let items = std::mem::take(&mut conn.items).max(1);
             if (200..300).contains(&status) {
                 self.report.replies_ok += items;
@@ -719,6 +730,79 @@ mod tests {
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
+    }
+
+    /// The first connection gets an unsolicited 408 and is closed (what herald does to an
+    /// idle keep-alive connection); the second is served. Returns the requests served.
+    fn idle_closing_server(listener: std::net::TcpListener) -> u64 {
+        let (mut first, _) = listener.accept().expect("accept");
+        first
+            .write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .expect("408");
+        drop(first);
+        let (mut sock, _) = listener.accept().expect("accept again");
+        sock.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let (mut served, mut buf, mut chunk) = (0u64, Vec::new(), [0u8; 16 * 1024]);
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(head)) = req.parse(&buf) {
+                let len = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .expect("content-length");
+                if buf.len() >= head + len {
+                    let reply = r#"{"status":"success","sent":true}"#;
+                    let out = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}", reply.len());
+                    sock.write_all(out.as_bytes()).expect("reply");
+                    buf.drain(..head + len);
+                    served += 1;
+                    continue;
+                }
+            }
+            match sock.read(&mut chunk) {
+                Ok(0) | Err(_) => return served,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    #[test]
+    fn a_response_on_an_idle_connection_is_no_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || idle_closing_server(listener));
+        let endpoint = crate::cli::parse_endpoint(&format!("http://{addr}/publish")).expect("endpoint");
+        // Publishing starts late enough for the 408 to arrive on the idle connection first.
+        let start = realtime_ns() + 300_000_000;
+        let shared = Arc::new(Shared::new(1, 1));
+        shared.window_start_ns.store(start, Relaxed);
+        shared.window_end_ns.store(start + 200_000_000, Relaxed);
+        let plan = PubPlan {
+            transport: Transport::Http {
+                endpoint,
+                body: Template::new(r#"{"user_id":"{user}","message":{payload}}"#),
+                auth: None,
+                conns: 1,
+                tls: None,
+                batch: 1,
+            },
+            rate: Rate::Fixed(100.0),
+            target: Target::Absent(vec!["u-absent-0".into()]),
+            payload_bytes: 100,
+            max_inflight: 2000,
+            batch_ns: 0,
+            start_ns: start,
+            end_ns: start + 200_000_000,
+            drain: Duration::from_secs(2),
+        };
+        let report = run(plan, shared).expect("publisher");
+        let served = server.join().expect("server thread");
+        assert!(served > 0);
+        assert_eq!((report.idle_closes, report.errors), (1, 0), "{:?}", report.error_kinds);
+        assert_eq!((report.sent_all, report.replies_ok), (served, served));
     }
 
     #[test]

@@ -270,6 +270,7 @@ impl Report {
                 "errors": p.errors,
                 "error_kinds": p.error_kinds,
                 "not_routed": p.not_routed,
+                "idle_closes": p.idle_closes,
                 "unsent_backlog": p.unsent,
                 "backlog_max": p.backlog_max,
                 "written_off": p.written_off,
