@@ -21,6 +21,7 @@
 #   redis    d.  the same N users with a redis-server this script starts on a free port:
 #                herald with HERALD_REDIS_URL, Nchan with its Redis store (NCHAN_REDIS_MODE)
 #        d1 closed loop, HTTP publish, UNICAST_PUBLISHERS connections
+#           (PERF=1: one more d1 run of herald alone under perf -> perf-redis.txt)
 #        d2 the same with 1 publisher connection (pipelining: d1/d2 rates, PUBLISH per read)
 #        d3 open loop REDIS_RATE msgs/s (10000) published by the backend: herald-load PUBLISHes
 #           user_noti:<user> straight into Redis for herald; Nchan has no such entry point
@@ -280,6 +281,22 @@ perf_profile() {   # NAME SERVER GEN: cpu-clock samples of the server over the m
     perf record -e cpu-clock -g -p "$CUR_PID" -o "$PERF_DATA" -- sleep "${DURATION%s}" >/dev/null 2>>"$OUT/perf.log" || true
 }
 
+perf_text() {   # WHAT FILE: PERF_DATA as text: flat symbols, by object, by thread, call graphs
+    [[ -s $PERF_DATA ]] || return 0
+    # head closes the pipe early: with pipefail, perf's SIGPIPE would end the script.
+    {
+        echo "# herald during $1: perf record -e cpu-clock -g -p <herald> -- sleep ${DURATION%s}"
+        echo "# 1. top symbols, flat: perf report --stdio --no-children --sort dso,sym -g none --percent-limit 0.4"
+        perf report -i "$PERF_DATA" --stdio --no-children --sort dso,sym -g none --percent-limit 0.4 2>/dev/null | grep -v '^$' | head -90
+        echo "# 2. by object (kernel vs herald vs libc): perf report --stdio --no-children --sort dso -g none"
+        perf report -i "$PERF_DATA" --stdio --no-children --sort dso -g none 2>/dev/null | grep -v '^$' | head -30
+        echo "# 3. by thread: perf report --stdio --no-children --sort comm -g none"
+        perf report -i "$PERF_DATA" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^$' | head -20
+        echo "# 4. call graphs: perf report --stdio --no-children | head -80"
+        perf report -i "$PERF_DATA" --stdio --no-children 2>/dev/null | head -80
+    } >"$2" || true
+    PERF_DATA=""
+}
 cpu_stat() { awk '/^cpu /{print $2+$3+$4+$5+$6+$7+$8, $3}' /proc/stat; }   # total, nice
 RUNLOG=$OUT/runs.log
 run() {   # run NAME SERVER herald-load-args...
@@ -412,20 +429,7 @@ if want unicast; then
         ON_CONNECTED=perf_profile
         run unicast-max-perf herald unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
         ON_CONNECTED=""
-        if [[ -s $PERF_DATA ]]; then
-            # head closes the pipe early: with pipefail, perf's SIGPIPE would end the script.
-            {
-                echo "# herald during c2 (unicast-max-perf-herald.json): perf record -e cpu-clock -g -p <herald> -- sleep ${DURATION%s}"
-                echo "# 1. top symbols, flat: perf report --stdio --no-children --sort dso,sym -g none --percent-limit 0.4"
-                perf report -i "$PERF_DATA" --stdio --no-children --sort dso,sym -g none --percent-limit 0.4 2>/dev/null | grep -v '^$' | head -90
-                echo "# 2. by object (kernel vs herald vs libc): perf report --stdio --no-children --sort dso -g none"
-                perf report -i "$PERF_DATA" --stdio --no-children --sort dso -g none 2>/dev/null | grep -v '^$' | head -30
-                echo "# 3. by thread: perf report --stdio --no-children --sort comm -g none"
-                perf report -i "$PERF_DATA" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^$' | head -20
-                echo "# 4. call graphs: perf report --stdio --no-children | head -80"
-                perf report -i "$PERF_DATA" --stdio --no-children 2>/dev/null | head -80
-            } >"$OUT/perf.txt" || true
-        fi
+        perf_text "c2 (unicast-max-perf-herald.json)" "$OUT/perf.txt"
     fi
 fi
 # d. Redis mode
@@ -437,6 +441,12 @@ if want redis; then
     for s in $(unicast_servers); do
         run redis-max "$s" unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
     done
+    if [[ $PERF == 1 ]] && has_server herald; then
+        ON_CONNECTED=perf_profile
+        run redis-max-perf herald unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
+        ON_CONNECTED=redis_mark
+        perf_text "d1 (redis-max-perf-herald.json)" "$OUT/perf-redis.txt"
+    fi
     for s in $(unicast_servers); do
         run redis-max1 "$s" unicast -n "$N" --user-prefix u --rate max --publish-conns 1 "${common_win[@]}"
     done
