@@ -215,6 +215,18 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub publish_conns: usize,
 
+    /// HTTP publish: up to N messages per request, as herald's batch body
+    /// {"items":[<body>, …]} (each item the --publish-body template); the publish URL then
+    /// defaults to http://HOST:PORT/publish/batch. 1: one message per request, unwrapped.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch: u32,
+
+    /// unicast: publish round-robin to this many users that no connection belongs to (ids
+    /// PREFIX + "absent-" + index) instead of the connected ones: nothing is delivered, so
+    /// only the publish API is measured (publish.rate_achieved = messages accepted/s).
+    #[arg(long, default_value_t = 0)]
+    pub absent_users: usize,
+
     /// Bearer key for the HTTP publish API. Default: a token with scope "publish" minted with
     /// --secret; with neither, no Authorization header (Nchan).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
@@ -223,6 +235,11 @@ pub struct Args {
     /// Server process id(s), comma list (summed): RSS and CPU from /proc over each phase.
     #[arg(long, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
+
+    /// Other process id(s), comma list (summed), e.g. redis-server: CPU over the measured
+    /// window, reported apart from the server's (aux.*).
+    #[arg(long, value_delimiter = ',')]
+    pub aux_pid: Vec<u32>,
 
     /// Also write the JSON report to this file.
     #[arg(long)]

@@ -212,6 +212,9 @@ fn run(args: &Args) -> Result<(), String> {
             let target = match (args.mode, &args.topic) {
                 (Mode::Broadcast, Some(topic)) => publisher::Target::Topic(topic.clone()),
                 (Mode::Broadcast, None) => publisher::Target::User(args.user.clone()),
+                _ if args.absent_users > 0 => publisher::Target::Absent(
+                    (0..args.absent_users).map(|i| format!("{}absent-{i}", args.user_prefix)).collect(),
+                ),
                 _ => publisher::Target::Users((0..users.count()).map(|i| users.name(i)).collect()),
             };
             let max_inflight = args.max_inflight.unwrap_or(match args.mode {
@@ -236,6 +239,7 @@ fn run(args: &Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot start the publisher: {e}"))?;
             sleep_until_ns(window_start);
             let server_w0 = sys::sample_pids(&args.server_pid);
+            let aux_w0 = sys::sample_pids(&args.aux_pid);
             let gen_w0 = sys::sample_self();
             let threads_w0 = sys::sample_threads();
             let received_w0 = shared.sum(|w| &w.received_all);
@@ -254,6 +258,7 @@ fn run(args: &Args) -> Result<(), String> {
                 last = now_received;
             }
             let server_w1 = sys::sample_pids(&args.server_pid);
+            rep.aux_window = aux_w0.zip(sys::sample_pids(&args.aux_pid));
             let gen_w1 = sys::sample_self();
             rep.window_phase = Phase::new(server_w0, server_w1, gen_w0, gen_w1);
             rep.window_threads = Some((threads_w0, sys::sample_threads()));
@@ -321,7 +326,12 @@ fn publish_transport(args: &Args, ws: &cli::Endpoint, secret: Option<&str>) -> R
     }
     let url = match &args.publish_url {
         Some(url) => url.clone(),
-        None => format!("{}://{}/publish", if ws.tls { "https" } else { "http" }, ws.host),
+        None => format!(
+            "{}://{}/publish{}",
+            if ws.tls { "https" } else { "http" },
+            ws.host,
+            if args.batch > 1 { "/batch" } else { "" }
+        ),
     };
     let endpoint = cli::parse_endpoint(&url)?;
     let default_body = if args.topic.is_some() {
@@ -342,7 +352,7 @@ fn publish_transport(args: &Args, ws: &cli::Endpoint, secret: Option<&str>) -> R
         _ => None,
     };
     let tls = tls_client(args, &endpoint)?;
-    Ok(publisher::Transport::Http { endpoint, body, auth, conns: args.publish_conns, tls })
+    Ok(publisher::Transport::Http { endpoint, body, auth, conns: args.publish_conns, tls, batch: args.batch as usize })
 }
 
 /// The TLS client for a wss:// or https:// endpoint (None for ws:// and http://).

@@ -34,6 +34,9 @@ pub enum Target {
     User(String),
     /// Every message to one topic, which every connection subscribed to.
     Topic(String),
+    /// Round-robin over users no connection belongs to: nothing to deliver, the publish API
+    /// alone is measured.
+    Absent(Vec<String>),
 }
 
 #[derive(Debug)]
@@ -50,6 +53,8 @@ pub enum Transport {
         auth: Option<String>,
         conns: usize,
         tls: Option<crate::tls::Client>,
+        /// Messages per request: above 1, the body is `{"items":[<body>, …]}`.
+        batch: usize,
     },
 }
 
@@ -82,6 +87,10 @@ pub struct PubReport {
     pub error_kinds: BTreeMap<String, u64>,
     /// Redis replied 0 subscribers / herald replied "sent":false.
     pub not_routed: u64,
+    /// Responses on a connection with no request in flight: the server closing an idle
+    /// keep-alive connection (herald answers 408 when its request deadline passes). No
+    /// message was carried, so they are not errors.
+    pub idle_closes: u64,
     /// Scheduled messages still queued when the drain time ran out.
     pub unsent: u64,
     pub backlog_max: u64,
@@ -104,6 +113,8 @@ struct HttpConn {
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     busy: bool,
+    /// Messages in the request in flight.
+    items: u64,
 }
 
 impl HttpConn {
@@ -127,7 +138,7 @@ impl HttpConn {
                 Some(session)
             }
         };
-        Ok(HttpConn { stream, tls: session, rbuf: Vec::new(), wbuf: Vec::new(), busy: false })
+        Ok(HttpConn { stream, tls: session, rbuf: Vec::new(), wbuf: Vec::new(), busy: false, items: 0 })
     }
 
     /// Writes as much of the queued request as the socket takes.
@@ -149,6 +160,8 @@ struct Publisher<'a> {
     queue: VecDeque<(u64, u64)>,
     scratch: Vec<u8>,
     payload: Vec<u8>,
+    /// (scheduled time, recipients) of the messages in the request being built.
+    batch: Vec<(u64, u64)>,
     redis: Option<(TcpStream, Vec<u8>, Vec<u8>)>,
     http: Vec<HttpConn>,
     window_start: u64,
@@ -171,6 +184,7 @@ pub fn run(plan: PubPlan, shared: Arc<Shared>) -> Result<PubReport, String> {
             errors: 0,
             error_kinds: BTreeMap::new(),
             not_routed: 0,
+            idle_closes: 0,
             unsent: 0,
             backlog_max: 0,
             written_off: 0,
@@ -180,6 +194,7 @@ pub fn run(plan: PubPlan, shared: Arc<Shared>) -> Result<PubReport, String> {
         queue: VecDeque::new(),
         scratch: Vec::with_capacity(64 * 1024),
         payload: Vec::with_capacity(1024),
+        batch: Vec::new(),
         redis: None,
         http: Vec::new(),
         window_start: shared.window_start_ns.load(Relaxed),
@@ -232,6 +247,10 @@ impl Publisher<'_> {
                 (user, k / n, live)
             }
             Target::User(_) | Target::Topic(_) => (0, k, self.shared.live_total.load(Relaxed)),
+            Target::Absent(names) => {
+                let n = names.len().max(1) as u64;
+                ((k % n) as usize, k / n, 0)
+            }
         }
     }
 
@@ -281,14 +300,18 @@ impl Publisher<'_> {
                         stalled_since = now;
                     }
                     let room = self.plan.max_inflight.saturating_sub(inflight);
+                    let per_request = match &self.plan.transport {
+                        Transport::Http { batch, .. } => (*batch).max(1) as u64,
+                        Transport::Redis { .. } => 1,
+                    };
                     let capacity = match &self.redis {
                         Some((_, out, _)) if out.len() < 256 * 1024 => 512,
                         Some(_) => 0,
-                        None => self.http.iter().filter(|c| !c.busy).count() as u64,
+                        None => self.http.iter().filter(|c| !c.busy).count() as u64 * per_request,
                     };
                     // Each message may fan out to many deliveries: keep the room in messages.
                     let per_msg = match &self.plan.target {
-                        Target::Users(_) => 1,
+                        Target::Users(_) | Target::Absent(_) => 1,
                         _ => self.shared.live_total.load(Relaxed).max(1),
                     };
                     let n = (room / per_msg).min(capacity).saturating_sub(self.queue.len() as u64);
@@ -360,7 +383,7 @@ impl Publisher<'_> {
 
 fn target_names(plan: &PubPlan, k: u64) -> (&str, &str) {
     match &plan.target {
-        Target::Users(names) => (names[(k % names.len().max(1) as u64) as usize].as_str(), ""),
+        Target::Users(names) | Target::Absent(names) => (names[(k % names.len().max(1) as u64) as usize].as_str(), ""),
         Target::User(name) => (name.as_str(), ""),
         Target::Topic(topic) => ("", topic.as_str()),
     }
@@ -385,19 +408,37 @@ impl Publisher<'_> {
                     self.account(t, live);
                 }
             }
-            Transport::Http { endpoint, body, auth, .. } => {
+            Transport::Http { endpoint, body, auth, batch, .. } => {
+                let batch = (*batch).max(1);
                 for i in 0..self.http.len() {
                     if self.http[i].busy {
                         continue;
                     }
-                    let Some((k, t)) = self.queue.pop_front() else { break };
-                    let live = self.build(k, t);
-                    let (user, topic) = target_names(plan, k);
-                    let vars = Vars { user, topic, payload: &self.payload, token: "" };
+                    if self.queue.is_empty() {
+                        break;
+                    }
                     let mut path = Vec::with_capacity(64);
-                    endpoint.path.render(&mut path, &vars);
                     self.scratch.clear();
-                    body.render(&mut self.scratch, &vars);
+                    self.batch.clear();
+                    if batch > 1 {
+                        self.scratch.extend_from_slice(br#"{"items":["#);
+                    }
+                    while self.batch.len() < batch {
+                        let Some((k, t)) = self.queue.pop_front() else { break };
+                        let live = self.build(k, t);
+                        let (user, topic) = target_names(plan, k);
+                        let vars = Vars { user, topic, payload: &self.payload, token: "" };
+                        if self.batch.is_empty() {
+                            endpoint.path.render(&mut path, &vars);
+                        } else {
+                            self.scratch.push(b',');
+                        }
+                        body.render(&mut self.scratch, &vars);
+                        self.batch.push((t, live));
+                    }
+                    if batch > 1 {
+                        self.scratch.extend_from_slice(b"]}");
+                    }
                     let conn = &mut self.http[i];
                     let req = &mut conn.wbuf;
                     req.extend_from_slice(b"POST ");
@@ -414,10 +455,14 @@ impl Publisher<'_> {
                     req.extend_from_slice(b"\r\n");
                     req.extend_from_slice(&self.scratch);
                     conn.busy = true;
+                    conn.items = self.batch.len() as u64;
                     if let Err(e) = conn.flush() {
                         self.http_failed(i, &e)?;
                     }
-                    self.account(t, live);
+                    for j in 0..self.batch.len() {
+                        let (t, live) = self.batch[j];
+                        self.account(t, live);
+                    }
                 }
             }
         }
@@ -425,8 +470,13 @@ impl Publisher<'_> {
     }
 
     fn error(&mut self, kind: String) {
-        self.report.errors += 1;
-        *self.report.error_kinds.entry(kind).or_default() += 1;
+        self.errors(kind, 1);
+    }
+
+    /// A failed request counts once per message it carried.
+    fn errors(&mut self, kind: String, messages: u64) {
+        self.report.errors += messages;
+        *self.report.error_kinds.entry(kind).or_default() += messages;
     }
 
     fn on_redis(&mut self) -> io::Result<()> {
@@ -506,14 +556,19 @@ impl Publisher<'_> {
                 }
             };
             conn.rbuf.drain(..len);
-            conn.busy = false;
-            if (200..300).contains(&status) {
-                self.report.replies_ok += 1;
-                if not_routed {
-                    self.report.not_routed += 1;
+            if !std::mem::replace(&mut conn.busy, false) {
+                self.report.idle_closes += 1;
+                if close {
+                    return self.reconnect(i);
                 }
+                continue;
+            }
+            let items = std::mem::take(&mut conn.items).max(1);
+            if (200..300).contains(&status) {
+                self.report.replies_ok += items;
+                self.report.not_routed += not_routed;
             } else {
-                self.error(format!("http {status}"));
+                self.errors(format!("http {status}"), items);
             }
             if close {
                 return self.reconnect(i);
@@ -560,8 +615,9 @@ fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-/// One complete response at the start of `buf`: (status, bytes, server closes, "sent":false).
-fn parse_http_response(buf: &[u8]) -> Result<Option<(u16, usize, bool, bool)>, &'static str> {
+/// One complete response at the start of `buf`: (status, bytes, server closes, messages not
+/// routed: `"sent":false`, or the `false`s of a batch's `"sent":[…]`).
+fn parse_http_response(buf: &[u8]) -> Result<Option<(u16, usize, bool, u64)>, &'static str> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
     let head = match response.parse(buf) {
@@ -593,8 +649,20 @@ fn parse_http_response(buf: &[u8]) -> Result<Option<(u16, usize, bool, bool)>, &
     if buf.len() < total {
         return Ok(None);
     }
-    let not_routed = crate::ws::find(&buf[head..total], b"\"sent\":false").is_some();
-    Ok(Some((status, total, close, not_routed)))
+    Ok(Some((status, total, close, not_routed(&buf[head..total]))))
+}
+
+fn not_routed(body: &[u8]) -> u64 {
+    let Some(at) = crate::ws::find(body, b"\"sent\":") else { return 0 };
+    let rest = &body[at + 7..];
+    if rest.starts_with(b"false") {
+        return 1;
+    }
+    if !rest.starts_with(b"[") {
+        return 0;
+    }
+    let list = &rest[..rest.iter().position(|&b| b == b']').unwrap_or(rest.len())];
+    list.windows(5).filter(|w| *w == b"false").count() as u64
 }
 
 #[cfg(test)]
@@ -606,11 +674,172 @@ mod tests {
         let body = r#"{"status":"success","sent":false}"#;
         let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         let r = format!("{head}HTTP/1.1 200");
-        assert_eq!(parse_http_response(r.as_bytes()).unwrap(), Some((200, head.len(), false, true)));
+        assert_eq!(parse_http_response(r.as_bytes()).unwrap(), Some((200, head.len(), false, 1)));
         assert_eq!(parse_http_response(&r.as_bytes()[..30]).unwrap(), None);
         let c = b"HTTP/1.1 401 No\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(parse_http_response(c).unwrap(), Some((401, c.len(), true, false)));
+        assert_eq!(parse_http_response(c).unwrap(), Some((401, c.len(), true, 0)));
         let ch = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        assert_eq!(parse_http_response(ch).unwrap(), Some((201, ch.len(), false, false)));
+        assert_eq!(parse_http_response(ch).unwrap(), Some((201, ch.len(), false, 0)));
+        let batch = br#"{"status":"success","sent":[true,false,false,true]} false"#;
+        assert_eq!(not_routed(batch), 2);
+        assert_eq!(not_routed(br#"{"status":"success","sent":true}"#), 0);
+    }
+
+    /// Serves `POST /publish/batch` on a real socket: checks each body is a batch of at most
+    /// `max_items` well-formed items addressed to absent users, and answers every second item
+    /// "not sent". Returns (requests, items, items answered false).
+    fn batch_server(listener: std::net::TcpListener, max_items: usize) -> (u64, u64, u64) {
+        let (mut sock, _) = listener.accept().expect("accept");
+        sock.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let (mut requests, mut items, mut falses) = (0u64, 0u64, 0u64);
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(head)) = req.parse(&buf) {
+                assert_eq!((req.method, req.path), (Some("POST"), Some("/publish/batch")));
+                let len = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .expect("content-length");
+                if buf.len() >= head + len {
+                    let body: serde_json::Value = serde_json::from_slice(&buf[head..head + len]).expect("JSON body");
+                    let list = body["items"].as_array().expect("items");
+                    assert!(!list.is_empty() && list.len() <= max_items, "{} items", list.len());
+                    let mut sent = Vec::new();
+                    for (j, item) in list.iter().enumerate() {
+                        assert!(item["user_id"].as_str().is_some_and(|u| u.starts_with("u-absent-")), "{item}");
+                        assert_eq!(item["message"]["type"], "load");
+                        sent.push(j % 2 == 0);
+                    }
+                    requests += 1;
+                    items += list.len() as u64;
+                    falses += sent.iter().filter(|s| !**s).count() as u64;
+                    let reply = serde_json::json!({"status": "success", "sent": sent}).to_string();
+                    let out = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}", reply.len());
+                    sock.write_all(out.as_bytes()).expect("reply");
+                    buf.drain(..head + len);
+                    continue;
+                }
+            }
+            match sock.read(&mut chunk) {
+                Ok(0) | Err(_) => return (requests, items, falses),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The first connection gets an unsolicited 408 and is closed (what herald does to an
+    /// idle keep-alive connection); the second is served. Returns the requests served.
+    fn idle_closing_server(listener: std::net::TcpListener) -> u64 {
+        let (mut first, _) = listener.accept().expect("accept");
+        first
+            .write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .expect("408");
+        drop(first);
+        let (mut sock, _) = listener.accept().expect("accept again");
+        sock.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let (mut served, mut buf, mut chunk) = (0u64, Vec::new(), [0u8; 16 * 1024]);
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(head)) = req.parse(&buf) {
+                let len = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .expect("content-length");
+                if buf.len() >= head + len {
+                    let reply = r#"{"status":"success","sent":true}"#;
+                    let out = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}", reply.len());
+                    sock.write_all(out.as_bytes()).expect("reply");
+                    buf.drain(..head + len);
+                    served += 1;
+                    continue;
+                }
+            }
+            match sock.read(&mut chunk) {
+                Ok(0) | Err(_) => return served,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    #[test]
+    fn a_response_on_an_idle_connection_is_no_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || idle_closing_server(listener));
+        let endpoint = crate::cli::parse_endpoint(&format!("http://{addr}/publish")).expect("endpoint");
+        // Publishing starts late enough for the 408 to arrive on the idle connection first.
+        let start = realtime_ns() + 300_000_000;
+        let shared = Arc::new(Shared::new(1, 1));
+        shared.window_start_ns.store(start, Relaxed);
+        shared.window_end_ns.store(start + 200_000_000, Relaxed);
+        let plan = PubPlan {
+            transport: Transport::Http {
+                endpoint,
+                body: Template::new(r#"{"user_id":"{user}","message":{payload}}"#),
+                auth: None,
+                conns: 1,
+                tls: None,
+                batch: 1,
+            },
+            rate: Rate::Fixed(100.0),
+            target: Target::Absent(vec!["u-absent-0".into()]),
+            payload_bytes: 100,
+            max_inflight: 2000,
+            batch_ns: 0,
+            start_ns: start,
+            end_ns: start + 200_000_000,
+            drain: Duration::from_secs(2),
+        };
+        let report = run(plan, shared).expect("publisher");
+        let served = server.join().expect("server thread");
+        assert!(served > 0);
+        assert_eq!((report.idle_closes, report.errors), (1, 0), "{:?}", report.error_kinds);
+        assert_eq!((report.sent_all, report.replies_ok), (served, served));
+    }
+
+    #[test]
+    fn batches_carry_up_to_n_messages_and_count_per_message() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || batch_server(listener, 7));
+        let endpoint = crate::cli::parse_endpoint(&format!("http://{addr}/publish/batch")).expect("endpoint");
+        let now = realtime_ns();
+        let shared = Arc::new(Shared::new(1, 1));
+        shared.window_start_ns.store(now, Relaxed);
+        shared.window_end_ns.store(now + 300_000_000, Relaxed);
+        let plan = PubPlan {
+            transport: Transport::Http {
+                endpoint,
+                body: Template::new(r#"{"user_id":"{user}","message":{payload}}"#),
+                auth: None,
+                conns: 1,
+                tls: None,
+                batch: 7,
+            },
+            rate: Rate::Max,
+            target: Target::Absent((0..10).map(|i| format!("u-absent-{i}")).collect()),
+            payload_bytes: 100,
+            max_inflight: 2000,
+            batch_ns: 0,
+            start_ns: now,
+            end_ns: now + 300_000_000,
+            drain: Duration::from_secs(2),
+        };
+        let report = run(plan, shared).expect("publisher");
+        // The publisher is done: its socket is closed, so the server's read returns 0.
+        let (requests, items, falses) = server.join().expect("server thread");
+        assert!(requests > 1, "{requests} requests");
+        assert!(items > requests, "batches of one: {items} items in {requests} requests");
+        assert_eq!((report.sent_all, report.replies_ok, report.errors), (items, items, 0));
+        assert_eq!(report.not_routed, falses);
+        assert_eq!(report.expected_all, 0, "absent users receive nothing");
     }
 }

@@ -45,6 +45,8 @@ pub struct Report {
     pub window_phase: Phase,
     /// Per-thread CPU of the generator at both ends of the measured window.
     pub window_threads: Option<(ThreadCpu, ThreadCpu)>,
+    /// --aux-pid over the measured window.
+    pub aux_window: Option<(ProcSample, ProcSample)>,
     pub server_end: Option<ProcSample>,
     pub gen_end: Option<ProcSample>,
 }
@@ -102,7 +104,11 @@ impl Report {
             "warmup_s": args.warmup.as_secs_f64(),
             "hold_s": args.hold.as_secs_f64(),
             "payload_bytes": args.payload_bytes,
+            "publish_conns": args.publish_conns,
+            "batch": args.batch,
+            "absent_users": args.absent_users,
             "server_pids": args.server_pid,
+            "aux_pids": args.aux_pid,
         });
         Report {
             config,
@@ -113,6 +119,7 @@ impl Report {
             hold_phase: Phase::default(),
             window_phase: Phase::default(),
             window_threads: None,
+            aux_window: None,
             server_end: None,
             gen_end: None,
         }
@@ -242,7 +249,18 @@ impl Report {
             "server": server,
             "generator": generator,
         });
+        if let Some((a, b)) = self.aux_window {
+            let cpu = Some((b.cpu_seconds - a.cpu_seconds).max(0.0));
+            out["aux"] = json!({
+                "cpu_seconds": cpu.map(|x| round(x, 3)),
+                "cpu_cores_busy": utilization(cpu),
+                "cpu_us_per_delivery": per(cpu, deliveries, 1e6),
+            });
+        }
         if let Some(p) = publish {
+            // Per message published, not per delivery: what a publish costs when it reaches
+            // nobody (absent users) or many (broadcast).
+            out["server"]["cpu_us_per_message"] = per(steady.server_cpu(), p.sent_window, 1e6);
             let lost = p.expected_window.saturating_sub(c.received_window);
             out["publish"] = json!({
                 "sent": p.sent_all,
@@ -252,6 +270,7 @@ impl Report {
                 "errors": p.errors,
                 "error_kinds": p.error_kinds,
                 "not_routed": p.not_routed,
+                "idle_closes": p.idle_closes,
                 "unsent_backlog": p.unsent,
                 "backlog_max": p.backlog_max,
                 "written_off": p.written_off,
