@@ -366,6 +366,11 @@ impl ShardPublisher {
                 Some(error @ (ServerError::TryAgain(_) | ServerError::ClusterDown(_) | ServerError::Loading(_))) => {
                     Reply::Later(Failure::from_reply(error))
                 }
+                // A master that joined a moment ago: the fleet thread is loading herald's
+                // functions on it.
+                Some(error @ ServerError::Other(text)) if text.starts_with(b"ERR Function not found") => {
+                    Reply::Later(Failure::from_reply(error))
+                }
                 Some(error) => Reply::Refused(Failure::from_reply(error)),
             })?;
             let Some(reply) = reply else { break };
