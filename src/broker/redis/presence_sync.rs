@@ -71,10 +71,12 @@ impl PresenceSync {
     }
 
     /// Redis lost what it knew (a new connection: it may have restarted, or swept this
-    /// instance as dead while it was away): send every user again.
+    /// instance as dead while it was away, or a replica took over without the last writes):
+    /// send every user again, a count whose write failed included.
     pub fn resend_all(&mut self) {
-        for (user, _) in self.reported.drain() {
-            self.dirty.insert(user);
+        for (user, count) in self.reported.iter_mut() {
+            *count = UNKNOWN;
+            self.dirty.insert(user.clone());
         }
     }
 }
@@ -132,6 +134,12 @@ mod tests {
         assert_eq!(updates, vec![Update { user: "a".into(), count: 2, join_members: true, leave_members: false }]);
         sync.touch("a".into());
         assert!(sync.take_updates(10, |_| 2).is_empty(), "written now");
+        // A failed write of 0, then a new connection: 0 is still sent.
+        sync.touch("a".into());
+        sync.take_updates(10, |_| 0);
+        sync.forget(&"a".into());
+        sync.resend_all();
+        assert_eq!(sync.take_updates(10, |_| 0).len(), 1);
     }
 
     #[test]
