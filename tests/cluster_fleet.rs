@@ -48,6 +48,29 @@ fn shard_subscribers(port: u16, channel: &str) -> i64 {
     }
 }
 
+/// herald's library as node `port` has it (`FUNCTION LIST WITHCODE`), empty without it.
+fn library_on(port: u16) -> String {
+    fn flatten(reply: &Resp, out: &mut String) {
+        match reply {
+            Resp::Bulk(Some(b)) => out.push_str(&String::from_utf8_lossy(b)),
+            Resp::Simple(s) => out.push_str(s),
+            Resp::Array(Some(items)) => items.iter().for_each(|i| flatten(i, out)),
+            _ => {}
+        }
+    }
+    let mut text = String::new();
+    flatten(&RedisConn::connect(port).command(&["FUNCTION", "LIST", "LIBRARYNAME", "herald", "WITHCODE"]), &mut text);
+    text
+}
+
+fn assert_library_on_every_master(cluster: &Cluster) {
+    for master in cluster.masters() {
+        let library = library_on(master);
+        assert!(library.contains("herald_publish"), "herald's functions on master {master}: {library:?}");
+        assert!(library.contains("local PUBLISH = 'SPUBLISH'"), "sharded: herald_publish SPUBLISHes on {master}");
+    }
+}
+
 fn channel(user: &str) -> String {
     format!("user_noti:{user}")
 }
@@ -245,6 +268,7 @@ fn history_is_stored_replayed_and_acked_on_every_master_and_survives_a_failover(
     let stream_keys: Vec<String> = users.iter().map(|(u, _)| format!("herald:{{{}}}:h", channel(u))).collect();
     let spread = masters_of(&cluster, &stream_keys);
     assert!(spread.len() >= 2, "streams on {spread:?}: the test needs several masters");
+    assert_library_on_every_master(&cluster);
 
     let mut ids = Vec::new();
     for (user, _) in &users {
@@ -297,6 +321,7 @@ fn history_is_stored_replayed_and_acked_on_every_master_and_survives_a_failover(
     assert!(readable, "{victim}'s history after the failover: {last}\n{}", hs[1].stderr());
     eprintln!("history of {victim} served {:?} after its master was killed", killed.elapsed());
     assert_eq!(cluster.master_of_slot(cluster.slot_of(&channel(&victim))), replica);
+    assert_library_on_every_master(&cluster);
     // The promoted replica has what was stored before (replicated), and resumes from it.
     let (ns, resumed) = replayed(&mut connect_since(&hs[0], &victim, &ids[0].0));
     assert_eq!(ns.last(), Some(&5), "{ns:?}");
@@ -310,4 +335,36 @@ fn history_is_stored_replayed_and_acked_on_every_master_and_survives_a_failover(
     assert!(live["stream_id"].is_string(), "{live}");
     // Presence on the promoted master works too.
     wait_presence(&hs[0], &victim, 1, Duration::from_secs(10));
+}
+
+#[test]
+fn a_slot_moved_behind_heralds_back_is_followed_by_presence_and_history() {
+    let cluster = Cluster::start();
+    let hs = fleet(&cluster, true);
+    let (user, from) = users_on_every_master(&cluster, "mover").remove(0);
+    let to = *cluster.masters().iter().find(|&&m| m != from).expect("another master");
+    // Nothing of the user is stored yet: the slot moves empty, and herald's slot maps are
+    // stale until a MOVED (or the 30 s refresh) tells them.
+    let slot = cluster.slot_of(&channel(&user));
+    cluster.move_slot(slot, to);
+    let mut ws = hs[1].ws(&token(&user));
+    publish(&hs[0], &note(&user, 1));
+    let live = recv_json(&mut ws, T);
+    assert_eq!(live["n"], 1);
+    let since = live["stream_id"].as_str().expect("stored").to_string();
+    wait_presence(&hs[0], &user, 1, PRESENCE_LAG);
+    publish(&hs[1], &note(&user, 2));
+    assert_eq!(recv_json(&mut ws, T)["n"], 2);
+    assert_eq!(ns_of(&history_of(&hs[0], &user, "")), vec![1, 2]);
+    let (ns, resumed) = replayed(&mut connect_since(&hs[0], &user, &since));
+    assert_eq!((ns, resumed["complete"].clone()), (vec![2], json!(true)));
+    // Stream and presence hash are on the slot's new master.
+    let keys = match RedisConn::connect(to).command(&["CLUSTER", "COUNTKEYSINSLOT", &slot.to_string()]) {
+        Resp::Int(n) => n,
+        other => panic!("CLUSTER COUNTKEYSINSLOT: {other:?}"),
+    };
+    assert_eq!(keys, 3, "history list, its hash and the presence hash on {to}");
+    drop(ws);
+    wait_presence(&hs[1], &user, 0, PRESENCE_LAG);
+    assert_quiet_log(&hs);
 }
