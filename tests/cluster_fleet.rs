@@ -17,9 +17,9 @@ const PRESENCE_LAG: Duration = Duration::from_secs(1);
 /// Lines of a herald's log that may mention a redirect (a MOVED followed is not logged).
 const MOVED_LINES_ALLOWED: usize = 3;
 
-fn start_herald(cluster: &Cluster, history: bool) -> Herald {
+fn start_herald(cluster: &Cluster, history: bool, pubsub: &str) -> Herald {
     let mut builder =
-        herald().env("HERALD_REDIS_CLUSTER", &cluster.seeds()).env("HERALD_REDIS_CLUSTER_PUBSUB", "sharded").api_key();
+        herald().env("HERALD_REDIS_CLUSTER", &cluster.seeds()).env("HERALD_REDIS_CLUSTER_PUBSUB", pubsub).api_key();
     if history {
         builder = builder.env("HERALD_HISTORY_SIZE", "100");
     }
@@ -31,7 +31,7 @@ fn start_herald(cluster: &Cluster, history: bool) -> Herald {
 
 /// Two instances, both subscribed to the fleet's control channel (on its slot's master).
 fn fleet(cluster: &Cluster, history: bool) -> Vec<Herald> {
-    let hs: Vec<Herald> = (0..2).map(|_| start_herald(cluster, history)).collect();
+    let hs: Vec<Herald> = (0..2).map(|_| start_herald(cluster, history, "sharded")).collect();
     let control = cluster.master_of_slot(cluster.slot_of("herald:control"));
     let subscribed = wait_until(Duration::from_secs(10), || shard_subscribers(control, "herald:control") == 2);
     assert!(subscribed, "both instances SSUBSCRIBE herald:control on {control}");
@@ -366,5 +366,56 @@ fn a_slot_moved_behind_heralds_back_is_followed_by_presence_and_history() {
     assert_eq!(keys, 3, "history list, its hash and the presence hash on {to}");
     drop(ws);
     wait_presence(&hs[1], &user, 0, PRESENCE_LAG);
+    assert_quiet_log(&hs);
+}
+
+#[test]
+fn history_in_classic_cluster_mode_is_refused_at_start() {
+    let seeds = format!("redis://127.0.0.1:{}", free_port());
+    let out = run_herald(
+        &[],
+        &[
+            ("HERALD_JWT_SECRET", SECRET),
+            ("HERALD_REDIS_CLUSTER", &seeds),
+            ("HERALD_REDIS_CLUSTER_PUBSUB", "classic"),
+            ("HERALD_HISTORY_SIZE", "100"),
+        ],
+        T,
+    );
+    assert_ne!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stderr.contains("HERALD_REDIS_CLUSTER_PUBSUB=sharded"), "{}", out.stderr);
+}
+
+#[test]
+fn classic_mode_has_presence_and_disconnect_fleet_wide_too() {
+    let cluster = Cluster::start();
+    let hs: Vec<Herald> = (0..2).map(|_| start_herald(&cluster, false, "classic")).collect();
+    // Both SUBSCRIBE the control channel on its slot's master, where requests are PUBLISHed.
+    let control = cluster.master_of_slot(cluster.slot_of("herald:control"));
+    let subscribed = wait_until(Duration::from_secs(10), || {
+        matches!(
+            RedisConn::connect(control).command(&["PUBSUB", "NUMSUB", "herald:control"]),
+            Resp::Array(Some(items)) if items.get(1) == Some(&Resp::Int(2))
+        )
+    });
+    assert!(subscribed, "both instances SUBSCRIBE herald:control on {control}");
+    let users = users_on_every_master(&cluster, "classic");
+    let mut sockets = Vec::new();
+    for (user, _) in &users {
+        sockets.push(hs[0].ws(&token(user)));
+        sockets.push(hs[1].ws(&token(user)));
+    }
+    for (user, _) in &users {
+        wait_presence(&hs[1], user, 2, PRESENCE_LAG);
+    }
+    for (user, _) in &users {
+        let body = json!({"user_id": user}).to_string();
+        let r = hs[0].http("POST", "/api/disconnect", &[("Authorization", &auth())], body.as_bytes());
+        assert_eq!(r.json(), json!({"status": "success", "closed": 2}), "disconnect {user}");
+        wait_presence(&hs[1], user, 0, PRESENCE_LAG);
+    }
+    for ws in sockets.iter_mut() {
+        assert!(matches!(wait_close(ws, T), Closed::Frame(Some(_), _)));
+    }
     assert_quiet_log(&hs);
 }

@@ -181,6 +181,13 @@ impl RedisBroker {
             Endpoint::Cluster { seeds, .. } => seeds.clone(),
         };
         let history_on = fleet_settings.history.enabled();
+        if history_on && matches!(endpoint, Endpoint::Cluster { pubsub: ClusterPubsub::Classic, .. }) {
+            // herald_publish stores in the channel's slot, on its master; the classic
+            // publisher holds one connection, to the first seed, and could store there only.
+            return Err(
+                "history (HERALD_HISTORY_SIZE) on a Redis Cluster needs HERALD_REDIS_CLUSTER_PUBSUB=sharded".into()
+            );
+        }
         let fleet_poll = poller()?;
         let (fleet, fleet_jobs) = Mailbox::unbounded(&fleet_poll, fleet::WAKER).map_err(waker_error)?;
         let fleet = Arc::new(fleet);
