@@ -335,6 +335,13 @@ fn history_is_stored_replayed_and_acked_on_every_master_and_survives_a_failover(
     assert!(live["stream_id"].is_string(), "{live}");
     // Presence on the promoted master works too.
     wait_presence(&hs[0], &victim, 1, Duration::from_secs(10));
+    // The failover is logged, not a loop of refusals.
+    assert_quiet_log(&hs);
+    for h in &hs {
+        let warnings = h.stderr().lines().filter(|l| l.contains("WARN")).count();
+        eprintln!("{warnings} warnings logged through the failover");
+        assert!(warnings < 30, "{warnings} warnings:\n{}", h.stderr());
+    }
 }
 
 #[test]

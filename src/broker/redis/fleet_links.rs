@@ -344,6 +344,12 @@ impl<T> Links<T> {
         };
         let key = self.link_for(&addr);
         if self.links[key].conn.is_none() && (Instant::now() < self.links[key].retry_at || !self.connect(key, poll)) {
+            // The master may be gone for good (a failover): the map is asked for again while
+            // commands need it (the topology spaces its fetches), not only at reconnects,
+            // whose backoff grows.
+            if let Some(topology) = self.topology() {
+                topology.refresh();
+            }
             self.events.push(Event::Failed(cmd.tag, "redis unavailable".into()));
             return;
         }

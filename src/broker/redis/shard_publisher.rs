@@ -254,6 +254,11 @@ impl ShardPublisher {
             let wants_ping = is_master && now >= link.last_write + PING_EVERY && link.in_flight.is_empty();
             if link.conn.is_none() && (!link.waiting.is_empty() || wants_ping) {
                 if now < link.retry_at {
+                    if !link.waiting.is_empty() {
+                        // A failover may have replaced the node: look again while publishes
+                        // need it, not only at the next (backed off) reconnect.
+                        self.topology.refresh();
+                    }
                     self.fail_waiting(key, "redis unavailable");
                     continue;
                 }
