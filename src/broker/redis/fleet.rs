@@ -896,8 +896,8 @@ impl FleetThread {
     }
 
     fn lost_sub(&mut self, failure: Failure) {
-        let node = self.sub.addr.as_ref().map(|a| a.to_string()).unwrap_or_default();
-        warn!(error = %failure, %node, "fleet control connection lost; retrying");
+        let redis = self.sub.addr.as_ref().map(|a| self.links.url_of(a).redacted().to_string()).unwrap_or_default();
+        warn!(error = %failure, redis, "fleet control connection lost; retrying");
         self.sub.warned = true;
         self.drop_sub();
         self.sub.retry_at = Instant::now() + self.sub.backoff.next_delay();
