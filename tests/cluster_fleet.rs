@@ -371,7 +371,22 @@ fn a_slot_moved_behind_heralds_back_is_followed_by_presence_and_history() {
         other => panic!("CLUSTER COUNTKEYSINSLOT: {other:?}"),
     };
     assert_eq!(keys, 3, "history list, its hash and the presence hash on {to}");
-    drop(ws);
+    // The control channel's slot moves too: both instances subscribe again on its new
+    // master (the old one pushed `sunsubscribe`), and a fleet-wide disconnect counts both.
+    let control_slot = cluster.slot_of("herald:control");
+    let control_from = cluster.master_of_slot(control_slot);
+    let control_to = *cluster.masters().iter().find(|&&m| m != control_from).expect("another master");
+    cluster.move_slot(control_slot, control_to);
+    let followed = wait_until(T, || shard_subscribers(control_to, "herald:control") == 2);
+    assert!(followed, "herald:control subscribed on {control_to}: {}", shard_subscribers(control_to, "herald:control"));
+    assert_eq!(shard_subscribers(control_from, "herald:control"), 0);
+    let mut other = hs[0].ws(&token(&user));
+    let body = json!({"user_id": user}).to_string();
+    let r = hs[0].http("POST", "/api/disconnect", &[("Authorization", &auth())], body.as_bytes());
+    assert_eq!(r.json(), json!({"status": "success", "closed": 2}), "{}", hs[0].stderr());
+    for ws in [&mut ws, &mut other] {
+        assert!(matches!(wait_close(ws, T), Closed::Frame(Some(_), _)));
+    }
     wait_presence(&hs[1], &user, 0, PRESENCE_LAG);
     assert_quiet_log(&hs);
 }

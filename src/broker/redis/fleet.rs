@@ -9,13 +9,13 @@
 //!   swept by the others: its fields go, and users it alone held go offline.
 //!
 //! Connections of its own: one subscribed (control and reply channels), and the command
-//! connections of [`fleet_links`] (one, or one per cluster master), pipelined, replies matched
+//! connections of [`super::fleet_links`] (one, or one per cluster master), pipelined, replies matched
 //! in order. Nothing here ever blocks an event loop: loops report by an unbounded mailbox and
 //! get answers by their own inboxes.
 //!
 //! In a Redis Cluster every key has its slot's master: a user's presence hash and history
 //! stream live in the slot of the user's channel (`{hash tag}`), an instance's members set in
-//! its own, the instances set (one key for the fleet) in its own; [`fleet_links`] sends each
+//! its own, the instances set (one key for the fleet) in its own; [`super::fleet_links`] sends each
 //! command to the master of its key. The control and reply channels carry no key: they share
 //! one slot (the reply channels take `{herald:control}` as hash tag), and every instance
 //! subscribes on that slot's master and publishes there. In sharded mode with SSUBSCRIBE and
@@ -301,9 +301,8 @@ impl FleetThread {
                 }
             }
             self.mailbox.clear_wake();
-            if self.links.sync_map() {
-                self.follow_control_slot();
-            }
+            self.links.sync_map();
+            self.follow_control_slot();
             self.links.connect_due(&self.poll);
             self.connect_sub_if_due();
             self.take_jobs();
@@ -351,12 +350,13 @@ impl FleetThread {
         slots::key_slot(CONTROL_CHANNEL.as_bytes())
     }
 
-    /// A new slot map: if the control slot has another master now, the subscription moves
-    /// there.
+    /// When the slot map gives the control slot another master, the subscription moves
+    /// there. (A slot without a master keeps the connection it has: there is no better one.)
     fn follow_control_slot(&mut self) {
-        let owner = self.links.owner(Self::control_slot());
-        if self.sub.conn.is_some() && self.sub.addr != owner {
-            info!(from = ?self.sub.addr.as_ref().map(|a| a.to_string()), "fleet control channel moves to its slot's new master");
+        let Some(owner) = self.links.owner(Self::control_slot()) else { return };
+        if self.sub.conn.is_some() && self.sub.addr.as_ref() != Some(&owner) {
+            let from = self.sub.addr.as_ref().map(|a| a.to_string()).unwrap_or_default();
+            info!(from, to = %owner, "fleet control channel moves to its slot's new master");
             self.drop_sub();
             self.sub.retry_at = Instant::now();
         }
