@@ -225,8 +225,8 @@ impl Cluster {
         }
     }
 
-    /// Moves `slot` (no keys in it) to master `to`, as a resharding does: IMPORTING on the
-    /// target, MIGRATING on the source, then NODE on the target, the source and the rest.
+    /// Moves `slot` to master `to`, as a resharding does: IMPORTING on the target, MIGRATING
+    /// on the source, its keys MIGRATEd, then NODE on the target, the source and the rest.
     pub fn move_slot(&self, slot: u16, to: u16) {
         let from = self.master_of_slot(slot);
         assert_ne!(from, to, "slot {slot} is on {to} already");
@@ -241,6 +241,20 @@ impl Cluster {
         };
         setslot(to, &["IMPORTING", &from_id]);
         setslot(from, &["MIGRATING", &to_id]);
+        let to_port = to.to_string();
+        loop {
+            let keys = match RedisConn::connect(from).command(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]) {
+                Resp::Array(Some(keys)) => keys.into_iter().map(text).collect::<Vec<_>>(),
+                other => panic!("CLUSTER GETKEYSINSLOT: {other:?}"),
+            };
+            if keys.is_empty() {
+                break;
+            }
+            let mut command = vec!["MIGRATE", "127.0.0.1", to_port.as_str(), "", "0", "5000", "KEYS"];
+            command.extend(keys.iter().map(String::as_str));
+            let reply = RedisConn::connect(from).command(&command);
+            assert_eq!(reply, Resp::Simple("OK".into()), "MIGRATE of slot {slot}'s keys to {to}");
+        }
         setslot(to, &["NODE", &to_id]);
         setslot(from, &["NODE", &to_id]);
         for port in self.masters() {

@@ -8,11 +8,26 @@
 //!   transition. Instances beat every few seconds; one that stops (SIGKILL, power loss) is
 //!   swept by the others: its fields go, and users it alone held go offline.
 //!
-//! Two connections of its own: one subscribed (control and reply channels), one for commands,
-//! pipelined, replies matched in order. Nothing here ever blocks an event loop: loops report
-//! by an unbounded mailbox and get answers by their own inboxes.
+//! Connections of its own: one subscribed (control and reply channels), and the command
+//! connections of [`super::fleet_links`] (one, or one per cluster master), pipelined, replies matched
+//! in order. Nothing here ever blocks an event loop: loops report by an unbounded mailbox and
+//! get answers by their own inboxes.
+//!
+//! In a Redis Cluster every key has its slot's master: a user's presence hash and history
+//! stream live in the slot of the user's channel (`{hash tag}`), an instance's members set in
+//! its own, the instances set (one key for the fleet) in its own; [`super::fleet_links`] sends each
+//! command to the master of its key. The control and reply channels carry no key: they share
+//! one slot (the reply channels take `{herald:control}` as hash tag), and every instance
+//! subscribes on that slot's master and publishes there. In sharded mode with SSUBSCRIBE and
+//! SPUBLISH, not PUBLISH: a classic PUBLISH would be relayed to every node of the cluster,
+//! and its reply counts the subscribers of the node it was sent to only, while a survey needs
+//! the exact number of instances that received it; SPUBLISH counts the shard's subscribers,
+//! which are all the instances, and costs one node. A shard channel moved by a resharding or a
+//! failover is pushed back (`sunsubscribe`) or its connection dies, and the subscription is
+//! made again on the slot's new master. In classic mode SUBSCRIBE and PUBLISH on that same
+//! master keep the count exact as well.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,10 +37,11 @@ use mio::{Events, Interest, Poll, Token};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use super::conn::{Conn, Failure, RedisTls};
+use super::conn::{Conn, Failure};
+use super::fleet_links::{Cmd, Event, Links, Place, Reply};
 use super::presence_sync::PresenceSync;
-use super::redis_url::RedisUrl;
-use super::resp::{self, Push, SubKind, Value};
+use super::resp::{self, Push, SubKind};
+use super::slots::{self, NodeAddr};
 use super::stream::{self, HistoryReply};
 use super::survey::Surveys;
 use super::{Backoff, CONNECT_TIMEOUT, Context, LOOP_PATIENCE};
@@ -38,7 +54,8 @@ use crate::webhook::Webhook;
 
 pub const WAKER: Token = Token(0);
 const SUB: Token = Token(1);
-const CMD: Token = Token(2);
+/// Command connections take the tokens from here on.
+const LINKS: usize = 2;
 
 /// Where fleet-wide requests go; every instance subscribes.
 pub const CONTROL_CHANNEL: &str = "herald:control";
@@ -55,10 +72,10 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const UPDATES_PER_FLUSH: usize = 4096;
 /// Users of a dead instance taken per sweep step.
 const SWEEP_BATCH: usize = 1000;
-/// A reply not back after this long means the connection is wedged.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes one reply may hold (a sweep step's member list is the largest).
-const MAX_REPLY: usize = 1024 * 1024;
+/// Bytes one reply on the subscribed connection may hold.
+const MAX_SUB_REPLY: usize = 64 * 1024;
+/// Refusals of the same kind are logged at most this often (the rest are counted).
+const COMPLAIN_EVERY: Duration = Duration::from_secs(10);
 
 /// What the loops (and the fleet thread itself) ask of the fleet thread.
 #[derive(Debug)]
@@ -98,42 +115,7 @@ struct ControlAnswer {
     closed: u64,
 }
 
-/// A reply on the command connection, owned (the decoder's values borrow its buffer).
-#[derive(Debug)]
-enum Reply {
-    Int(i64),
-    Text(String),
-    List(Vec<Reply>),
-    Nil,
-    Error(String),
-}
-
 impl Reply {
-    fn of(value: &Value<'_>, depth: u8) -> Reply {
-        if let Some(error) = value.error() {
-            return Reply::Error(format!("{error:?}"));
-        }
-        if let Some(n) = value.as_integer() {
-            return Reply::Int(n);
-        }
-        if let Some(bytes) = value.as_bytes() {
-            return Reply::Text(String::from_utf8_lossy(bytes).into_owned());
-        }
-        match value.items() {
-            Some(items) if depth < 2 => Reply::List(items.iter().map(|v| Reply::of(&v, depth + 1)).collect()),
-            _ => Reply::Nil,
-        }
-    }
-
-    fn texts(self) -> Vec<String> {
-        match self {
-            Reply::List(items) => {
-                items.into_iter().filter_map(|r| if let Reply::Text(t) = r { Some(t) } else { None }).collect()
-            }
-            _ => Vec::new(),
-        }
-    }
-
     /// A sum of counts: HVALS of a presence hash.
     fn sum(self) -> u64 {
         self.texts().iter().filter_map(|t| t.parse::<u64>().ok()).sum()
@@ -156,11 +138,10 @@ impl Reply {
     }
 }
 
-/// What a command's reply is for, in the order the commands were written.
+/// What a command's reply is for.
 #[derive(Debug)]
 enum Expect {
     Ignore,
-    FunctionLoad,
     SurveyPublished(u64),
     Presence(Arc<str>),
     Dead,
@@ -178,25 +159,45 @@ struct Query {
     left: usize,
 }
 
-/// One of the two connections, with its own reconnect schedule.
-struct Link {
+/// The subscribed connection, with its own reconnect schedule.
+struct SubLink {
     conn: Option<Conn>,
-    token: Token,
-    name: &'static str,
+    /// The node it is (or is to be) open to.
+    addr: Option<NodeAddr>,
     retry_at: Instant,
     backoff: Backoff,
+    /// Both channels confirmed: this instance hears fleet requests and answers.
+    ready: bool,
+    warned: bool,
 }
 
-impl Link {
-    fn new(token: Token, name: &'static str) -> Link {
-        Link { conn: None, token, name, retry_at: Instant::now(), backoff: Backoff::new() }
+/// One kind of refusal, logged at most every [`COMPLAIN_EVERY`].
+#[derive(Default)]
+struct Complaint {
+    logged_at: Option<Instant>,
+    quiet: u64,
+}
+
+impl Complaint {
+    /// Whether to log now; `quiet` says how many went unlogged since the last time.
+    fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.logged_at.is_some_and(|at| now < at + COMPLAIN_EVERY) {
+            self.quiet += 1;
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.quiet))
     }
 }
 
 pub struct FleetThread {
-    url: RedisUrl,
     ctx: Context,
     instance: Arc<str>,
+    /// Sharded cluster: SSUBSCRIBE/SPUBLISH for the control and reply channels.
+    sharded: bool,
+    /// `herald:reply:` (`herald:reply:{herald:control}:` in a cluster) + an instance.
+    reply_prefix: &'static str,
     reply_channel: String,
     members_key: String,
     presence_channel: String,
@@ -204,20 +205,21 @@ pub struct FleetThread {
     poll: Poll,
     jobs: Receiver<FleetJob>,
     mailbox: Arc<FleetHandle>,
-    sub: Link,
-    /// Both channels confirmed: this instance hears fleet requests and answers.
-    sub_ready: bool,
-    cmd: Link,
-    expect: VecDeque<(Expect, Instant)>,
+    sub: SubLink,
+    links: Links<Expect>,
     surveys: Surveys,
     presence: PresenceSync,
+    /// Users whose presence write failed, written again at `presence_retry_at`.
+    presence_retry: Vec<Arc<str>>,
+    presence_retry_at: Option<Instant>,
+    presence_backoff: Backoff,
+    presence_refused: Complaint,
+    commands_failed: Complaint,
     queries: HashMap<u64, Query>,
     next_query: u64,
     next_beat: Instant,
     next_flush: Instant,
     history: history::Settings,
-    /// herald.lua with this instance's settings, loaded on every new command connection.
-    library: String,
     scratch: JsonScratch,
 }
 
@@ -230,8 +232,11 @@ pub struct FleetSettings {
 }
 
 impl FleetThread {
+    /// `sharded`: a cluster in sharded pub/sub (herald_publish SPUBLISHes, the control
+    /// channels are shard channels).
     pub fn new(
-        url: RedisUrl,
+        place: Place,
+        sharded: bool,
         ctx: Context,
         settings: FleetSettings,
         poll: Poll,
@@ -240,10 +245,18 @@ impl FleetThread {
     ) -> FleetThread {
         let now = Instant::now();
         let instance = settings.instance;
+        let reply_prefix = match place {
+            Place::Standalone(_) => "herald:reply:",
+            Place::Cluster(_) => "herald:reply:{herald:control}:",
+        };
+        // herald_publish reaches a channel's subscribers the way the reader subscribes.
+        let library = stream::library(&settings.history, if sharded { "SPUBLISH" } else { "PUBLISH" });
+        let links = Links::new(place, ctx.settings.tls.clone(), library, LINKS);
         FleetThread {
-            url,
             ctx,
-            reply_channel: format!("herald:reply:{instance}"),
+            sharded,
+            reply_prefix,
+            reply_channel: format!("{reply_prefix}{instance}"),
             members_key: format!("herald:presence:members:{{{instance}}}"),
             instance,
             presence_channel: settings.presence_channel,
@@ -251,18 +264,27 @@ impl FleetThread {
             poll,
             jobs,
             mailbox,
-            sub: Link::new(SUB, "herald-fleet-sub"),
-            sub_ready: false,
-            cmd: Link::new(CMD, "herald-fleet"),
-            expect: VecDeque::new(),
+            sub: SubLink {
+                conn: None,
+                addr: None,
+                retry_at: now,
+                backoff: Backoff::new(),
+                ready: false,
+                warned: false,
+            },
+            links,
             surveys: Surveys::default(),
             presence: PresenceSync::default(),
+            presence_retry: Vec::new(),
+            presence_retry_at: None,
+            presence_backoff: Backoff::new(),
+            presence_refused: Complaint::default(),
+            commands_failed: Complaint::default(),
             queries: HashMap::new(),
             next_query: 0,
             next_beat: now,
             next_flush: now,
             history: settings.history,
-            library: stream::library(&settings.history, "PUBLISH"),
             scratch: JsonScratch::default(),
         }
     }
@@ -279,25 +301,26 @@ impl FleetThread {
                 }
             }
             self.mailbox.clear_wake();
-            self.connect_if_due();
+            self.links.sync_map();
+            self.follow_control_slot();
+            self.links.connect_due(&self.poll);
+            self.connect_sub_if_due();
             self.take_jobs();
+            self.links.send_delayed(&self.poll);
             if let Err(failure) = self.read_sub() {
                 self.lost_sub(failure);
             }
-            if let Err(failure) = self.read_cmd() {
-                self.lost_cmd(failure);
-            }
+            self.links.exchange(&self.poll);
+            self.on_events();
             self.on_timers();
+            self.on_events();
             if let Some(conn) = self.sub.conn.as_mut() {
                 if let Err(e) = conn.flush() {
                     self.lost_sub(Failure::Io(e));
                 }
             }
-            if let Some(conn) = self.cmd.conn.as_mut() {
-                if let Err(e) = conn.flush() {
-                    self.lost_cmd(Failure::Io(e));
-                }
-            }
+            self.links.flush(&self.poll);
+            self.on_events();
         }
     }
 
@@ -307,41 +330,71 @@ impl FleetThread {
         if self.presence.has_dirty() {
             at = at.min(self.next_flush);
         }
+        if let Some(retry) = self.presence_retry_at {
+            at = at.min(retry);
+        }
         if let Some(deadline) = self.surveys.next_deadline() {
             at = at.min(deadline);
         }
-        if let Some((_, sent)) = self.expect.front() {
-            at = at.min(*sent + REPLY_TIMEOUT);
+        if let Some(links) = self.links.next_wake() {
+            at = at.min(links);
         }
-        for link in [&self.sub, &self.cmd] {
-            if link.conn.is_none() {
-                at = at.min(link.retry_at);
-            }
+        if self.sub.conn.is_none() {
+            at = at.min(self.sub.retry_at);
         }
         at.saturating_duration_since(now).max(Duration::from_millis(1))
     }
 
-    fn connect_if_due(&mut self) {
-        let now = Instant::now();
-        if self.sub.conn.is_none() && now >= self.sub.retry_at {
-            if let Some(mut conn) = open(&self.url, self.ctx.settings.tls.as_ref(), &mut self.sub, &self.poll) {
-                let channels = [CONTROL_CHANNEL, self.reply_channel.as_str()];
-                resp::encode_subscription(conn.commands(), SubKind::Subscribe, channels.iter().map(|c| c.as_bytes()));
-                self.sub.conn = Some(conn);
-            }
+    /// The slot of the control and reply channels.
+    fn control_slot() -> u16 {
+        slots::key_slot(CONTROL_CHANNEL.as_bytes())
+    }
+
+    /// When the slot map gives the control slot another master, the subscription moves
+    /// there. (A slot without a master keeps the connection it has: there is no better one.)
+    fn follow_control_slot(&mut self) {
+        let Some(owner) = self.links.owner(Self::control_slot()) else { return };
+        if self.sub.conn.is_some() && self.sub.addr.as_ref() != Some(&owner) {
+            let from = self.sub.addr.as_ref().map(|a| a.to_string()).unwrap_or_default();
+            info!(from, to = %owner, "fleet control channel moves to its slot's new master");
+            self.drop_sub();
+            self.sub.retry_at = Instant::now();
         }
-        if self.cmd.conn.is_none() && now >= self.cmd.retry_at {
-            if let Some(mut conn) = open(&self.url, self.ctx.settings.tls.as_ref(), &mut self.cmd, &self.poll) {
-                resp::encode_command(
-                    conn.commands(),
-                    [b"FUNCTION".as_slice(), b"LOAD", b"REPLACE", self.library.as_bytes()],
-                );
-                self.expect.push_back((Expect::FunctionLoad, Instant::now()));
-                self.cmd.conn = Some(conn);
-                // Redis may have restarted, or swept this instance while it was away.
-                self.presence.resend_all();
-                self.next_beat = Instant::now();
-                self.next_flush = Instant::now();
+    }
+
+    fn connect_sub_if_due(&mut self) {
+        if self.sub.conn.is_some() || Instant::now() < self.sub.retry_at {
+            return;
+        }
+        // Before the first slot map there is nowhere to go; the map's arrival wakes the thread.
+        let Some(addr) = self.links.owner(Self::control_slot()) else { return };
+        let url = self.links.url_of(&addr);
+        let opened =
+            Conn::open(&url, self.ctx.settings.tls.as_ref(), "herald-fleet-sub", CONNECT_TIMEOUT, MAX_SUB_REPLY)
+                .and_then(|mut conn| {
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    self.poll.registry().register(&mut conn.stream, SUB, interest).map_err(Failure::Io)?;
+                    Ok(conn)
+                });
+        match opened {
+            Ok(mut conn) => {
+                let channels = [CONTROL_CHANNEL, self.reply_channel.as_str()];
+                let kind = if self.sharded { SubKind::SSubscribe } else { SubKind::Subscribe };
+                resp::encode_subscription(conn.commands(), kind, channels.iter().map(|c| c.as_bytes()));
+                self.sub.conn = Some(conn);
+                self.sub.addr = Some(addr);
+            }
+            Err(failure) => {
+                if self.sub.warned {
+                    debug!(error = %failure, redis = %url.redacted(), "fleet control connection attempt failed");
+                } else {
+                    warn!(error = %failure, redis = %url.redacted(), "fleet control connection failed; retrying");
+                    self.sub.warned = true;
+                }
+                self.sub.retry_at = Instant::now() + self.sub.backoff.next_delay();
+                if let Some(topology) = self.links.topology() {
+                    topology.refresh();
+                }
             }
         }
     }
@@ -353,21 +406,17 @@ impl FleetThread {
                 FleetJob::Disconnect { user, reply } => self.start_disconnect(user, reply),
                 FleetJob::Closed { survey, asker, closed } => {
                     let answer = ControlAnswer { survey, closed };
-                    let channel = format!("herald:reply:{asker}");
+                    let channel = format!("{}{asker}", self.reply_prefix);
                     let body = serde_json::to_string(&answer).unwrap_or_default();
-                    self.command([b"PUBLISH".as_slice(), channel.as_bytes(), body.as_bytes()], Expect::Ignore);
+                    self.command([self.publish_command(), channel.as_bytes(), body.as_bytes()], Expect::Ignore);
                 }
                 FleetJob::Query { users, reply } => self.start_query(users, reply),
                 FleetJob::History { target, since, reply } => {
                     let expect = Expect::History { target: target.clone(), since, reply };
-                    if !self.read_history(&target, since, history::PAGE, expect) {
-                        self.send_page(reply, target, None);
-                    }
+                    self.read_history(&target, since, history::PAGE, expect);
                 }
                 FleetJob::HistoryApi { user, since, limit, reply } => {
-                    if !self.read_history(&user, since, limit, Expect::HistoryApi { since, reply }) {
-                        self.answer(reply, Answer::Failed("redis unavailable".into()));
-                    }
+                    self.read_history(&user, since, limit, Expect::HistoryApi { since, reply });
                 }
                 FleetJob::Ack { user, pos } => {
                     let channel = self.channel_of(&user);
@@ -380,24 +429,30 @@ impl FleetThread {
                         epoch.as_bytes(),
                         offset.as_bytes(),
                     ];
-                    if !self.command(args, Expect::Ack) {
-                        self.ctx.metrics.history.acks_ignored.fetch_add(1, Relaxed);
-                    }
+                    self.command(args, Expect::Ack);
                 }
             }
         }
     }
 
-    /// Writes one command on the command connection, if there is one.
-    fn command<const N: usize>(&mut self, args: [&[u8]; N], expect: Expect) -> bool {
-        let Some(conn) = self.cmd.conn.as_mut() else { return false };
-        resp::encode_command(conn.commands(), args);
-        self.expect.push_back((expect, Instant::now()));
-        true
+    /// How this instance publishes on the control and reply channels.
+    fn publish_command(&self) -> &'static [u8] {
+        if self.sharded { b"SPUBLISH" } else { b"PUBLISH" }
+    }
+
+    /// Sends one command to the node serving its key; its reply or its failure comes back
+    /// as an event.
+    fn command<const N: usize>(&mut self, args: [&[u8]; N], expect: Expect) {
+        self.links.send(Cmd::new(&args, expect), &self.poll);
+    }
+
+    /// Whether the master of the control slot has a command connection.
+    fn control_up(&self) -> bool {
+        self.links.owner(Self::control_slot()).is_some_and(|addr| self.links.is_up(&addr))
     }
 
     fn start_disconnect(&mut self, user: Arc<str>, reply: ReplyTo) {
-        if !self.sub_ready || self.cmd.conn.is_none() {
+        if !self.sub.ready || !self.control_up() {
             // The fleet cannot be reached: this instance does its own part and answers.
             self.disconnect_here(user, TallyReply::Request(reply));
             return;
@@ -411,7 +466,7 @@ impl FleetThread {
         };
         let body = serde_json::to_string(&request).unwrap_or_default();
         self.command(
-            [b"PUBLISH".as_slice(), CONTROL_CHANNEL.as_bytes(), body.as_bytes()],
+            [self.publish_command(), CONTROL_CHANNEL.as_bytes(), body.as_bytes()],
             Expect::SurveyPublished(survey),
         );
     }
@@ -443,30 +498,26 @@ impl FleetThread {
     }
 
     fn start_query(&mut self, users: Vec<Arc<str>>, reply: ReplyTo) {
-        if self.cmd.conn.is_none() {
-            self.answer(reply, Answer::Failed("redis unavailable".into()));
-            return;
-        }
         if users.is_empty() {
             self.answer(reply, Answer::Presence(Box::default()));
             return;
         }
         self.next_query += 1;
         let query = self.next_query;
+        // Registered first: a part may fail at once (its node unreachable).
+        self.queries.insert(query, Query { reply, counts: vec![0; users.len()], left: users.len() });
         for (index, user) in users.iter().enumerate() {
             let key = self.presence_key(user);
             self.command([b"HVALS".as_slice(), key.as_bytes()], Expect::QueryPart { query, index });
         }
-        self.queries.insert(query, Query { reply, counts: vec![0; users.len()], left: users.len() });
     }
 
     fn channel_of(&self, target: &Target) -> String {
         super::super::channel_of(target, &self.ctx.settings.user_prefix, &self.ctx.settings.topic_prefix)
     }
 
-    /// Asks for up to `limit` entries of `target`'s stream after `since`; false when there is
-    /// no connection to ask on.
-    fn read_history(&mut self, target: &Target, since: Since, limit: usize, expect: Expect) -> bool {
+    /// Asks for up to `limit` entries of `target`'s stream after `since`.
+    fn read_history(&mut self, target: &Target, since: Since, limit: usize, expect: Expect) {
         let channel = self.channel_of(target);
         let (epoch, offset) = match since {
             Since::After(pos) => (history::epoch_text(pos.epoch), pos.offset),
@@ -482,7 +533,7 @@ impl FleetThread {
             offset.as_bytes(),
             limit.as_bytes(),
         ];
-        self.command(args, expect)
+        self.command(args, expect);
     }
 
     fn send_page(&self, reply: ReplyTo, target: Target, page: Option<Page>) {
@@ -510,10 +561,16 @@ impl FleetThread {
         let mut confirmed = 0;
         loop {
             let next = conn.next(|value| match resp::classify_push(&value) {
-                Some(Push::Message { channel, payload }) => Ok(Some((channel.to_vec(), payload.to_vec()))),
-                Some(Push::Subscription { kind: SubKind::Subscribe, .. }) => {
+                Some(Push::Message { channel, payload } | Push::SMessage { channel, payload }) => {
+                    Ok(Some((channel.to_vec(), payload.to_vec())))
+                }
+                Some(Push::Subscription { kind: SubKind::Subscribe | SubKind::SSubscribe, .. }) => {
                     confirmed += 1;
                     Ok(None)
+                }
+                // The slot left the node (resharding, failover): subscribe where it went.
+                Some(Push::Subscription { kind: SubKind::SUnsubscribe, .. }) => {
+                    Err(Failure::Protocol("the control channel's slot moved".into()))
                 }
                 _ => match value.error() {
                     Some(error) => Err(Failure::from_reply(error)),
@@ -525,9 +582,13 @@ impl FleetThread {
                 Some(result) => heard.extend(result?),
             }
         }
-        if confirmed > 0 && !self.sub_ready {
-            self.sub_ready = true;
+        if confirmed > 0 && !self.sub.ready {
+            self.sub.ready = true;
             self.sub.backoff.reset();
+            if self.sub.warned {
+                info!("fleet control channel subscribed again");
+            }
+            self.sub.warned = false;
             debug!("fleet control channel subscribed");
         }
         for (channel, payload) in heard {
@@ -563,35 +624,46 @@ impl FleetThread {
         }
     }
 
-    fn read_cmd(&mut self) -> Result<(), Failure> {
-        let Some(conn) = self.cmd.conn.as_mut() else { return Ok(()) };
-        conn.fill()?;
-        let mut replies = Vec::new();
-        while let Some(reply) = conn.next(|value| Reply::of(&value, 0))? {
-            replies.push(reply);
+    /// Replies and failures of the commands sent.
+    fn on_events(&mut self) {
+        for event in self.links.take_events() {
+            match event {
+                Event::Reply(expect, reply) => self.on_reply(expect, reply),
+                Event::Failed(expect, why) => self.on_failed(expect, &why),
+                Event::Connected(node) => {
+                    info!(instance = %self.instance, %node, "fleet presence and control connected");
+                    // Redis may have restarted (or a replica taken over without the latest
+                    // writes), or swept this instance while it was away.
+                    self.presence.resend_all();
+                    self.next_beat = Instant::now();
+                    self.next_flush = Instant::now();
+                }
+                Event::LoadRefused(error) => self.load_refused(&error),
+            }
         }
-        for reply in replies {
-            let Some((expect, _)) = self.expect.pop_front() else {
-                return Err(Failure::Protocol("a reply nobody asked for".into()));
-            };
-            self.on_reply(expect, reply)?;
-        }
-        if self.expect.front().is_some_and(|(_, sent)| sent.elapsed() >= REPLY_TIMEOUT) {
-            return Err(Failure::Timeout);
-        }
-        Ok(())
     }
 
-    fn on_reply(&mut self, expect: Expect, reply: Reply) -> Result<(), Failure> {
+    fn load_refused(&self, error: &str) {
+        if self.history.enabled() {
+            // History cannot work at all without them: say so once and stop, rather than
+            // run without the resume clients were promised.
+            tracing::error!(
+                error,
+                "redis refused herald's functions (FUNCTION LOAD needs Redis 7.0 or later); \
+                 history (HERALD_HISTORY_SIZE) cannot work: exiting"
+            );
+            std::process::exit(2);
+        }
+        warn!(error, "redis refused herald's functions: presence is unavailable (FUNCTION LOAD needs Redis 7)");
+    }
+
+    fn on_reply(&mut self, expect: Expect, reply: Reply) {
         if let Reply::Error(error) = &reply {
-            return self.on_error(expect, error);
+            self.on_error(expect, error);
+            return;
         }
         match expect {
             Expect::Ignore => {}
-            Expect::FunctionLoad => {
-                self.cmd.backoff.reset();
-                info!(instance = %self.instance, "fleet presence and control connected");
-            }
             Expect::SurveyPublished(survey) => {
                 let receivers = if let Reply::Int(n) = reply { n.max(0) as u64 } else { 0 };
                 if let Some(done) = self.surveys.published(survey, receivers) {
@@ -599,6 +671,7 @@ impl FleetThread {
                 }
             }
             Expect::Presence(user) | Expect::Swept(user) => {
+                self.presence_backoff.reset();
                 if let Some((status, total)) = reply.transition() {
                     self.emitted(&user, status, total);
                 }
@@ -617,7 +690,7 @@ impl FleetThread {
                     let members = format!("herald:presence:members:{{{dead}}}");
                     self.command([b"ZREM".as_slice(), INSTANCES_KEY.as_bytes(), dead.as_bytes()], Expect::Ignore);
                     self.command([b"DEL".as_slice(), members.as_bytes()], Expect::Ignore);
-                    return Ok(());
+                    return;
                 }
                 for user in users {
                     self.write_count(&user, &dead, 0, Expect::Swept(user.as_str().into()));
@@ -656,7 +729,7 @@ impl FleetThread {
                 (if moved { &history.acks } else { &history.acks_ignored }).fetch_add(1, Relaxed);
             }
             Expect::QueryPart { query, index } => {
-                let Some(pending) = self.queries.get_mut(&query) else { return Ok(()) };
+                let Some(pending) = self.queries.get_mut(&query) else { return };
                 if let Some(count) = pending.counts.get_mut(index) {
                     *count = reply.sum();
                 }
@@ -668,25 +741,11 @@ impl FleetThread {
                 }
             }
         }
-        Ok(())
     }
 
-    /// An error reply. The connection stays unless Redis refuses herald as a whole.
-    fn on_error(&mut self, expect: Expect, error: &str) -> Result<(), Failure> {
+    /// An error reply (redirects were followed before it came to this).
+    fn on_error(&mut self, expect: Expect, error: &str) {
         match expect {
-            Expect::FunctionLoad if self.history.enabled() => {
-                // History cannot work at all without them: say so once and stop, rather than
-                // run without the resume clients were promised.
-                tracing::error!(
-                    error,
-                    "redis refused herald's functions (FUNCTION LOAD needs Redis 7.0 or later); \
-                     history (HERALD_HISTORY_SIZE) cannot work: exiting"
-                );
-                std::process::exit(2);
-            }
-            Expect::FunctionLoad => {
-                warn!(error, "redis refused herald's functions: presence is unavailable (FUNCTION LOAD needs Redis 7)");
-            }
             Expect::History { target, reply, .. } => {
                 warn!(error, "history read refused by redis");
                 self.send_page(reply, target, None);
@@ -696,8 +755,10 @@ impl FleetThread {
                 self.answer(reply, Answer::Failed("redis refused the history read".into()));
             }
             Expect::Presence(user) => {
-                warn!(error, "presence update refused by redis");
-                self.presence.touch(user);
+                if let Some(quiet) = self.presence_refused.due() {
+                    warn!(error, quiet, "presence update refused by redis; retrying with backoff");
+                }
+                self.retry_presence(user);
             }
             Expect::SurveyPublished(survey) => {
                 warn!(error, "fleet request refused by redis");
@@ -712,7 +773,46 @@ impl FleetThread {
             }
             other => debug!(error, ?other, "fleet command refused"),
         }
-        Ok(())
+    }
+
+    /// A command that got no reply: not sent (its node unreachable), redirected too often,
+    /// or its connection died.
+    fn on_failed(&mut self, expect: Expect, why: &str) {
+        if let Some(quiet) = self.commands_failed.due() {
+            warn!(error = why, quiet, "fleet command failed");
+        }
+        match expect {
+            Expect::SurveyPublished(survey) => {
+                // This instance's own part is still done, and counted.
+                if let Some(done) = self.surveys.failed(survey) {
+                    self.answer(done.reply, Answer::Closed(done.closed));
+                }
+            }
+            Expect::QueryPart { query, .. } => {
+                if let Some(done) = self.queries.remove(&query) {
+                    self.answer(done.reply, Answer::Failed(format!("redis unavailable: {why}")));
+                }
+            }
+            Expect::History { target, reply, .. } => self.send_page(reply, target, None),
+            Expect::HistoryApi { reply, .. } => self.answer(reply, Answer::Failed(format!("redis unavailable: {why}"))),
+            Expect::Presence(user) => self.retry_presence(user),
+            Expect::Ack => {
+                self.ctx.metrics.history.acks_ignored.fetch_add(1, Relaxed);
+            }
+            // A sweep not finished is taken up again at the next beat: the dead instance is
+            // still listed, and so are its users.
+            Expect::Ignore | Expect::Dead | Expect::SweepMembers(_) | Expect::Swept(_) => {}
+        }
+    }
+
+    /// `user`'s count is written again after a backoff that grows while writes keep failing:
+    /// a node that refuses or cannot be reached is not hammered every flush.
+    fn retry_presence(&mut self, user: Arc<str>) {
+        self.presence.forget(&user);
+        self.presence_retry.push(user);
+        if self.presence_retry_at.is_none() {
+            self.presence_retry_at = Some(Instant::now() + self.presence_backoff.next_delay());
+        }
     }
 
     /// One step of sweeping a dead instance: the next batch of its users.
@@ -759,8 +859,14 @@ impl FleetThread {
         for done in self.surveys.expire(now) {
             self.answer(done.reply, Answer::Closed(done.closed));
         }
-        if self.cmd.conn.is_none() {
+        if !self.links.any_up() {
             return;
+        }
+        if self.presence_retry_at.is_some_and(|at| now >= at) {
+            self.presence_retry_at = None;
+            for user in std::mem::take(&mut self.presence_retry) {
+                self.presence.touch(user);
+            }
         }
         if self.presence.has_dirty() && now >= self.next_flush {
             self.next_flush = now + FLUSH_EVERY;
@@ -790,31 +896,22 @@ impl FleetThread {
     }
 
     fn lost_sub(&mut self, failure: Failure) {
-        warn!(error = %failure, redis = %self.url.redacted(), "fleet control connection lost; retrying");
-        drop_conn(&mut self.sub, &self.poll);
-        self.sub_ready = false;
+        let redis = self.sub.addr.as_ref().map(|a| self.links.url_of(a).redacted().to_string()).unwrap_or_default();
+        warn!(error = %failure, redis, "fleet control connection lost; retrying");
+        self.sub.warned = true;
+        self.drop_sub();
+        self.sub.retry_at = Instant::now() + self.sub.backoff.next_delay();
+        if let Some(topology) = self.links.topology() {
+            topology.refresh();
+        }
     }
 
-    fn lost_cmd(&mut self, failure: Failure) {
-        warn!(error = %failure, redis = %self.url.redacted(), "fleet command connection lost; retrying");
-        drop_conn(&mut self.cmd, &self.poll);
-        for (expect, _) in std::mem::take(&mut self.expect) {
-            match expect {
-                Expect::SurveyPublished(survey) => {
-                    if let Some(done) = self.surveys.failed(survey) {
-                        self.answer(done.reply, Answer::Closed(done.closed));
-                    }
-                }
-                Expect::QueryPart { query, .. } => {
-                    if let Some(done) = self.queries.remove(&query) {
-                        self.answer(done.reply, Answer::Failed("redis connection lost".into()));
-                    }
-                }
-                Expect::History { target, reply, .. } => self.send_page(reply, target, None),
-                Expect::HistoryApi { reply, .. } => self.answer(reply, Answer::Failed("redis connection lost".into())),
-                _ => {}
-            }
+    fn drop_sub(&mut self) {
+        if let Some(mut conn) = self.sub.conn.take() {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
         }
+        self.sub.ready = false;
+        self.sub.addr = None;
     }
 }
 
@@ -838,28 +935,4 @@ fn history_reply(reply: Reply) -> HistoryReply {
         _ => Vec::new(),
     };
     HistoryReply { epoch, top, oldest, acked, entries }
-}
-
-fn open(url: &RedisUrl, tls: Option<&RedisTls>, link: &mut Link, poll: &Poll) -> Option<Conn> {
-    let result = Conn::open(url, tls, link.name, CONNECT_TIMEOUT, MAX_REPLY).and_then(|mut conn| {
-        poll.registry()
-            .register(&mut conn.stream, link.token, Interest::READABLE | Interest::WRITABLE)
-            .map_err(Failure::Io)?;
-        Ok(conn)
-    });
-    match result {
-        Ok(conn) => Some(conn),
-        Err(failure) => {
-            debug!(error = %failure, connection = link.name, "fleet connection attempt failed");
-            link.retry_at = Instant::now() + link.backoff.next_delay();
-            None
-        }
-    }
-}
-
-fn drop_conn(link: &mut Link, poll: &Poll) {
-    if let Some(mut conn) = link.conn.take() {
-        let _ = poll.registry().deregister(&mut conn.stream);
-    }
-    link.retry_at = Instant::now() + link.backoff.next_delay();
 }

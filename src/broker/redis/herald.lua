@@ -144,6 +144,9 @@ local function presence_set(keys, args)
   elseif before > 0 and after == 0 then
     status = 'offline'
   end
+  -- A classic PUBLISH in sharded mode too: the presence channel is not in this key's slot (a
+  -- SPUBLISH would be refused as a non-local key), and a cluster's bus relays a PUBLISH to
+  -- every node, so a subscriber on any node hears the event.
   if status ~= '' and args[4] ~= '' then
     redis.call('PUBLISH', args[4], '{"type":"presence","user_id":' .. args[3] .. ',"status":"' .. status ..
       '","connections":' .. after .. ',"timestamp":"' .. args[5] .. '"}')

@@ -11,6 +11,7 @@
 
 mod conn;
 pub mod fleet;
+mod fleet_links;
 mod presence_sync;
 mod publisher;
 mod reader;
@@ -180,18 +181,41 @@ impl RedisBroker {
             Endpoint::Cluster { seeds, .. } => seeds.clone(),
         };
         let history_on = fleet_settings.history.enabled();
+        if history_on && matches!(endpoint, Endpoint::Cluster { pubsub: ClusterPubsub::Classic, .. }) {
+            // herald_publish stores in the channel's slot, on its master; the classic
+            // publisher holds one connection, to the first seed, and could store there only.
+            return Err(
+                "history (HERALD_HISTORY_SIZE) on a Redis Cluster needs HERALD_REDIS_CLUSTER_PUBSUB=sharded".into()
+            );
+        }
         let fleet_poll = poller()?;
         let (fleet, fleet_jobs) = Mailbox::unbounded(&fleet_poll, fleet::WAKER).map_err(waker_error)?;
         let fleet = Arc::new(fleet);
+        // The fleet's keys live on every master of a cluster, whichever pub/sub it uses.
+        let topology = match endpoint {
+            Endpoint::Cluster { seeds, .. } => Some(topology::Topology::start(seeds.clone(), ctx.clone())?),
+            Endpoint::Standalone(_) => None,
+        };
+        let sharded = matches!(endpoint, Endpoint::Cluster { pubsub: ClusterPubsub::Sharded, .. });
+        if sharded && !matches!(reader_mode, reader::Mode::Exact { .. }) {
+            return Err("sharded pub/sub needs exact subscriptions (Redis has no shard patterns)".into());
+        }
+        let place = match &topology {
+            Some(topology) => {
+                let wake_fleet = fleet.clone();
+                topology.on_change(move || wake_fleet.nudge());
+                fleet_links::Place::Cluster(topology.clone())
+            }
+            None => fleet_links::Place::Standalone(urls[0].clone()),
+        };
         let thread =
-            FleetThread::new(urls[0].clone(), ctx.clone(), fleet_settings, fleet_poll, fleet_jobs, fleet.clone());
+            FleetThread::new(place, sharded, ctx.clone(), fleet_settings, fleet_poll, fleet_jobs, fleet.clone());
         spawn("herald-redis-fleet", move || thread.run())?;
-        if let Endpoint::Cluster { seeds, pubsub: ClusterPubsub::Sharded } = endpoint {
+        if let (true, Some(topology)) = (sharded, topology) {
             let reader::Mode::Exact { changes, reports } = reader_mode else {
                 return Err("sharded pub/sub needs exact subscriptions (Redis has no shard patterns)".into());
             };
             let broker_reports = reports.clone();
-            let topology = topology::Topology::start(seeds.clone(), ctx.clone())?;
             let (wake_reader, wake_publisher) = (reports.clone(), jobs.clone());
             topology.on_change(move || wake_reader.0.nudge());
             topology.on_change(move || wake_publisher.nudge());

@@ -18,6 +18,10 @@ pub struct Update {
     pub leave_members: bool,
 }
 
+/// A count Redis may or may not have (its write failed): whatever the route table says next
+/// differs from it, and is written.
+const UNKNOWN: u32 = u32::MAX;
+
 #[derive(Debug, Default)]
 pub struct PresenceSync {
     dirty: HashSet<Arc<str>>,
@@ -51,16 +55,28 @@ impl PresenceSync {
             } else {
                 self.reported.insert(user.clone(), count);
             }
-            updates.push(Update { user, count, join_members: before == 0, leave_members: count == 0 });
+            // After a failed write the members set may or may not list the user: adding and
+            // removing again is harmless.
+            let join_members = count > 0 && (before == 0 || before == UNKNOWN);
+            updates.push(Update { user, count, join_members, leave_members: count == 0 });
         }
         updates
     }
 
+    /// The write of `user`'s count failed: Redis may hold the old count or the new one, so
+    /// the next update is sent whatever it is. The caller touches the user when it wants the
+    /// write tried again.
+    pub fn forget(&mut self, user: &Arc<str>) {
+        self.reported.insert(user.clone(), UNKNOWN);
+    }
+
     /// Redis lost what it knew (a new connection: it may have restarted, or swept this
-    /// instance as dead while it was away): send every user again.
+    /// instance as dead while it was away, or a replica took over without the last writes):
+    /// send every user again, a count whose write failed included.
     pub fn resend_all(&mut self) {
-        for (user, _) in self.reported.drain() {
-            self.dirty.insert(user);
+        for (user, count) in self.reported.iter_mut() {
+            *count = UNKNOWN;
+            self.dirty.insert(user.clone());
         }
     }
 }
@@ -95,6 +111,35 @@ mod tests {
         sync.resend_all();
         let updates = sync.take_updates(10, |_| 1);
         assert_eq!(updates, vec![Update { user: "a".into(), count: 1, join_members: true, leave_members: false }]);
+    }
+
+    #[test]
+    fn a_failed_write_is_sent_again_even_when_the_count_is_back_where_it_was() {
+        let mut sync = PresenceSync::default();
+        sync.touch("a".into());
+        sync.take_updates(10, |_| 1);
+        // The write of 0 failed: 0 is sent again.
+        sync.touch("a".into());
+        assert_eq!(sync.take_updates(10, |_| 0).len(), 1);
+        sync.forget(&"a".into());
+        sync.touch("a".into());
+        let updates = sync.take_updates(10, |_| 0);
+        assert_eq!(updates, vec![Update { user: "a".into(), count: 0, join_members: false, leave_members: true }]);
+        // The write of 2 failed: 2 is sent again, the members set told again.
+        sync.touch("a".into());
+        sync.take_updates(10, |_| 2);
+        sync.forget(&"a".into());
+        sync.touch("a".into());
+        let updates = sync.take_updates(10, |_| 2);
+        assert_eq!(updates, vec![Update { user: "a".into(), count: 2, join_members: true, leave_members: false }]);
+        sync.touch("a".into());
+        assert!(sync.take_updates(10, |_| 2).is_empty(), "written now");
+        // A failed write of 0, then a new connection: 0 is still sent.
+        sync.touch("a".into());
+        sync.take_updates(10, |_| 0);
+        sync.forget(&"a".into());
+        sync.resend_all();
+        assert_eq!(sync.take_updates(10, |_| 0).len(), 1);
     }
 
     #[test]

@@ -254,6 +254,11 @@ impl ShardPublisher {
             let wants_ping = is_master && now >= link.last_write + PING_EVERY && link.in_flight.is_empty();
             if link.conn.is_none() && (!link.waiting.is_empty() || wants_ping) {
                 if now < link.retry_at {
+                    if !link.waiting.is_empty() {
+                        // A failover may have replaced the node: look again while publishes
+                        // need it, not only at the next (backed off) reconnect.
+                        self.topology.refresh();
+                    }
                     self.fail_waiting(key, "redis unavailable");
                     continue;
                 }
@@ -364,6 +369,11 @@ impl ShardPublisher {
                 Some(ServerError::Moved { slot, host, port }) => Reply::Moved(slot, node(host, port, own_host)),
                 Some(ServerError::Ask { host, port, .. }) => Reply::Ask(node(host, port, own_host)),
                 Some(error @ (ServerError::TryAgain(_) | ServerError::ClusterDown(_) | ServerError::Loading(_))) => {
+                    Reply::Later(Failure::from_reply(error))
+                }
+                // A master that joined a moment ago: the fleet thread is loading herald's
+                // functions on it.
+                Some(error @ ServerError::Other(text)) if text.starts_with(b"ERR Function not found") => {
                     Reply::Later(Failure::from_reply(error))
                 }
                 Some(error) => Reply::Refused(Failure::from_reply(error)),
