@@ -564,3 +564,56 @@ fn a_client_that_keeps_reconnecting_gets_the_stream_exactly_once_in_order() {
     );
     drop(instances);
 }
+
+/// A replay to a client whose socket is full for a while: the kernel's "writable again" must
+/// move the replay on. (It used to flush what was queued and stop there, the rest of the
+/// replay waiting for the next unrelated event, the keepalive ping 30 s later; found by
+/// benches/history.sh.)
+#[test]
+fn a_replay_to_a_client_that_reads_late_goes_on_when_its_socket_drains() {
+    const BACKLOG: u64 = 20_000;
+    let h = herald().api_key().env("HERALD_HISTORY_SIZE", &BACKLOG.to_string()).start();
+    let auth = format!("Bearer {API_KEY}");
+    let pad = "x".repeat(200);
+    for chunk in 0..BACKLOG / 1000 {
+        let items: Vec<Value> = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|seq| json!({"user_id": "late", "message": {"type": "n", "seq": seq, "pad": pad}}))
+            .collect();
+        let r = h.http(
+            "POST",
+            "/publish/batch",
+            &[("Authorization", &auth)],
+            json!({"items": items}).to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // A small receive window, set before the TCP handshake, and nothing read for a while:
+    // herald's writes hit EAGAIN and it must wait for the socket to drain.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], h.port)).into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let url = format!("ws://127.0.0.1:{}/ws?token={}&since=0", h.port, token("late"));
+    let (mut ws, _) = tungstenite::client(url.as_str(), stream).expect("upgrade");
+    thread::sleep(Duration::from_millis(300));
+    // Well under the 30 s ping: a replay that waits for it fails here.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seqs = Vec::new();
+    loop {
+        match ws_next(&mut ws, deadline) {
+            Some(Ok(Message::Text(text))) => {
+                let m: Value = serde_json::from_str(text.as_str()).expect("JSON");
+                if m["type"] == "resumed" {
+                    assert_eq!(m, json!({"type": "resumed", "replayed": BACKLOG, "complete": true}));
+                    break;
+                }
+                seqs.push(m["seq"].as_u64().unwrap_or_else(|| panic!("{m}")));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("after {} replayed: {e}", seqs.len()),
+            None => panic!("the replay stalled: {} of {BACKLOG} after 10 s", seqs.len()),
+        }
+    }
+    assert_eq!(seqs, (0..BACKLOG).collect::<Vec<_>>());
+}
