@@ -72,8 +72,9 @@ stop_pid() {
     kill -KILL "$pid" 2>/dev/null || true
 }
 stop_all() {
-    local pid
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    local i
+    # Newest first: herald goes before the Redis it uses (no reconnect warnings in its log).
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
     PIDS=()
 }
 trap 'set +e; stop_all' EXIT
