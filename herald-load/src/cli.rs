@@ -256,6 +256,9 @@ pub enum Mode {
     Unicast,
     Broadcast,
     CeilingServer,
+    /// One client of --user connecting with the --url as given (put `since=0` in it), timed
+    /// up to `resumed`, -n times in a row: replay speed (src/replay.rs).
+    Replay,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -9,6 +9,7 @@
 mod ceiling;
 mod cli;
 mod publisher;
+mod replay;
 mod report;
 mod shared;
 mod sys;
@@ -49,6 +50,9 @@ fn progress(args: &Args, line: impl FnOnce() -> String) {
 fn run(args: &Args) -> Result<(), String> {
     if args.mode == Mode::CeilingServer {
         return ceiling::run(&args.listen, args.threads.clamp(1, 64));
+    }
+    if args.mode == Mode::Replay {
+        return replay::run(args);
     }
     if args.connections == 0 {
         return Err("--connections must be at least 1".into());
@@ -109,7 +113,7 @@ fn run(args: &Args) -> Result<(), String> {
         tls: tls_client(args, &endpoint)?,
     });
     let publish_plan = match args.mode {
-        Mode::Connect | Mode::CeilingServer => None,
+        Mode::Connect | Mode::CeilingServer | Mode::Replay => None,
         Mode::Unicast | Mode::Broadcast => Some(publish_transport(args, &endpoint, secret)?),
     };
 

@@ -208,6 +208,10 @@ impl EventLoop {
                         let key = key as u32;
                         if event.is_writable() {
                             self.flush(key);
+                            if !self.replays.is_empty() {
+                                // What the kernel took makes room for more of a replay.
+                                self.pump_all(key);
+                            }
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.on_readable(key);
