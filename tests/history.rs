@@ -284,3 +284,37 @@ fn the_redis_store_survives_a_herald_restart_and_takes_backend_publishes() {
     // The same bytes live and replayed.
     assert_eq!(items[0], first);
 }
+
+/// A Redis that refuses herald's functions (an older Redis has no FUNCTION command; here an
+/// ACL user denied it answers the same way): history cannot be kept, so herald says why in
+/// one line and exits 2 instead of running without the resume its clients were promised.
+#[test]
+fn history_on_a_redis_that_refuses_functions_stops_herald_with_one_line() {
+    let rules = [
+        "on",
+        ">nofn-pw-7",
+        "resetchannels",
+        "&user_noti:*",
+        "&topic_noti:*",
+        "&herald:*",
+        "resetkeys",
+        "~herald:*",
+        "+@all",
+        "-@dangerous",
+        "-function",
+    ];
+    let mut args = vec!["--user", "nofn"];
+    args.extend_from_slice(&rules);
+    let redis = Redis::builder().args(&args).start();
+    let url = format!("redis://nofn:nofn-pw-7@127.0.0.1:{}", redis.port);
+    let out = run_herald(
+        &[],
+        &[("HERALD_JWT_SECRET", SECRET), ("HERALD_REDIS_URL", &url), ("HERALD_HISTORY_SIZE", "100")],
+        Duration::from_secs(15),
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| l.contains("functions")).collect();
+    assert_eq!(lines.len(), 1, "one line says why: {}", out.stderr);
+    assert!(lines[0].contains("HERALD_HISTORY_SIZE") && lines[0].contains("Redis 7"), "{}", lines[0]);
+    assert!(!out.stderr.contains("nofn-pw-7"), "the password is never logged: {}", out.stderr);
+}
