@@ -253,6 +253,10 @@ pub struct Conn {
     /// Bytes read and not yet decoded, from `start` on.
     input: Vec<u8>,
     start: usize,
+    /// What a plain socket is read into before its bytes join `input`: zeroed once here, so a
+    /// read costs a copy of what arrived, not the zeroing of a whole chunk (most reads bring a
+    /// few hundred bytes, and every drain ends with a read that brings none).
+    scratch: Box<[u8]>,
     decoder: Decoder,
 }
 
@@ -321,6 +325,7 @@ impl Conn {
             written: 0,
             input,
             start: 0,
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             decoder,
         })
     }
@@ -349,9 +354,9 @@ impl Conn {
     /// `Failure::from`.
     pub fn fill(&mut self) -> io::Result<()> {
         self.compact();
-        let Conn { stream, tls, input, .. } = self;
+        let Conn { stream, tls, input, scratch, .. } = self;
         match tls {
-            None => read_until_blocked(stream, input),
+            None => read_until_blocked(stream, input, scratch),
             Some(tls) => {
                 let (session, settings) = &mut **tls;
                 fill_tls(session, settings, stream, input)
@@ -569,25 +574,16 @@ fn flush_tls(
 }
 
 /// Non-blocking: appends what the socket has to `input`, until it would block.
-fn read_until_blocked(source: &mut TcpStream, input: &mut Vec<u8>) -> io::Result<()> {
+fn read_until_blocked(source: &mut TcpStream, input: &mut Vec<u8>, scratch: &mut [u8]) -> io::Result<()> {
     loop {
-        let len = input.len();
-        input.resize(len + READ_CHUNK, 0);
-        let result = source.read(&mut input[len..]);
-        match result {
-            Ok(0) => {
-                input.truncate(len);
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            Ok(n) => input.truncate(len + n),
-            Err(e) => {
-                input.truncate(len);
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => return Ok(()),
-                    io::ErrorKind::Interrupted => {}
-                    _ => return Err(e),
-                }
-            }
+        match source.read(scratch) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => input.extend_from_slice(&scratch[..n]),
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(()),
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            },
         }
     }
 }
