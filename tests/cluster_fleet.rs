@@ -105,22 +105,6 @@ fn auth() -> String {
     format!("Bearer {API_KEY}")
 }
 
-fn presence_of(h: &Herald, user: &str) -> Value {
-    let r = h.http("GET", &format!("/api/presence/{user}"), &[("Authorization", &auth())], b"");
-    assert_eq!(r.status, 200, "GET /api/presence/{user}: {}\n{}", r.text(), h.stderr());
-    r.json()
-}
-
-fn wait_presence(h: &Herald, user: &str, connections: u64, within: Duration) {
-    let mut last = Value::Null;
-    let ok = wait_until(within, || {
-        last = presence_of(h, user);
-        last["connections"] == json!(connections)
-    });
-    assert!(ok, "presence of {user} after {within:?}: {last}, expected {connections}\n{}", h.stderr());
-    assert_eq!(last["online"], json!(connections > 0), "{last}");
-}
-
 /// Lines of `h`'s log that mention a MOVED redirect.
 fn moved_lines(h: &Herald) -> usize {
     h.stderr().lines().filter(|l| l.contains("MOVED") || l.contains("Moved")).count()
@@ -228,26 +212,6 @@ fn try_publish(h: &Herald, body: &Value) -> bool {
 fn publish(h: &Herald, body: &Value) {
     let r = h.publish(Some(API_KEY), body);
     assert_eq!(r.status, 200, "{}\n{}", r.text(), h.stderr());
-}
-
-fn connect_since(h: &Herald, user: &str, since: &str) -> Ws {
-    match ws_try_connect(h.port, &format!("/ws?token={}&since={since}", token(user)), &[]) {
-        Upgrade::Ok(ws) => *ws,
-        Upgrade::Rejected { status, body } => panic!("upgrade with since={since} refused: {status} {body}"),
-    }
-}
-
-/// Reads notifications until `resumed`; returns their `n`s and the `resumed` message.
-fn replayed(ws: &mut Ws) -> (Vec<u64>, Value) {
-    let mut ns = Vec::new();
-    loop {
-        let m = recv_json(ws, T);
-        if m["type"] == "resumed" {
-            return (ns, m);
-        }
-        assert!(m["stream_id"].is_string(), "a replayed notification has a stream_id: {m}");
-        ns.push(m["n"].as_u64().unwrap_or_else(|| panic!("{m}")));
-    }
 }
 
 fn history_of(h: &Herald, user: &str, query: &str) -> Value {

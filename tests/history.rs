@@ -20,26 +20,6 @@ fn note(user: &str, n: u64) -> Value {
     json!({"user_id": user, "message": {"type": "n", "n": n}})
 }
 
-fn connect_since(h: &Herald, user: &str, since: &str) -> Ws {
-    match ws_try_connect(h.port, &format!("/ws?token={}&since={since}", token(user)), &[]) {
-        Upgrade::Ok(ws) => *ws,
-        Upgrade::Rejected { status, body } => panic!("upgrade with since={since} refused: {status} {body}"),
-    }
-}
-
-/// Reads notifications until `resumed`; returns their `n`s and the `resumed` message.
-fn replayed(ws: &mut Ws) -> (Vec<u64>, Value) {
-    let mut ns = Vec::new();
-    loop {
-        let m = recv_json(ws, T);
-        if m["type"] == "resumed" {
-            return (ns, m);
-        }
-        assert!(m["stream_id"].is_string(), "a replayed notification has a stream_id: {m}");
-        ns.push(m["n"].as_u64().unwrap_or_else(|| panic!("{m}")));
-    }
-}
-
 fn embedded(size: usize) -> Herald {
     herald().api_key().env("HERALD_HISTORY_SIZE", &size.to_string()).start()
 }

@@ -18,22 +18,6 @@ const T: Duration = Duration::from_secs(5);
 const PRESENCE_LAG: Duration = Duration::from_secs(1);
 const WEBHOOK_SECRET: &str = "webhook-secret-for-tests";
 
-fn presence_of(h: &Herald, user: &str) -> Value {
-    let r = h.http("GET", &format!("/api/presence/{user}"), &[("Authorization", &format!("Bearer {API_KEY}"))], b"");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-fn wait_presence(h: &Herald, user: &str, connections: u64, within: Duration) {
-    let mut last = Value::Null;
-    let ok = wait_until(within, || {
-        last = presence_of(h, user);
-        last["connections"] == json!(connections)
-    });
-    assert!(ok, "presence of {user} after {within:?}: {last}, expected {connections} connections");
-    assert_eq!(last["online"], json!(connections > 0), "{last}");
-}
-
 /// Presence events on the Redis channel, as (user, status, connections).
 fn next_event(sub: &mut RedisSub, within: Duration) -> Option<(String, String, u64)> {
     let raw = sub.next(within)?;

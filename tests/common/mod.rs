@@ -1857,3 +1857,46 @@ pub fn tcp_send_queues(local_port: u16, remote_ports: &[u16]) -> Vec<Option<u64>
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------
+// history and presence, as several suites ask for them
+// ---------------------------------------------------------------------------------------
+
+/// A WebSocket on `/ws` resuming `user`'s stream after `since`.
+pub fn connect_since(h: &Herald, user: &str, since: &str) -> Ws {
+    match ws_try_connect(h.port, &format!("/ws?token={}&since={since}", token(user)), &[]) {
+        Upgrade::Ok(ws) => *ws,
+        Upgrade::Rejected { status, body } => panic!("upgrade with since={since} refused: {status} {body}"),
+    }
+}
+
+/// Reads notifications until `resumed`; returns their `n`s and the `resumed` message.
+pub fn replayed(ws: &mut Ws) -> (Vec<u64>, Value) {
+    let mut ns = Vec::new();
+    loop {
+        let m = recv_json(ws, Duration::from_secs(5));
+        if m["type"] == "resumed" {
+            return (ns, m);
+        }
+        assert!(m["stream_id"].is_string(), "a replayed notification has a stream_id: {m}");
+        ns.push(m["n"].as_u64().unwrap_or_else(|| panic!("{m}")));
+    }
+}
+
+/// `GET /api/presence/{user}` with the API key.
+pub fn presence_of(h: &Herald, user: &str) -> Value {
+    let r = h.http("GET", &format!("/api/presence/{user}"), &[("Authorization", &format!("Bearer {API_KEY}"))], b"");
+    assert_eq!(r.status, 200, "GET /api/presence/{user}: {}\n{}", r.text(), h.stderr());
+    r.json()
+}
+
+/// Waits until the fleet counts `connections` of `user` (and says online exactly when > 0).
+pub fn wait_presence(h: &Herald, user: &str, connections: u64, within: Duration) {
+    let mut last = Value::Null;
+    let ok = wait_until(within, || {
+        last = presence_of(h, user);
+        last["connections"] == json!(connections)
+    });
+    assert!(ok, "presence of {user} after {within:?}: {last}, expected {connections}\n{}", h.stderr());
+    assert_eq!(last["online"], json!(connections > 0), "{last}");
+}
