@@ -74,6 +74,9 @@ requests = {
                    '{"task_id":1,"workspace_id":2,"action":"created","x":[]}'),
     "chunked": "POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     "pipelined": "GET /health HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n",
+    "sse_topics": f"GET /sse?token={TOPICS}&topics=project:7,news HTTP/1.1\r\nLast-Event-ID: 3:17\r\n\r\n",
+    "sse_bearer_origin": f"GET /sse HTTP/1.1\r\nAuthorization: Bearer {USER}\r\nOrigin: https://app.example\r\n\r\n",
+    "sse_preflight": "OPTIONS /sse HTTP/1.1\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: GET\r\n\r\n",
 }
 for name, req in requests.items():
     write("upgrade", name, req)

@@ -138,6 +138,33 @@ pub fn check(data: &[u8]) -> Option<Vec<u8>> {
             }
             Some(rendered)
         }
+        Outcome::EventStream(open) => {
+            // `GET /sse`: an authenticated stream whose topics the token allows, from an
+            // allowed origin, answered 200 text/event-stream at once.
+            assert_eq!(request.method(), Method::Get);
+            assert_eq!(request.path, "/sse");
+            assert!(route.is_none(), "an event stream on a WebSocket path");
+            if let Some(origin) = request.origin.as_deref() {
+                let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+                assert!(ALLOWED_ORIGINS.contains(&origin.as_str()), "origin {origin:?} let through");
+            }
+            let token = request
+                .query_param("token")
+                .filter(|t| !t.is_empty())
+                .or_else(|| request.bearer().map(str::to_owned))
+                .expect("an event stream without a token");
+            let again = shared.verifier.verify(&token).expect("a stream from a token that does not verify");
+            assert_eq!(again, open.identity);
+            for topic in &open.topics {
+                assert!(open.identity.allows_topic(topic), "topic {topic:?} not allowed by {:?}", open.identity.topics);
+            }
+            let head = String::from_utf8(open.head.clone()).expect("the stream's head is text");
+            assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+            assert!(head.contains("\r\nContent-Type: text/event-stream"), "{head}");
+            // The stream closes again: give back what admission took.
+            shared.admission.release(&shared.routing.table, &open.identity.user);
+            Some(open.head)
+        }
         Outcome::Publish(_) | Outcome::Disconnect(_) => {
             assert_eq!(request.method(), Method::Post);
             None
