@@ -6,7 +6,6 @@ mod common;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
@@ -67,37 +66,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A redis-server that requires a password (`--requirepass`), killed on drop.
-struct PasswordRedis {
-    child: Child,
-    port: u16,
-}
-
-impl PasswordRedis {
-    fn start(password: &str) -> PasswordRedis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--requirepass", password, "--loglevel", "warning"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server (is it installed?)");
-        let redis = PasswordRedis { child, port };
-        let up = wait_until(T, || TcpStream::connect(("127.0.0.1", port)).is_ok());
-        assert!(up, "redis-server with a password did not start on port {port}");
-        redis
-    }
-}
-
-impl Drop for PasswordRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -1900,3 +1900,34 @@ pub fn wait_presence(h: &Herald, user: &str, connections: u64, within: Duration)
     assert!(ok, "presence of {user} after {within:?}: {last}, expected {connections}\n{}", h.stderr());
     assert_eq!(last["online"], json!(connections > 0), "{last}");
 }
+
+/// A redis-server that requires a password (`--requirepass`), killed on drop.
+pub struct PasswordRedis {
+    child: Child,
+    pub port: u16,
+}
+
+impl PasswordRedis {
+    pub fn start(password: &str) -> PasswordRedis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--requirepass", password, "--loglevel", "warning"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (is it installed?)");
+        let redis = PasswordRedis { child, port };
+        let up = wait_until(Duration::from_secs(5), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(up, "redis-server with a password did not start on port {port}");
+        redis
+    }
+}
+
+impl Drop for PasswordRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
