@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use herald::dialect::{self, AuthFailure, Stream};
 use herald::http::routes::{self, Outcome};
-use herald::http::{Method, Parsed, parse_request};
+use herald::http::{Method, Parsed, Request, parse_request};
 use herald::message::JsonScratch;
 
 use crate::{ALLOWED_ORIGINS, shared};
@@ -72,6 +72,11 @@ fn sha1(data: &[u8]) -> [u8; 20] {
     out
 }
 
+/// The token a request presents: `?token=` when not empty, else `Authorization: Bearer`.
+fn request_token(request: &Request) -> Option<String> {
+    request.query_param("token").filter(|t| !t.is_empty()).or_else(|| request.bearer().map(str::to_owned))
+}
+
 /// Parses `data` as the event loop's HTTP phase does, routes the request with the fuzz
 /// `Shared` and checks the outcome (module docs). Returns what the server writes back at once:
 /// the 101 of an upgrade or a rendered response; `None` for an incomplete or invalid request
@@ -108,11 +113,7 @@ pub fn check(data: &[u8]) -> Option<Vec<u8>> {
             );
             match &upgrade.identity {
                 Ok(identity) => {
-                    let token = request
-                        .query_param("token")
-                        .filter(|t| !t.is_empty())
-                        .or_else(|| request.bearer().map(str::to_owned))
-                        .expect("identity without a token");
+                    let token = request_token(&request).expect("identity without a token");
                     let again = shared.verifier.verify(&token).expect("identity from a token that does not verify");
                     assert_eq!(&again, identity);
                     if let Stream::Topic(topic) = &upgrade.stream {
@@ -148,11 +149,7 @@ pub fn check(data: &[u8]) -> Option<Vec<u8>> {
                 let origin = origin.trim_end_matches('/').to_ascii_lowercase();
                 assert!(ALLOWED_ORIGINS.contains(&origin.as_str()), "origin {origin:?} let through");
             }
-            let token = request
-                .query_param("token")
-                .filter(|t| !t.is_empty())
-                .or_else(|| request.bearer().map(str::to_owned))
-                .expect("an event stream without a token");
+            let token = request_token(&request).expect("an event stream without a token");
             let again = shared.verifier.verify(&token).expect("a stream from a token that does not verify");
             assert_eq!(again, open.identity);
             for topic in &open.topics {
