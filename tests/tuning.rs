@@ -120,6 +120,10 @@ fn herald_runs_with_the_env_example_reloads_on_hup_and_drains_on_term() {
         Upgrade::Ok(ws) => *ws,
         Upgrade::Rejected { status, body } => panic!("upgrade refused: {status} {body}"),
     };
+    // What a load balancer waits for: /ready is 200 once the Redis links are up (until then
+    // upgrades are served but nothing published reaches them).
+    let ready = wait_until(Duration::from_secs(10), || http(port, "GET", "/ready", &[], b"").status == 200);
+    assert!(ready, "/ready never answered 200 with the env example's settings");
     let mut before = connect("ops-1");
     let publish = |user: &str, n: u64| {
         let key = value_of(&vars, "HERALD_API_KEY");
