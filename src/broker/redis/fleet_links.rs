@@ -218,11 +218,7 @@ impl<T> Links<T> {
     /// library, at once). True when the map changed.
     pub fn sync_map(&mut self) -> bool {
         let Place::Cluster(topology) = &self.place else { return false };
-        if topology.version() == self.version {
-            return false;
-        }
-        let (version, map) = topology.map();
-        self.version = version;
+        let Some(map) = topology.map_if_newer(&mut self.version) else { return false };
         self.map = map;
         if let Some(map) = self.map.clone() {
             for master in map.masters() {

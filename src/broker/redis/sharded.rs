@@ -213,11 +213,7 @@ impl Sharded {
     /// Takes a newer slot map, if there is one: a link per master, and every channel whose
     /// slot is served elsewhere now moves there.
     fn sync_map(&mut self) {
-        if self.topology.version() == self.version {
-            return;
-        }
-        let (version, map) = self.topology.map();
-        self.version = version;
+        let Some(map) = self.topology.map_if_newer(&mut self.version) else { return };
         self.map = map;
         let Some(map) = self.map.clone() else { return };
         for master in map.masters() {

@@ -93,6 +93,17 @@ impl Topology {
         (self.version.load(SeqCst), state.map.clone())
     }
 
+    /// The current map when it changed since version `seen`, which moves on to it; `None` while
+    /// it has not. What every holder of links per master asks before it follows the map.
+    pub fn map_if_newer(&self, seen: &mut u64) -> Option<Option<Arc<SlotMap>>> {
+        if self.version() == *seen {
+            return None;
+        }
+        let (version, map) = self.map();
+        *seen = version;
+        Some(map)
+    }
+
     /// Asks for a fresh map soon.
     pub fn refresh(&self) {
         self.lock().asked = true;
