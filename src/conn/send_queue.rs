@@ -70,6 +70,17 @@ impl SendQueue {
         result
     }
 
+    /// Queues a notification whose first `written` bytes the socket already took, on a queue
+    /// that was empty (a write-through that the kernel cut short): the rest goes out first.
+    pub fn push_partly_written(&mut self, frame: SharedFrame, written: usize) {
+        debug_assert!(self.is_empty() && written < frame.bytes.len());
+        let pending = self.pending();
+        pending.notifications += 1;
+        pending.push(frame);
+        pending.head_written = written as u32;
+        pending.unsent -= written as u32;
+    }
+
     /// Queues a reply (control frame or HTTP response), outside the notification bound.
     pub fn push_reply(&mut self, frame: SharedFrame) {
         self.pending().push(frame);
@@ -276,6 +287,21 @@ mod tests {
         assert_eq!(queue.len(), 1);
         assert_eq!(queue.bytes(), n.bytes.len() - 3);
         queue.push_notification(n, 2).unwrap();
+    }
+
+    #[test]
+    fn a_partly_written_frame_resumes_where_the_socket_stopped() {
+        let mut queue = SendQueue::default();
+        let n = frame::notification(b"{\"type\":\"abc\"}", Instant::now());
+        queue.push_partly_written(n.clone(), 4);
+        assert_eq!(queue.bytes(), n.bytes.len() - 4);
+        // A torn head stays when the rest is discarded: the peer already has its start.
+        assert_eq!(queue.discard_unsent().notifications, 0);
+        let mut sink = Trickle { out: Vec::new(), chunk: 100, cap: 100 };
+        let mut sent = 0;
+        assert_eq!(queue.flush(&mut sink, 1 << 20, |_| sent += 1).unwrap(), Flushed::Empty);
+        assert_eq!((sent, &sink.out[..]), (1, &n.bytes[4..]));
+        assert!(queue.is_empty());
     }
 
     #[test]

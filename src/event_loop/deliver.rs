@@ -2,15 +2,41 @@
 //! A connection whose queue is full while its socket is full too is a slow consumer: it is
 //! closed once the delivery is done, and no one else waits for it.
 
+use std::io::Write;
 use std::time::Instant;
 
 use tracing::debug;
 
 use super::EventLoop;
 use super::output::write_queued;
-use crate::conn::Phase;
+use crate::conn::{Conn, Phase};
 use crate::frame::{SharedFrame, code};
 use crate::ids::{ConnRef, DeliverTo, Exclusion};
+
+/// What a write-through left to do.
+enum WriteThrough {
+    Done,
+    /// The kernel took this many bytes, not all.
+    Partly(usize),
+    /// Nothing written: the socket is full or failed.
+    NotTaken,
+}
+
+fn write_through_one(conn: &mut Conn, frame: &SharedFrame, now_tick: crate::tick::Tick) -> WriteThrough {
+    loop {
+        return match conn.stream.write(&frame.bytes) {
+            Ok(n) if n == frame.bytes.len() => {
+                // An event stream counts output that moves as a sign of life.
+                conn.note_output_progress(0, now_tick);
+                WriteThrough::Done
+            }
+            Ok(0) => WriteThrough::NotTaken,
+            Ok(n) => WriteThrough::Partly(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => WriteThrough::NotTaken,
+        };
+    }
+}
 
 impl EventLoop {
     pub(super) fn deliver(&mut self, to: &DeliverTo, frame: &SharedFrame, exclusion: &Exclusion) {
@@ -60,6 +86,10 @@ impl EventLoop {
             exclusion.origin.filter(|o| o.instance == self.shared.instance_id && o.loop_id == self.id).map(|o| o.conn);
         let limit = self.shared.config.send_queue;
         let now_tick = self.now_tick;
+        // Nothing else is due before the flush: a recipient with an empty queue gets the frame
+        // written now, sparing the queue, its allocation and a second pass over every
+        // recipient. When more is due (a burst), frames queue and leave in one writev each.
+        let write_through = !self.more_events && !self.more_input && self.inbox.is_empty();
         let mut flush_time: Option<Instant> = None;
         for &key in keys {
             let Some(conn) = self.conns.get_mut(key as usize) else { continue };
@@ -76,6 +106,27 @@ impl EventLoop {
             } else {
                 frame
             };
+            if write_through && conn.tls.is_none() && !conn.has_output() && !conn.output_held() {
+                let now = *flush_time.get_or_insert_with(Instant::now);
+                match write_through_one(conn, frame, now_tick) {
+                    WriteThrough::Done => {
+                        if let Some(born) = frame.born {
+                            self.counters.delivered(now.saturating_duration_since(born));
+                        }
+                        continue;
+                    }
+                    WriteThrough::Partly(written) => {
+                        conn.queue.push_partly_written(frame.clone(), written);
+                        if !conn.dirty {
+                            conn.dirty = true;
+                            self.dirty.push(key);
+                        }
+                        continue;
+                    }
+                    // Queued as usual: the flush registers for WRITABLE, or finds the error.
+                    WriteThrough::NotTaken => {}
+                }
+            }
             if conn.queue.push_notification(frame.clone(), limit).is_err() {
                 // A full queue is only slow if the socket is full too: a burst larger
                 // than the queue must reach a client that reads. Write what the kernel

@@ -93,6 +93,10 @@ pub struct EventLoop {
     delivery_keys: Vec<u32>,
     ping: SharedFrame,
     more_commands: bool,
+    /// Socket events of this poll not handled yet: more deliveries may be on their way.
+    more_events: bool,
+    /// The request being served is not the last one its connection sent.
+    more_input: bool,
     accept_paused_until: Option<Instant>,
     last_accept_warning: Option<Instant>,
     shutting_down: bool,
@@ -166,6 +170,8 @@ impl EventLoop {
             delivery_keys: Vec::new(),
             ping: frame::ping(),
             more_commands: false,
+            more_events: false,
+            more_input: false,
             accept_paused_until: None,
             last_accept_warning: None,
             shutting_down: false,
@@ -200,7 +206,10 @@ impl EventLoop {
             }
             self.now = Instant::now();
             self.now_tick = self.clock.tick_at(self.now);
+            let mut events_left = events.iter().count();
             for event in events.iter() {
+                events_left -= 1;
+                self.more_events = events_left > 0;
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => {}
@@ -219,6 +228,7 @@ impl EventLoop {
                     }
                 }
             }
+            self.more_events = false;
             self.resume_accepting();
             for key in std::mem::take(&mut self.reread) {
                 self.resume_input(key);

@@ -40,6 +40,7 @@ impl EventLoop {
                 Parsed::Complete { request, consumed } => (request, consumed),
             };
             state.buf.drain(..consumed);
+            let more_input = !state.buf.is_empty();
             let last_allowed = state.count_request();
             let keep_alive = request.keep_alive && !last_allowed && !self.shutting_down;
             let peer = state.peer;
@@ -64,7 +65,11 @@ impl EventLoop {
                     self.open_event_stream(key, *open);
                     return;
                 }
-                Outcome::Publish(publish) => self.publish(key, publish.items, publish.respond, keep_alive),
+                Outcome::Publish(publish) => {
+                    self.more_input = more_input;
+                    self.publish(key, publish.items, publish.respond, keep_alive);
+                    self.more_input = false;
+                }
                 Outcome::Disconnect(user) => self.start_disconnect(key, user, keep_alive),
                 Outcome::Presence(query) => self.presence(key, query, keep_alive),
                 Outcome::History(query) => self.history(key, query, keep_alive),
