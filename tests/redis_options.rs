@@ -107,7 +107,7 @@ fn client_list(redis: &Redis) -> String {
 fn an_acl_user_limited_to_heralds_channels_and_keys_receives_and_publishes() {
     let redis = acl_redis("herald", "acl-pw-41", &HERALD_RULES);
     let url = format!("redis://herald:acl-pw-41@127.0.0.1:{}", redis.port);
-    let h = herald().env("HERALD_REDIS_URL", &url).api_key().start();
+    let h = herald().env("HERALD_REDIS_URL", &url).env("HERALD_THREADS", "2").api_key().start();
     wait_connected(&h);
     delivers_both_ways(&h, "acl-u1", |channel, payload| redis.publish(channel, payload));
     // The fleet's connections work under these rules too: presence is kept in Redis by them.
@@ -119,9 +119,14 @@ fn an_acl_user_limited_to_heralds_channels_and_keys_receives_and_publishes() {
         presence["connections"] == 1
     });
     assert!(counted, "presence under the ACL: {presence}\n{}", h.stderr());
-    // Every connection of herald's (reader, publisher, the fleet's two) is the ACL user.
-    let list = client_list(&redis);
-    assert_eq!(clients_of(&list, "herald"), 4, "{list}");
+    // Every connection of herald's (reader, publisher, each of the 2 loops' publishing
+    // links, the fleet's two) is the ACL user.
+    let mut list = String::new();
+    let all = wait_until(T, || {
+        list = client_list(&redis);
+        clients_of(&list, "herald") == 6
+    });
+    assert!(all, "{list}");
     assert!(!h.stderr().contains("acl-pw-41"), "{}", h.stderr());
 }
 
@@ -272,14 +277,23 @@ fn rediss_with_the_servers_ca_delivers_both_ways_and_is_healthy() {
     let redis = pki.redis(false, &rules);
     assert_eq!(redis.cli(&["PING"]), "PONG");
     let url = format!("rediss://herald:tls-pw-45@127.0.0.1:{}", redis.port);
-    let h = herald().env("HERALD_REDIS_URL", &url).env("HERALD_REDIS_CA_FILE", &pki.path("ca.pem")).api_key().start();
+    let h = herald()
+        .env("HERALD_REDIS_URL", &url)
+        .env("HERALD_REDIS_CA_FILE", &pki.path("ca.pem"))
+        .env("HERALD_THREADS", "2")
+        .api_key()
+        .start();
     let v = wait_connected(&h);
     assert!(v["redis"]["ping_ms"].is_number(), "{v}");
     delivers_both_ways(&h, "tls-u1", |channel, payload| cli_publish(&redis, channel, payload));
-    // The server has no plain port: all four of herald's connections (reader, publisher, the
-    // fleet's two) came over TLS, as the user.
-    let list = redis.cli(&["CLIENT", "LIST"]);
-    assert_eq!(clients_of(&list, "herald"), 4, "{list}");
+    // The server has no plain port: all six of herald's connections (reader, publisher, each
+    // of the 2 loops' publishing links, the fleet's two) came over TLS, as the user.
+    let mut list = String::new();
+    let all = wait_until(T, || {
+        list = redis.cli(&["CLIENT", "LIST"]);
+        clients_of(&list, "herald") == 6
+    });
+    assert!(all, "{list}");
     assert!(!h.stderr().contains("tls-pw-45"), "{}", h.stderr());
 }
 

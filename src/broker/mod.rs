@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime};
 use crate::frame::SharedFrame;
 use crate::history::ring::Rings;
 use crate::history::{PAGE, Page, Since, StreamPos};
-use crate::ids::{DeliverTo, Exclusion, HistoryItems, ReplyTo, Target};
+use crate::ids::{Answer, DeliverTo, Exclusion, HistoryItems, ReplyTo, Target};
 use crate::mailbox::Loops;
 use crate::message::{self, Valid};
 use crate::metrics::Metrics;
@@ -46,6 +46,29 @@ impl Outgoing {
     /// This notification is not kept in history.
     pub fn live_only(self) -> Outgoing {
         Outgoing { live_only: true, ..self }
+    }
+}
+
+/// A loop's own way to its broker, beside the shared one: with Redis (unless a sharded
+/// cluster must place each channel on its master), a pipelined publishing connection the loop
+/// drives on its own poller (see `redis::PublishLink`). Empty with the embedded broker.
+#[derive(Default)]
+pub struct LoopLink(Option<redis::PublishLink>);
+
+impl LoopLink {
+    /// The token the link's socket is registered with on the loop's poller.
+    pub const TOKEN: mio::Token = redis::publish_link::TOKEN;
+
+    /// Once per pass of the loop, before it polls (see `PublishLink::drive`).
+    pub fn drive(&mut self, registry: &mio::Registry, readable: bool, answers: &mut Vec<(ReplyTo, Answer)>) {
+        if let Some(link) = &mut self.0 {
+            link.drive(registry, readable, answers);
+        }
+    }
+
+    /// When the loop must look at its link even if nothing else happens.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.0.as_ref().and_then(|link| link.next_deadline())
     }
 }
 
@@ -97,6 +120,14 @@ pub enum Broker {
 }
 
 impl Broker {
+    /// Loop `loop_id`'s own link to this broker.
+    pub fn loop_link(&self, loop_id: usize) -> LoopLink {
+        match self {
+            Broker::Redis(redis) => LoopLink(redis.publish_link(loop_id)),
+            Broker::Embedded { .. } => LoopLink::default(),
+        }
+    }
+
     pub fn is_redis(&self) -> bool {
         matches!(self, Broker::Redis(_))
     }
@@ -193,6 +224,7 @@ impl Broker {
         items: Vec<Outgoing>,
         from: Sender,
         reply: Option<ReplyTo>,
+        link: &mut LoopLink,
     ) -> Published {
         match self {
             Broker::Embedded { history: Some(rings), .. } if items.iter().all(|i| !i.live_only) => {
@@ -217,7 +249,7 @@ impl Broker {
                 }
                 Published::Routed { receivers: receivers.into(), local }
             }
-            Broker::Redis(redis) => match redis.publish(items, reply) {
+            Broker::Redis(redis) => match redis.publish(items, reply, link.0.as_mut()) {
                 Ok(()) => Published::Pending,
                 Err(why) => Published::Failed(why),
             },

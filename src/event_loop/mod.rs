@@ -49,9 +49,10 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use tracing::warn;
 
+use crate::broker::LoopLink;
 use crate::conn::{Conn, Timeouts};
 use crate::frame::{self, SharedFrame};
-use crate::ids::{StreamPos, Target};
+use crate::ids::{Answer, ReplyTo, StreamPos, Target};
 use crate::mailbox::{LoopCmd, WAKER};
 use crate::message::JsonScratch;
 use crate::metrics::LocalCounters;
@@ -93,6 +94,12 @@ pub struct EventLoop {
     delivery_keys: Vec<u32>,
     ping: SharedFrame,
     more_commands: bool,
+    /// This loop's own link to the broker (a Redis publishing connection), and whether its
+    /// socket had an event in this poll.
+    link: LoopLink,
+    link_ready: bool,
+    /// Answers the link brought in a pass (reused).
+    link_answers: Vec<(ReplyTo, Answer)>,
     /// Socket events of this poll not handled yet: more deliveries may be on their way.
     more_events: bool,
     /// The request being served is not the last one its connection sent.
@@ -136,6 +143,7 @@ impl EventLoop {
     ) -> io::Result<EventLoop> {
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let now = Instant::now();
+        let link = shared.broker.loop_link(id);
         let config = &shared.config;
         let timeouts = Timeouts {
             ping: ticks(config.ping_interval),
@@ -170,6 +178,9 @@ impl EventLoop {
             delivery_keys: Vec::new(),
             ping: frame::ping(),
             more_commands: false,
+            link,
+            link_ready: false,
+            link_answers: Vec::new(),
             more_events: false,
             more_input: false,
             accept_paused_until: None,
@@ -191,6 +202,7 @@ impl EventLoop {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
+            self.drive_link();
             self.flush_dirty();
             self.publish_gauges();
             if self.shutting_down && self.conns.is_empty() {
@@ -213,6 +225,7 @@ impl EventLoop {
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => {}
+                    LoopLink::TOKEN => self.link_ready = true,
                     Token(key) => {
                         let key = key as u32;
                         if event.is_writable() {
@@ -240,6 +253,18 @@ impl EventLoop {
         }
     }
 
+    /// Writes what this pass published on the loop's own Redis link, and answers the requests
+    /// whose replies it read.
+    fn drive_link(&mut self) {
+        let readable = std::mem::take(&mut self.link_ready);
+        let mut answers = std::mem::take(&mut self.link_answers);
+        self.link.drive(self.poll.registry(), readable, &mut answers);
+        for (reply, answer) in answers.drain(..) {
+            self.on_answer(reply.conn, answer);
+        }
+        self.link_answers = answers;
+    }
+
     fn poll_timeout(&self) -> Option<Duration> {
         if !self.dirty.is_empty() || !self.reread.is_empty() || self.more_commands {
             return Some(Duration::ZERO);
@@ -248,6 +273,9 @@ impl EventLoop {
         let mut at_most = |wait: Duration| timeout = Some(timeout.map_or(wait, |t: Duration| t.min(wait)));
         if !self.wheel.is_empty() {
             at_most(self.clock.instant_of(self.now_tick + 1).saturating_duration_since(Instant::now()));
+        }
+        if let Some(at) = self.link.next_deadline() {
+            at_most(at.saturating_duration_since(Instant::now()));
         }
         if let Some(at) = self.accept_paused_until {
             at_most(at.saturating_duration_since(Instant::now()));

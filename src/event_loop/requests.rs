@@ -123,7 +123,7 @@ impl EventLoop {
         let reply = ReplyTo { loop_id: self.id, conn: ConnRef { key, id: conn.id } };
         let shared = self.shared.clone();
         let from = Sender::Loop { here: self.id };
-        match shared.broker.publish(&shared.routing, &shared.metrics, items, from, Some(reply)) {
+        match shared.broker.publish(&shared.routing, &shared.metrics, items, from, Some(reply), &mut self.link) {
             Published::Routed { receivers, local } => {
                 self.deliver_local(local);
                 self.respond(key, respond.render(&Answer::Published(receivers)), false, !keep_alive);

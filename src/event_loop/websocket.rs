@@ -214,7 +214,7 @@ impl EventLoop {
         let shared = self.shared.clone();
         let from = Sender::Loop { here: self.id };
         if let Published::Routed { local, .. } =
-            shared.broker.publish(&shared.routing, &shared.metrics, vec![item], from, None)
+            shared.broker.publish(&shared.routing, &shared.metrics, vec![item], from, None, &mut self.link)
         {
             self.deliver_local(local);
         }

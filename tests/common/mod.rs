@@ -739,6 +739,17 @@ impl Redis {
             .count()
     }
 
+    /// CLIENT LIST's lines for the clients named `name`.
+    pub fn clients_named(&self, name: &str) -> Vec<String> {
+        let mut c = self.conn();
+        let list = match c.command(&["CLIENT", "LIST"]) {
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(&b).to_string(),
+            other => panic!("CLIENT LIST: {other:?}"),
+        };
+        let wanted = format!("name={name}");
+        list.lines().filter(|l| l.split(' ').any(|kv| kv == wanted)).map(str::to_string).collect()
+    }
+
     /// Herald readers connected (named `herald-reader` in CLIENT LIST).
     pub fn herald_readers(&self) -> usize {
         let mut c = self.conn();

@@ -335,6 +335,11 @@ impl Conn {
         &mut self.out
     }
 
+    /// Encoded bytes not written yet.
+    pub fn unwritten(&self) -> usize {
+        self.out.len() - self.written
+    }
+
     /// Writes what the socket takes. `Ok(true)` when everything went out.
     pub fn flush(&mut self) -> io::Result<bool> {
         let Conn { stream, tls, out, written, .. } = self;

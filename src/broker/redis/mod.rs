@@ -13,6 +13,7 @@ mod conn;
 pub mod fleet;
 mod fleet_links;
 mod presence_sync;
+pub mod publish_link;
 mod publisher;
 mod reader;
 pub mod redis_url;
@@ -35,6 +36,7 @@ use crate::message;
 use crate::metrics::Metrics;
 pub use conn::RedisTls;
 use fleet::{FleetHandle, FleetSettings, FleetThread};
+pub use publish_link::PublishLink;
 use publisher::{Message, PublishJob};
 pub use reader::pattern_for;
 use redis_url::RedisUrl;
@@ -141,6 +143,10 @@ fn open_first<'u>(
 /// leaves (exact mode) go to the reader.
 pub struct RedisBroker {
     jobs: Arc<Mailbox<PublishJob>>,
+    /// Where each loop's own publishing link connects (`publish_link`); `None` where the
+    /// sharded publisher thread must place each channel on its master.
+    link_urls: Option<Arc<[RedisUrl]>>,
+    ctx: Context,
     settings: Arc<Settings>,
     reports: Option<Arc<Reports>>,
     fleet: Arc<FleetHandle>,
@@ -223,15 +229,16 @@ impl RedisBroker {
             spawn("herald-redis-read", move || {
                 sharded::run(reader_topology, reader_ctx, reader_poll, changes, reports)
             })?;
-            let wake = jobs.clone();
+            let (wake, broker_ctx) = (jobs.clone(), ctx.clone());
             spawn("herald-redis-pub", move || shard_publisher::run(topology, ctx, inbox, poll, wake))?;
-            return Ok(RedisBroker { jobs, settings, reports: Some(broker_reports), fleet, history_on });
+            let reports = Some(broker_reports);
+            return Ok(RedisBroker { jobs, link_urls: None, ctx: broker_ctx, settings, reports, fleet, history_on });
         }
         let (reader_urls, reader_ctx) = (urls.clone(), ctx.clone());
         spawn("herald-redis-read", move || reader::run(reader_urls, reader_ctx, reader_poll, reader_mode))?;
-        let wake = jobs.clone();
+        let (wake, link_urls, broker_ctx) = (jobs.clone(), Some(Arc::from(urls.as_slice())), ctx.clone());
         spawn("herald-redis-pub", move || publisher::run(urls, ctx, inbox, poll, wake))?;
-        Ok(RedisBroker { jobs, settings, reports, fleet, history_on })
+        Ok(RedisBroker { jobs, link_urls, ctx: broker_ctx, settings, reports, fleet, history_on })
     }
 
     /// Whether notifications are stored (herald's publishes go through `herald_publish`).
@@ -249,8 +256,20 @@ impl RedisBroker {
         self.reports.as_deref()
     }
 
-    /// Queues `items` for the publisher; the answer goes to `reply`.
-    pub fn publish(&self, items: Vec<Outgoing>, reply: Option<ReplyTo>) -> Result<(), String> {
+    /// Loop `loop_id`'s own publishing link, where one can serve.
+    pub fn publish_link(&self, loop_id: usize) -> Option<PublishLink> {
+        let urls = self.link_urls.clone()?;
+        Some(PublishLink::new(loop_id, urls, self.ctx.clone(), self.jobs.clone()))
+    }
+
+    /// Publishes `items` on the calling loop's `link` when it is up, else through the publisher
+    /// thread; the answer goes to `reply`.
+    pub fn publish(
+        &self,
+        items: Vec<Outgoing>,
+        reply: Option<ReplyTo>,
+        link: Option<&mut PublishLink>,
+    ) -> Result<(), String> {
         let mut messages = Vec::new();
         let mut counts = Vec::with_capacity(items.len());
         for item in items {
@@ -265,7 +284,14 @@ impl RedisBroker {
                 messages.push(Message { channel: channel.into_bytes(), payload: payload.clone(), stored });
             }
         }
-        self.jobs.try_send(PublishJob { messages, counts, reply }).map_err(|_| "redis publisher overloaded".to_string())
+        let mut job = PublishJob { messages, counts, reply, retried: false };
+        if let Some(link) = link {
+            match link.submit(job) {
+                Ok(()) => return Ok(()),
+                Err(refused) => job = refused,
+            }
+        }
+        self.jobs.try_send(job).map_err(|_| "redis publisher overloaded".to_string())
     }
 }
 

@@ -1,7 +1,11 @@
-//! The Redis publisher: one thread, one connection, pipelined. Every job waiting when the
-//! thread wakes is encoded into one write; replies come back in order and are matched to the
-//! jobs in flight, so concurrent HTTP publishers share round trips instead of queueing for
-//! them. A PING while idle keeps `/health` honest (and measures the round trip).
+//! The Redis publisher thread: one connection, pipelined. Every job waiting when the thread
+//! wakes is encoded into one write; replies come back in order and are matched to the jobs in
+//! flight, so concurrent HTTP publishers share round trips instead of queueing for them. A
+//! PING while idle keeps `/health` honest (and measures the round trip).
+//!
+//! Each event loop publishes on its own connection while that is up (`publish_link.rs`); this
+//! thread takes what a loop's link cannot: before it connects, while it is down or full, and
+//! what it lost unanswered.
 //!
 //! When the connection dies, a job none of whose replies had arrived is sent once more on
 //! the next connection (after a Redis restart the old connection's writes were never read);
@@ -46,21 +50,62 @@ pub struct PublishJob {
     pub messages: Vec<Message>,
     pub counts: Vec<u32>,
     pub reply: Option<ReplyTo>,
+    /// Written once already, on a connection that died before any reply to it came back.
+    pub retried: bool,
 }
 
 /// A job (or a PING) whose replies are awaited, in the order its commands were written.
-struct InFlight {
-    job: Option<PublishJob>,
-    sent: Instant,
+pub(super) struct InFlight {
+    pub job: Option<PublishJob>,
+    pub sent: Instant,
     /// Receivers per message, as replies arrive.
-    receivers: Vec<u64>,
+    pub receivers: Vec<u64>,
     /// Sent once already on a connection that died before answering.
-    retried: bool,
+    pub retried: bool,
 }
 
 impl InFlight {
-    fn expects(&self) -> usize {
+    pub fn new(job: PublishJob, retried: bool) -> InFlight {
+        InFlight { receivers: Vec::with_capacity(job.messages.len()), job: Some(job), sent: Instant::now(), retried }
+    }
+
+    pub fn expects(&self) -> usize {
         self.job.as_ref().map_or(1, |job| job.messages.len())
+    }
+
+    /// Receivers per item of the job, once every reply is in.
+    pub fn per_item(&self) -> Option<Box<[u64]>> {
+        let job = self.job.as_ref()?;
+        let mut receivers = self.receivers.iter();
+        Some(job.counts.iter().map(|&n| receivers.by_ref().take(n as usize).sum()).collect())
+    }
+}
+
+/// Encodes a job's commands (a PING for `None`).
+pub(super) fn encode(commands: &mut Vec<u8>, job: Option<&PublishJob>) {
+    let Some(job) = job else {
+        resp::encode_command(commands, [b"PING"]);
+        return;
+    };
+    for message in &job.messages {
+        if message.stored {
+            let args = [b"FCALL".as_slice(), b"herald_publish", b"1", &message.channel, &message.payload];
+            resp::encode_command(commands, args);
+        } else {
+            resp::encode_publish(commands, &message.channel, &message.payload);
+        }
+    }
+}
+
+/// The receivers one reply reports: PUBLISH answers them; herald_publish {offset, epoch,
+/// receivers}. An error reply is the connection's failure.
+pub(super) fn receivers_in(value: resp::Value<'_>) -> Result<u64, Failure> {
+    match value.error() {
+        Some(error) => Err(Failure::from_reply(error)),
+        None => {
+            let receivers = value.as_integer().or_else(|| value.items()?.get(2)?.as_integer());
+            Ok(receivers.unwrap_or(0).max(0) as u64)
+        }
     }
 }
 
@@ -120,12 +165,11 @@ impl Publisher {
     fn take_jobs(&mut self) -> bool {
         loop {
             match self.jobs.try_recv() {
-                Ok(job) => self.waiting.push_back(InFlight {
-                    receivers: Vec::with_capacity(job.messages.len()),
-                    job: Some(job),
-                    sent: Instant::now(),
-                    retried: false,
-                }),
+                // A job a loop's own link lost unanswered was sent once already.
+                Ok(job) => {
+                    let retried = job.retried;
+                    self.waiting.push_back(InFlight::new(job, retried))
+                }
                 Err(crossbeam_channel::TryRecvError::Empty) => return true,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => return !self.waiting.is_empty(),
             }
@@ -206,20 +250,7 @@ impl Publisher {
     fn exchange(&mut self) -> Result<(), Failure> {
         let Some(conn) = self.conn.as_mut() else { return Ok(()) };
         while let Some(mut entry) = self.waiting.pop_front() {
-            match &entry.job {
-                Some(job) => {
-                    for message in &job.messages {
-                        if message.stored {
-                            let args =
-                                [b"FCALL".as_slice(), b"herald_publish", b"1", &message.channel, &message.payload];
-                            resp::encode_command(conn.commands(), args);
-                        } else {
-                            resp::encode_publish(conn.commands(), &message.channel, &message.payload);
-                        }
-                    }
-                }
-                None => resp::encode_command(conn.commands(), [b"PING"]),
-            }
+            encode(conn.commands(), entry.job.as_ref());
             entry.sent = Instant::now();
             self.in_flight.push_back(entry);
             self.last_write = Instant::now();
@@ -228,14 +259,7 @@ impl Publisher {
         conn.fill()?;
         let mut done = Vec::new();
         loop {
-            let reply = conn.next(|value| match value.error() {
-                Some(error) => Err(Failure::from_reply(error)),
-                // PUBLISH answers the receivers; herald_publish {offset, epoch, receivers}.
-                None => {
-                    let receivers = value.as_integer().or_else(|| value.items()?.get(2)?.as_integer());
-                    Ok(receivers.unwrap_or(0).max(0) as u64)
-                }
-            })?;
+            let reply = conn.next(receivers_in)?;
             let Some(reply) = reply else { break };
             let receivers = reply?;
             let Some(front) = self.in_flight.front_mut() else {
@@ -258,12 +282,10 @@ impl Publisher {
     fn complete(&mut self, done: InFlight) {
         let health = &self.ctx.metrics.redis;
         health.publisher_up.store(true, Relaxed);
-        let Some(job) = &done.job else {
+        let Some(per_item) = done.per_item() else {
             health.ping_micros.store(done.sent.elapsed().as_micros() as u64, Relaxed);
             return;
         };
-        let mut receivers = done.receivers.iter();
-        let per_item: Box<[u64]> = job.counts.iter().map(|&n| receivers.by_ref().take(n as usize).sum()).collect();
         self.answer(done, Answer::Published(per_item));
     }
 
