@@ -14,15 +14,15 @@
 //! fails: a redirect storm never loops. A connection that dies fails what it had not
 //! answered (the caller decides what a failure means), and is opened again with backoff.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Interest, Poll, Token};
-use slab::Slab;
 use tracing::{debug, info, warn};
 
 use super::conn::{Conn, Failure, RedisTls};
+use super::node_links::{NodeLink, NodeLinks};
 use super::redis_url::RedisUrl;
 use super::resp::{self, ServerError, Value};
 use super::slots::{self, NodeAddr, SlotMap};
@@ -137,6 +137,12 @@ struct Link<T> {
     warned: bool,
 }
 
+impl<T> NodeLink for Link<T> {
+    fn addr(&self) -> &NodeAddr {
+        &self.addr
+    }
+}
+
 /// How a reply is to be taken.
 enum Parsed {
     Reply(Reply),
@@ -146,13 +152,21 @@ enum Parsed {
     Later(String),
 }
 
+/// Whether a link to `addr` should be kept: it is the one Redis, or a master of the map.
+fn wanted(place: &Place, map: &Option<Arc<SlotMap>>, addr: &NodeAddr) -> bool {
+    match (place, map) {
+        (Place::Standalone(_), _) => true,
+        (Place::Cluster(_), Some(map)) => map.masters().contains(addr),
+        (Place::Cluster(_), None) => false,
+    }
+}
+
 pub struct Links<T> {
     place: Place,
     tls: Option<RedisTls>,
     library: String,
     token_base: usize,
-    links: Slab<Link<T>>,
-    by_addr: HashMap<NodeAddr, usize>,
+    links: NodeLinks<Link<T>>,
     map: Option<Arc<SlotMap>>,
     version: u64,
     /// Commands to send again later (TRYAGAIN and the like), by when.
@@ -167,8 +181,7 @@ impl<T> Links<T> {
             tls,
             library,
             token_base,
-            links: Slab::new(),
-            by_addr: HashMap::new(),
+            links: NodeLinks::default(),
             map: None,
             version: 0,
             delayed: Vec::new(),
@@ -199,7 +212,7 @@ impl<T> Links<T> {
 
     /// Whether `addr` has an open connection.
     pub fn is_up(&self, addr: &NodeAddr) -> bool {
-        self.by_addr.get(addr).is_some_and(|&k| self.links[k].conn.is_some())
+        self.links.by_addr(addr).is_some_and(|l| l.conn.is_some())
     }
 
     /// Whether any connection is open: presence is worth flushing.
@@ -229,27 +242,18 @@ impl<T> Links<T> {
     }
 
     fn wanted(&self, addr: &NodeAddr) -> bool {
-        match (&self.place, &self.map) {
-            (Place::Standalone(_), _) => true,
-            (Place::Cluster(_), Some(map)) => map.masters().contains(addr),
-            (Place::Cluster(_), None) => false,
-        }
+        wanted(&self.place, &self.map, addr)
     }
 
     fn link_for(&mut self, addr: &NodeAddr) -> usize {
-        if let Some(&key) = self.by_addr.get(addr) {
-            return key;
-        }
-        let link = Link {
+        let (key, _) = self.links.key_for(addr, || Link {
             addr: addr.clone(),
             conn: None,
             retry_at: Instant::now(),
             backoff: Backoff::new(),
             in_flight: VecDeque::new(),
             warned: false,
-        };
-        let key = self.links.insert(link);
-        self.by_addr.insert(addr.clone(), key);
+        });
         key
     }
 
@@ -309,15 +313,9 @@ impl<T> Links<T> {
 
     /// Closes links to nodes that serve nothing now, once nothing is pending on them.
     fn prune(&mut self, poll: &Poll) {
-        let idle: Vec<usize> = self
-            .links
-            .iter()
-            .filter(|(_, l)| !self.wanted(&l.addr) && l.in_flight.is_empty())
-            .map(|(k, _)| k)
-            .collect();
-        for key in idle {
-            let mut link = self.links.remove(key);
-            self.by_addr.remove(&link.addr);
+        let (place, map) = (&self.place, &self.map);
+        let idle = self.links.remove_where(|l| !wanted(place, map, &l.addr) && l.in_flight.is_empty());
+        for mut link in idle {
             if let Some(conn) = link.conn.as_mut() {
                 let _ = poll.registry().deregister(&mut conn.stream);
             }

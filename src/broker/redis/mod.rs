@@ -12,6 +12,7 @@
 mod conn;
 pub mod fleet;
 mod fleet_links;
+mod node_links;
 mod presence_sync;
 pub mod publish_link;
 mod publisher;

@@ -10,7 +10,7 @@
 //! its unanswered messages along: each is sent once more (to the slot's owner by the next
 //! map), then given up.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use slab::Slab;
 use tracing::warn;
 
 use super::conn::{Conn, Failure};
+use super::node_links::{NodeLink, NodeLinks};
 use super::publisher::PublishJob;
 use super::resp::{self, ServerError};
 use super::slots::{self, NodeAddr, SlotMap};
@@ -81,6 +82,12 @@ struct Link {
     warned: bool,
 }
 
+impl NodeLink for Link {
+    fn addr(&self) -> &NodeAddr {
+        &self.addr
+    }
+}
+
 struct ShardPublisher {
     topology: Arc<Topology>,
     ctx: Context,
@@ -88,8 +95,7 @@ struct ShardPublisher {
     poll: Poll,
     map: Option<Arc<SlotMap>>,
     version: u64,
-    links: Slab<Link>,
-    by_addr: HashMap<NodeAddr, usize>,
+    links: NodeLinks<Link>,
     open: Slab<Open>,
     /// Messages to send again later (TRYAGAIN and the like).
     delayed: Vec<(Instant, Msg)>,
@@ -112,8 +118,7 @@ pub fn run(
         poll,
         map: None,
         version: 0,
-        links: Slab::new(),
-        by_addr: HashMap::new(),
+        links: NodeLinks::default(),
         open: Slab::new(),
         delayed: Vec::new(),
         reroute: Vec::new(),
@@ -175,11 +180,8 @@ impl ShardPublisher {
     }
 
     fn link_for(&mut self, addr: &NodeAddr) -> usize {
-        if let Some(&key) = self.by_addr.get(addr) {
-            return key;
-        }
         let now = Instant::now();
-        let key = self.links.insert(Link {
+        let (key, _) = self.links.key_for(addr, || Link {
             addr: addr.clone(),
             conn: None,
             retry_at: now,
@@ -191,7 +193,6 @@ impl ShardPublisher {
             rtt: Duration::ZERO,
             warned: false,
         });
-        self.by_addr.insert(addr.clone(), key);
         key
     }
 
@@ -275,15 +276,10 @@ impl ShardPublisher {
     /// Closes links to nodes that serve no slot any more once nothing is pending there.
     fn prune(&mut self) {
         let Some(map) = &self.map else { return };
-        let idle: Vec<usize> = self
+        let idle = self
             .links
-            .iter()
-            .filter(|(_, l)| !map.masters().contains(&l.addr) && l.waiting.is_empty() && l.in_flight.is_empty())
-            .map(|(k, _)| k)
-            .collect();
-        for key in idle {
-            let mut link = self.links.remove(key);
-            self.by_addr.remove(&link.addr);
+            .remove_where(|l| !map.masters().contains(&l.addr) && l.waiting.is_empty() && l.in_flight.is_empty());
+        for mut link in idle {
             if let Some(conn) = link.conn.as_mut() {
                 let _ = self.poll.registry().deregister(&mut conn.stream);
             }
@@ -479,7 +475,7 @@ impl ShardPublisher {
         let mut up = true;
         let mut rtt = Duration::ZERO;
         for master in map.masters() {
-            match self.by_addr.get(master).and_then(|&k| self.links.get(k)) {
+            match self.links.by_addr(master) {
                 Some(link) if link.conn.is_some() => rtt = rtt.max(link.rtt),
                 _ => up = false,
             }

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use mio::{Events, Interest, Poll, Token};
-use slab::Slab;
 use tracing::{info, warn};
 
 use super::conn::{Conn, Failure};
+use super::node_links::{NodeLink, NodeLinks};
 use super::reader::{HERALD_ENVELOPE, PROBE_AFTER, PROBE_TIMEOUT, READER_NAME, RETRY_READY, Router, WAKER};
 use super::resp::{self, Push, ServerError, SubKind};
 use super::slots::{self, NodeAddr, SlotMap};
@@ -59,8 +59,7 @@ pub fn run(topology: Arc<Topology>, ctx: Context, poll: Poll, changes: Receiver<
         topology,
         map: None,
         version: 0,
-        links: Slab::new(),
-        by_addr: HashMap::new(),
+        links: NodeLinks::default(),
         home: HashMap::new(),
         unplaced: HashSet::new(),
         retry_at: None,
@@ -85,8 +84,7 @@ struct Sharded {
     /// The topology version `map` is.
     version: u64,
     /// One per master of the map (and per former master while it still holds channels).
-    links: Slab<Link>,
-    by_addr: HashMap<NodeAddr, usize>,
+    links: NodeLinks<Link>,
     /// Where each wanted channel's subscription lives: a key of `links` whose
     /// `subs` wants it.
     home: HashMap<Target, usize>,
@@ -117,6 +115,12 @@ struct Link {
     was_ready: bool,
     /// The current outage was logged.
     warned: bool,
+}
+
+impl NodeLink for Link {
+    fn addr(&self) -> &NodeAddr {
+        &self.addr
+    }
 }
 
 enum Phase {
@@ -265,21 +269,18 @@ impl Sharded {
 
     /// The link to `addr`, made (and connected) if there is none.
     fn link_for(&mut self, addr: &NodeAddr) -> usize {
-        if let Some(&key) = self.by_addr.get(addr) {
-            return key;
-        }
-        let now = Instant::now();
-        let key = self.links.insert(Link {
+        let (key, new) = self.links.key_for(addr, || Link {
             addr: addr.clone(),
-            phase: Phase::Down { retry_at: now },
+            phase: Phase::Down { retry_at: Instant::now() },
             subs: Subscriptions::default(),
             sent: VecDeque::new(),
             backoff: Backoff::new(),
             was_ready: false,
             warned: false,
         });
-        self.by_addr.insert(addr.clone(), key);
-        self.connect(key);
+        if new {
+            self.connect(key);
+        }
         key
     }
 
@@ -663,16 +664,8 @@ impl Sharded {
     /// Closes links to nodes that serve no slot any more once nothing is wanted there.
     fn prune(&mut self) {
         let Some(map) = &self.map else { return };
-        let gone: Vec<usize> = self
-            .links
-            .iter()
-            .filter(|(_, link)| !map.masters().contains(&link.addr) && !link.wants_any())
-            .map(|(key, _)| key)
-            .collect();
-        for key in gone {
-            let mut link = self.links.remove(key);
-            debug_assert!(!link.wants_any());
-            self.by_addr.remove(&link.addr);
+        let gone = self.links.remove_where(|link| !map.masters().contains(&link.addr) && !link.wants_any());
+        for mut link in gone {
             if let Phase::Up { conn, .. } = &mut link.phase {
                 let _ = self.poll.registry().deregister(&mut conn.stream);
             }
