@@ -44,6 +44,7 @@
 # meta.json (machine, load average, CPU taken by other processes), table.md (also printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 ROOT=$PWD
 
 N=${N:-10000}
@@ -101,14 +102,6 @@ chmod 755 "$TMP"   # nginx workers run as nobody
 PIDS=()           # herald / ceiling / herald-load / redis pids
 NGINX_MASTER=""
 REDIS_PID=""
-alive() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
-stop_pid() {
-    local pid=$1 i
-    alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 50); do alive "$pid" || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
 stop_nginx() {
     [[ -n $NGINX_MASTER ]] || return 0
     local workers
@@ -126,17 +119,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-wait_port() {
-    local port=$1 i
-    for i in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "compare.sh: nothing listens on port $port" >&2
-    return 1
-}
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # ---- Redis (d. scenarios) ---------------------------------------------------------------
 # BROKER=redis while the d. scenarios run: start_herald and start_nchan then use Redis.

@@ -23,6 +23,7 @@
 # Output: benches/results/fleet-<UTC>/<mode>-gen-<i>.json, <mode>.json, table.md (printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 ROOT=$PWD
 
 MODES=${MODES:-"exact pattern cluster"}
@@ -55,14 +56,6 @@ OUT=${OUT:-$ROOT/benches/results/fleet-$STAMP}
 mkdir -p "$OUT"
 
 PIDS=()
-alive() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
-stop_pid() {
-    local pid=$1 i
-    alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 100); do alive "$pid" || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
 stop_all() {
     local pid
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
@@ -71,15 +64,6 @@ stop_all() {
 trap 'set +e; stop_all' EXIT
 trap 'exit 130' INT TERM
 
-wait_port() {
-    local port=$1 i
-    for i in $(seq 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "fleet.sh: nothing listens on port $port" >&2
-    return 1
-}
 sleep_until() { python3 -c "import time; time.sleep(max(0, $1 - time.time()))"; }
 
 # One JSON line: per herald pid its utime+stime, the bytes its Redis reader connections

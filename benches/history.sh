@@ -22,6 +22,7 @@
 # measurements), meta.json, table.md (printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 ROOT=$PWD
 
 MODES=${MODES:-"embedded redis"}
@@ -63,14 +64,6 @@ mkdir -p "$OUT"
 RUNLOG=$OUT/runs.log
 
 PIDS=()
-alive() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
-stop_pid() {
-    local pid=$1 i
-    alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 100); do alive "$pid" || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
 stop_all() {
     local i
     # Newest first: herald goes before the Redis it uses (no reconnect warnings in its log).
@@ -80,15 +73,6 @@ stop_all() {
 trap 'set +e; stop_all' EXIT
 trap 'exit 130' INT TERM
 
-wait_port() {
-    local port=$1 i
-    for i in $(seq 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "history.sh: nothing listens on port $port" >&2
-    return 1
-}
 sleep_until() { python3 -c "import time; time.sleep(max(0, $1 - time.time()))"; }
 cpu_of() { python3 -c "import os,sys; s=open('/proc/$1/stat').read(); f=s[s.rfind(')')+2:].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))"; }
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }

@@ -19,6 +19,7 @@
 # connection that received nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 ROOT=$PWD
 
 TOTAL=${TOTAL:-100000}
@@ -57,14 +58,6 @@ OUT=${OUT:-$ROOT/benches/results/100k-$STAMP}
 mkdir -p "$OUT"
 
 PIDS=()
-alive() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
-stop_pid() {
-    local pid=$1 i
-    alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 100); do alive "$pid" || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
 cleanup() {
     set +e
     for pid in "${GEN_PIDS[@]}" "${PIDS[@]}"; do stop_pid "$pid"; done
@@ -73,15 +66,6 @@ GEN_PIDS=()
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() {
-    local port=$1 i
-    for i in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "run-100k.sh: nothing listens on port $port" >&2
-    return 1
-}
 # utime+stime (seconds) and VmRSS (kB) summed over pids
 sample() {
     python3 - "$@" <<'EOF'

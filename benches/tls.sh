@@ -25,6 +25,7 @@
 # reports), memory-<plain|tls>-<i>.json (PSS samples), meta.json, runs.log, table.md (printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 ROOT=$PWD
 
 N=${N:-10000}
@@ -57,14 +58,6 @@ TMP=$(mktemp -d /tmp/herald-tls-bench.XXXXXX)
 
 # ---- processes we start, stopped on any exit -------------------------------------------
 PIDS=()
-alive() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
-stop_pid() {
-    local pid=$1 i
-    alive "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 50); do alive "$pid" || return 0; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-}
 cleanup() {
     set +e
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
@@ -97,7 +90,6 @@ else
 fi
 CA=$TMP/cert.pem
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PLAIN_PORT=${PLAIN_PORT:-$(free_port)}
 TLS_PORT=${TLS_PORT:-$(free_port)}
 while [[ $TLS_PORT == "$PLAIN_PORT" ]]; do TLS_PORT=$(free_port); done
