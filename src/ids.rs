@@ -15,6 +15,10 @@ pub struct ConnRef {
     pub id: u32,
 }
 
+/// Most topics one connection may hold: WebSocket subscriptions, or an event stream's
+/// `topics`.
+pub const MAX_TOPICS_PER_CONNECTION: usize = 128;
+
 /// Whom a message is for: a user or a topic, by name.
 ///
 /// One shared string whose first byte says which (`u` or `t`): 16 bytes wherever it is

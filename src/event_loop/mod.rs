@@ -35,8 +35,6 @@ mod sse;
 pub mod timers;
 mod websocket;
 
-pub use websocket::MAX_TOPICS_PER_CONNECTION;
-
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;

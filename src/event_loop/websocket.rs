@@ -15,12 +15,9 @@ use crate::dialect::Stream;
 use crate::frame::{self, SharedFrame, code};
 use crate::history::{Since, StreamPos};
 use crate::http::routes::Upgrade;
-use crate::ids::{ConnRef, Exclusion, Origin, ReplyTo, Target};
+use crate::ids::{ConnRef, Exclusion, MAX_TOPICS_PER_CONNECTION, Origin, ReplyTo, Target};
 use crate::message::{self, ClientMessage};
 use crate::route::{Joined, Sender};
-
-/// Most topics one connection may hold.
-pub const MAX_TOPICS_PER_CONNECTION: usize = 128;
 
 /// Something a client's message asks for, applied after its frames are parsed.
 enum Action {

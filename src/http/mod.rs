@@ -1,6 +1,7 @@
 //! HTTP/1.1 on the WebSocket port: request heads parsed from a bounded buffer (httparse), and
 //! responses rendered to bytes. No I/O here; the event loop feeds bytes in and writes bytes out.
 
+pub mod access;
 pub mod api;
 pub mod demo;
 pub mod history;

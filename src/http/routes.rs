@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
+use super::access::{admit, authenticate, origin_allowed};
 use super::history::{self, HistoryQuery};
 use super::presence::{self, PresenceQuery};
 use super::publish::{self, PublishRequest};
 use super::{Method, Request, Response, Status};
-use crate::admission::Refusal;
 use crate::auth::Identity;
 use crate::dialect::{self, AuthFailure, Dialect, Stream};
 use crate::message::{self, JsonScratch};
@@ -56,7 +56,10 @@ pub fn handle(req: &Request, peer: IpAddr, shared: &Shared, scratch: &mut JsonSc
     }
     let respond = Outcome::Respond;
     if req.path == crate::sse::PATH {
-        return super::sse::route(req, shared);
+        return match super::sse::route(req, shared) {
+            Ok(open) => Outcome::EventStream(open),
+            Err(response) => Outcome::Respond(response),
+        };
     }
     match (req.method(), req.path.as_str()) {
         (Method::Get | Method::Head, "/health") => respond(health(shared)),
@@ -150,46 +153,6 @@ fn upgrade(req: &Request, dialect: &'static Dialect, stream: Stream, shared: &Sh
     }
     let since = req.query_param("since").filter(|s| !s.is_empty());
     Outcome::Upgrade(Box::new(Upgrade { dialect, stream, identity: Ok(identity), response, since }))
-}
-
-/// Whether the request's Origin may open a connection: any, when HERALD_ALLOWED_ORIGINS is
-/// `*`; no Origin at all (a non-browser client) is not subject to the list.
-pub(super) fn origin_allowed(req: &Request, shared: &Shared) -> bool {
-    match (&shared.config.allowed_origins, req.origin.as_deref()) {
-        (Some(allowed), Some(origin)) => allowed.contains(&origin.trim_end_matches('/').to_ascii_lowercase()),
-        _ => true,
-    }
-}
-
-/// The connection's token (query `token`, else `Authorization: Bearer`), verified; the error
-/// is seed 003's message for the client.
-pub(super) fn authenticate(req: &Request, shared: &Shared) -> Result<Identity, &'static str> {
-    let token = req.query_param("token").filter(|t| !t.is_empty()).or_else(|| req.bearer().map(str::to_owned));
-    match token.as_deref() {
-        None => Err("missing token parameter"),
-        Some(token) => shared.verifier.verify(token).map_err(|_| "invalid or expired token"),
-    }
-}
-
-/// Reserves the connection's slot under the instance and per-user limits (the last check
-/// before a connection opens: a reservation is released only by the session it becomes).
-pub(super) fn admit(identity: &Identity, shared: &Shared) -> Result<(), Response> {
-    if shared.shutting_down.load(Relaxed) {
-        return Err(Response::error(Status::SERVICE_UNAVAILABLE, "shutting down").closing());
-    }
-    match shared.admission.reserve(&shared.routing.table, &identity.user) {
-        // Reported here, where the count changed: embedded, this count decides transitions.
-        Ok(connections) => {
-            shared.broker.presence_changed(&identity.user, connections, true, &shared.metrics);
-            Ok(())
-        }
-        Err(Refusal::InstanceFull) => {
-            Err(Response::error(Status::SERVICE_UNAVAILABLE, "connection limit reached").closing())
-        }
-        Err(Refusal::UserFull) => {
-            Err(Response::error(Status::SERVICE_UNAVAILABLE, "per-user connection limit reached").closing())
-        }
-    }
 }
 
 /// A key is the base64 encoding of 16 bytes: 22 characters and `==`.

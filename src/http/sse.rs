@@ -6,10 +6,10 @@
 //! topic claims (403 JSON), shutdown and admission (503) last, since admission reserves the
 //! connection's slot.
 
-use super::routes::{self, Outcome};
+use super::access;
 use super::{Method, Request, Response, Status};
 use crate::auth::Identity;
-use crate::event_loop::MAX_TOPICS_PER_CONNECTION;
+use crate::ids::MAX_TOPICS_PER_CONNECTION;
 use crate::shared::Shared;
 
 /// How long a browser may cache the preflight's answer.
@@ -27,24 +27,22 @@ pub struct Open {
     pub head: Vec<u8>,
 }
 
-/// Routes a request on `/sse`.
-pub fn route(req: &Request, shared: &Shared) -> Outcome {
+/// Routes a request on `/sse`: the stream to open, or the response that answers it.
+pub fn route(req: &Request, shared: &Shared) -> Result<Box<Open>, Response> {
     match req.method() {
         Method::Get => open(req, shared),
-        Method::Options => Outcome::Respond(preflight(req, shared)),
-        _ => Outcome::Respond(
-            Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed").header("Allow", "GET, OPTIONS"),
-        ),
+        Method::Options => Err(preflight(req, shared)),
+        _ => Err(Response::error(Status::METHOD_NOT_ALLOWED, "method not allowed").header("Allow", "GET, OPTIONS")),
     }
 }
 
-fn open(req: &Request, shared: &Shared) -> Outcome {
+fn open(req: &Request, shared: &Shared) -> Result<Box<Open>, Response> {
     let Some(cors) = cors(req, shared) else {
-        return Outcome::Respond(Response::error(Status::FORBIDDEN, "origin not allowed").closing());
+        return Err(Response::error(Status::FORBIDDEN, "origin not allowed").closing());
     };
     // Refusals carry the CORS headers too, so a script (fetch-based clients) can read why.
-    let refuse = |response: Response| Outcome::Respond(with_cors(response, cors.as_deref()));
-    let identity = match routes::authenticate(req, shared) {
+    let refuse = |response: Response| Err(with_cors(response, cors.as_deref()));
+    let identity = match access::authenticate(req, shared) {
         Ok(identity) => identity,
         Err(message) => return refuse(Response::error(Status::UNAUTHORIZED, message)),
     };
@@ -55,11 +53,11 @@ fn open(req: &Request, shared: &Shared) -> Outcome {
     if let Some(denied) = topics.iter().find(|t| !identity.allows_topic(t)) {
         return refuse(Response::error(Status::FORBIDDEN, &format!("token does not allow topic {denied}")));
     }
-    if let Err(refusal) = routes::admit(&identity, shared) {
+    if let Err(refusal) = access::admit(&identity, shared) {
         return refuse(refusal);
     }
     let since = [req.last_event_id.clone(), req.query_param("since")].into_iter().flatten().find(|s| !s.is_empty());
-    Outcome::EventStream(Box::new(Open { identity, topics, since, head: head(cors.as_deref()) }))
+    Ok(Box::new(Open { identity, topics, since, head: head(cors.as_deref()) }))
 }
 
 /// The `topics` query parameter: a comma list, blanks and repeats dropped.
@@ -81,7 +79,7 @@ fn requested_topics(req: &Request) -> Result<Vec<String>, String> {
 /// Origin (no CORS), `Some(Some(v))` to send, `None` when its Origin is not allowed.
 fn cors(req: &Request, shared: &Shared) -> Option<Option<String>> {
     let Some(origin) = req.origin.as_deref() else { return Some(None) };
-    if !routes::origin_allowed(req, shared) {
+    if !access::origin_allowed(req, shared) {
         return None;
     }
     // With every origin allowed, `*` (the token travels in the URL or a header, never in a
