@@ -104,13 +104,19 @@ fn publish_until_a_link_carries_one(h: &Herald, redis: &Redis, user: &str, ws: &
     sent
 }
 
-#[test]
-fn http_publishes_go_out_on_each_loops_own_redis_connection() {
+/// herald with two event loops, once both loops' own connections are up.
+fn herald_with_two_links() -> (Redis, Herald) {
     let redis = Redis::start();
     let h = herald().api_key().env("HERALD_THREADS", "2").redis(&redis).start();
     wait_health(&h, 200, "healthy", T);
     redis.wait_subscribers(1, T);
     assert!(wait_until(T, || redis.clients_named(LINK_NAME).len() == 2), "{:?}", redis.clients_named(LINK_NAME));
+    (redis, h)
+}
+
+#[test]
+fn http_publishes_go_out_on_each_loops_own_redis_connection() {
+    let (redis, h) = herald_with_two_links();
     let mut ws = h.ws(&token("linked"));
     publish_until_a_link_carries_one(&h, &redis, "linked", &mut ws);
     assert_no_message(&mut ws, Duration::from_millis(200));
@@ -121,11 +127,7 @@ fn http_publishes_go_out_on_each_loops_own_redis_connection() {
 /// thread), and the links come back.
 #[test]
 fn publishes_survive_redis_dropping_the_loops_connections() {
-    let redis = Redis::start();
-    let h = herald().api_key().env("HERALD_THREADS", "2").redis(&redis).start();
-    wait_health(&h, 200, "healthy", T);
-    redis.wait_subscribers(1, T);
-    assert!(wait_until(T, || redis.clients_named(LINK_NAME).len() == 2));
+    let (redis, h) = herald_with_two_links();
     let mut ws = h.ws(&token("dropped"));
     for round in 0..3 {
         for line in redis.clients_named(LINK_NAME) {
