@@ -437,3 +437,37 @@ fn bad_tls_settings_stop_herald_with_one_line() {
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("HERALD_REDIS_CA_FILE"), "{}", out.stderr);
 }
+
+/// Redis refuses one command of several written together (the ACL denies a channel): that
+/// request is answered with the error, and nothing else is affected. Neither the connection
+/// nor the other commands are given up: sending them again would deliver them twice.
+#[test]
+fn a_command_redis_refuses_fails_its_request_alone_and_nothing_is_sent_twice() {
+    let rules = ["resetchannels", "&user_noti:*", "&herald:*", "resetkeys", "~herald:*", "+@all", "-@dangerous"];
+    let redis = acl_redis("herald", "acl-pw-46", &rules);
+    let url = format!("redis://herald:acl-pw-46@127.0.0.1:{}", redis.port);
+    let h = herald().env("HERALD_REDIS_URL", &url).api_key().start();
+    wait_connected(&h);
+    redis.wait_subscribers(1, T);
+    let mut ws = h.ws(&token("once"));
+    let bearer = format!("Bearer {API_KEY}");
+    for round in 0..3 {
+        // One request, so one pipelined write: a topic whose channel the ACL denies, then
+        // the user's own notification.
+        let items = json!({"items": [
+            {"topic": "secret", "message": notification("denied")},
+            {"user_id": "once", "message": notification(&format!("allowed {round}"))},
+        ]});
+        let r = h.http("POST", "/publish/batch", &[("Authorization", &bearer)], items.to_string().as_bytes());
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.text().contains("permission denied"), "{}", r.text());
+        assert_eq!(recv_json(&mut ws, T)["payload"]["title"], format!("allowed {round}"));
+        assert_no_message(&mut ws, Duration::from_millis(300));
+        // Requests that Redis accepts are unaffected.
+        let r =
+            h.publish(Some(API_KEY), &json!({"user_id": "once", "message": notification(&format!("plain {round}"))}));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(recv_json(&mut ws, T)["payload"]["title"], format!("plain {round}"));
+    }
+    assert_no_message(&mut ws, Duration::from_millis(300));
+}

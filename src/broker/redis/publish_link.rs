@@ -172,15 +172,13 @@ impl PublishLink {
         let State::Up(conn) = &mut self.state else { return Ok(()) };
         if readable {
             conn.fill()?;
-            while let Some(receivers) = conn.next(publisher::receivers_in)? {
-                let receivers = receivers?;
+            while let Some(reply) = conn.next(publisher::receivers_in)? {
                 let Some(front) = self.in_flight.front_mut() else {
                     return Err(Failure::Protocol("a reply nobody asked for".into()));
                 };
-                front.receivers.push(receivers);
-                if front.receivers.len() == front.expects() {
+                if front.take_reply(reply)? {
                     if let Some(done) = self.in_flight.pop_front() {
-                        answer(done.per_item().map(Answer::Published), done, answers);
+                        answer(done.answer(), done, answers);
                     }
                 }
             }

@@ -62,11 +62,42 @@ pub(super) struct InFlight {
     pub receivers: Vec<u64>,
     /// Sent once already on a connection that died before answering.
     pub retried: bool,
+    /// Why Redis refused one of the job's commands (the first such reply).
+    pub refused: Option<Failure>,
 }
 
 impl InFlight {
     pub fn new(job: PublishJob, retried: bool) -> InFlight {
-        InFlight { receivers: Vec::with_capacity(job.messages.len()), job: Some(job), sent: Instant::now(), retried }
+        let receivers = Vec::with_capacity(job.messages.len());
+        InFlight { receivers, job: Some(job), sent: Instant::now(), retried, refused: None }
+    }
+
+    /// A PING, for the connection's health and round trip.
+    pub fn ping() -> InFlight {
+        InFlight { job: None, sent: Instant::now(), receivers: Vec::new(), retried: false, refused: None }
+    }
+
+    /// Takes the next reply to this entry; `true` once every reply is in. An error reply to a
+    /// publish fails that job alone: the connection is sound, and Redis ran the commands
+    /// written after it, so they must not be sent again. One to a PING is the connection's.
+    pub fn take_reply(&mut self, reply: Result<u64, Failure>) -> Result<bool, Failure> {
+        match reply {
+            Ok(receivers) => self.receivers.push(receivers),
+            Err(failure) if self.job.is_some() => {
+                self.receivers.push(0);
+                self.refused.get_or_insert(failure);
+            }
+            Err(failure) => return Err(failure),
+        }
+        Ok(self.receivers.len() == self.expects())
+    }
+
+    /// The answer for the job's request, once every reply is in (`None` for a PING).
+    pub fn answer(&self) -> Option<Answer> {
+        if let Some(refused) = &self.refused {
+            return Some(Answer::Failed(format!("redis error: {}", refused.kind())));
+        }
+        self.per_item().map(Answer::Published)
     }
 
     pub fn expects(&self) -> usize {
@@ -98,7 +129,7 @@ pub(super) fn encode(commands: &mut Vec<u8>, job: Option<&PublishJob>) {
 }
 
 /// The receivers one reply reports: PUBLISH answers them; herald_publish {offset, epoch,
-/// receivers}. An error reply is the connection's failure.
+/// receivers}. An error reply comes back as the failure it names.
 pub(super) fn receivers_in(value: resp::Value<'_>) -> Result<u64, Failure> {
     match value.error() {
         Some(error) => Err(Failure::from_reply(error)),
@@ -203,7 +234,7 @@ impl Publisher {
             }
         }
         if wants_ping && self.conn.is_some() {
-            self.waiting.push_back(InFlight { job: None, sent: now, receivers: Vec::new(), retried: false });
+            self.waiting.push_back(InFlight::ping());
         }
         if let Err(failure) = self.exchange() {
             self.lost(failure);
@@ -260,13 +291,11 @@ impl Publisher {
         let mut done = Vec::new();
         loop {
             let reply = conn.next(receivers_in)?;
-            let Some(reply) = reply else { break };
-            let receivers = reply?;
+            let Some(receivers) = reply else { break };
             let Some(front) = self.in_flight.front_mut() else {
                 return Err(Failure::Protocol("a reply nobody asked for".into()));
             };
-            front.receivers.push(receivers);
-            if front.receivers.len() == front.expects() {
+            if front.take_reply(receivers)? {
                 done.extend(self.in_flight.pop_front());
             }
         }
@@ -282,11 +311,11 @@ impl Publisher {
     fn complete(&mut self, done: InFlight) {
         let health = &self.ctx.metrics.redis;
         health.publisher_up.store(true, Relaxed);
-        let Some(per_item) = done.per_item() else {
+        let Some(answer) = done.answer() else {
             health.ping_micros.store(done.sent.elapsed().as_micros() as u64, Relaxed);
             return;
         };
-        self.answer(done, Answer::Published(per_item));
+        self.answer(done, answer);
     }
 
     /// The connection died: resend what Redis cannot have seen, answer the rest.
