@@ -91,6 +91,7 @@ impl EventLoop {
         // recipient. When more is due (a burst), frames queue and leave in one writev each.
         let write_through = !self.more_events && !self.more_input && self.inbox.is_empty();
         let mut flush_time: Option<Instant> = None;
+        let mut written_through = 0u32;
         for &key in keys {
             let Some(conn) = self.conns.get_mut(key as usize) else { continue };
             if excluded_conn == Some(ConnRef { key, id: conn.id }) {
@@ -107,10 +108,16 @@ impl EventLoop {
                 frame
             };
             if write_through && conn.tls.is_none() && !conn.has_output() && !conn.output_held() {
-                let now = *flush_time.get_or_insert_with(Instant::now);
                 match write_through_one(conn, frame, now_tick) {
                     WriteThrough::Done => {
                         if let Some(born) = frame.born {
+                            // A broadcast writes for tens of milliseconds: the clock is read
+                            // again now and then, so the latency histogram sees that time.
+                            if written_through % 32 == 0 {
+                                flush_time = Some(Instant::now());
+                            }
+                            written_through += 1;
+                            let now = *flush_time.get_or_insert_with(Instant::now);
                             self.counters.delivered(now.saturating_duration_since(born));
                         }
                         continue;
