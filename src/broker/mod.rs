@@ -66,6 +66,11 @@ impl LoopLink {
         }
     }
 
+    /// Takes an answer meant for the link itself (`true`), not for a connection of the loop.
+    pub fn take_answer(&mut self, conn: crate::ids::ConnRef) -> bool {
+        self.0.as_mut().is_some_and(|link| link.take_fence(conn))
+    }
+
     /// When the loop must look at its link even if nothing else happens.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.0.as_ref().and_then(|link| link.next_deadline())

@@ -34,7 +34,11 @@ impl EventLoop {
                 LoopCmd::SubscriptionReady { conn } => self.subscription_ready(conn),
                 LoopCmd::ReplayPage { conn, target, page: Some(page) } => self.on_replay_page(conn, target, *page),
                 LoopCmd::ReplayPage { conn, target, page: None } => self.replay_failed(conn, target),
-                LoopCmd::Answer { conn, answer } => self.on_answer(conn, answer),
+                LoopCmd::Answer { conn, answer } => {
+                    if !self.link.take_answer(conn) {
+                        self.on_answer(conn, answer);
+                    }
+                }
                 LoopCmd::Disconnect { user, tally } => self.disconnect_user(&user, &tally),
                 LoopCmd::Drain { until } => self.begin_drain(until),
                 LoopCmd::Shutdown => self.begin_shutdown(),

@@ -23,7 +23,7 @@ use super::conn::{Conn, Failure};
 use super::publisher::{self, InFlight, PublishJob};
 use super::redis_url::RedisUrl;
 use super::{Backoff, Context};
-use crate::ids::{Answer, ReplyTo};
+use crate::ids::{Answer, ConnRef, ReplyTo};
 use crate::mailbox::Mailbox;
 
 /// The token a loop registers its link's socket with.
@@ -45,8 +45,22 @@ enum State {
     },
     /// A thread is opening a connection and will send it on `handoff`.
     Connecting,
+    /// Connected, but publishes still take the publisher thread until it answers fence
+    /// `seq`: a PING queued behind everything this loop handed it. Once Redis has answered
+    /// those, nothing the link writes can overtake them.
+    Fencing {
+        conn: Box<Conn>,
+        seq: u32,
+        since: Instant,
+    },
     Up(Box<Conn>),
 }
+
+/// The connection key a fence's answer names: no connection has it (slab keys are small).
+const FENCE_KEY: u32 = u32::MAX;
+/// A fence not answered by then (its answer was dropped, the thread is stuck) is given up:
+/// the link reconnects and fences again.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct PublishLink {
     loop_id: usize,
@@ -58,6 +72,7 @@ pub struct PublishLink {
     in_flight: VecDeque<InFlight>,
     backoff: Backoff,
     handoff: (Sender<Opened>, Receiver<Opened>),
+    fences: u32,
 }
 
 impl PublishLink {
@@ -76,6 +91,7 @@ impl PublishLink {
             in_flight: VecDeque::new(),
             backoff: Backoff::new(),
             handoff: crossbeam_channel::bounded(1),
+            fences: 0,
         }
     }
 
@@ -107,6 +123,18 @@ impl PublishLink {
                 self.adopt(registry);
                 return;
             }
+            State::Fencing { conn, since, .. } => {
+                // Redis sends nothing on it yet; an event means it closed or failed.
+                let failed = match readable.then(|| conn.fill()) {
+                    Some(Err(e)) => Some(Failure::from(e)),
+                    _ if since.elapsed() >= FENCE_TIMEOUT => Some(Failure::Timeout),
+                    _ => None,
+                };
+                if let Some(failure) = failed {
+                    self.lost(registry, failure, answers);
+                }
+                return;
+            }
             State::Up(_) => {}
         }
         if let Err(failure) = self.exchange(readable, answers) {
@@ -120,6 +148,7 @@ impl PublishLink {
         match &self.state {
             State::Down { retry_at } => Some(*retry_at),
             State::Connecting => None,
+            State::Fencing { since, .. } => Some(*since + FENCE_TIMEOUT),
             State::Up(_) => self.in_flight.front().map(|f| f.sent + REPLY_TIMEOUT),
         }
     }
@@ -154,9 +183,23 @@ impl PublishLink {
             Ok(conn)
         });
         match registered {
-            Ok(conn) => {
+            Ok(mut conn) => {
+                self.fences = self.fences.wrapping_add(1);
+                let seq = self.fences;
+                let conn_ref = ConnRef { key: FENCE_KEY, id: seq };
+                let fence = PublishJob {
+                    messages: Vec::new(),
+                    counts: Vec::new(),
+                    reply: Some(ReplyTo { loop_id: self.loop_id, conn: conn_ref }),
+                    retried: false,
+                };
+                if self.fallback.try_send(fence).is_err() {
+                    let _ = registry.deregister(&mut conn.stream);
+                    self.state = State::Down { retry_at: Instant::now() + self.backoff.next_delay() };
+                    return;
+                }
                 self.backoff.reset();
-                self.state = State::Up(Box::new(conn));
+                self.state = State::Fencing { conn: Box::new(conn), seq, since: Instant::now() };
             }
             Err(failure) => {
                 // The publisher thread reports Redis being down; this is its shadow.
@@ -164,6 +207,20 @@ impl PublishLink {
                 self.state = State::Down { retry_at: Instant::now() + self.backoff.next_delay() };
             }
         }
+    }
+
+    /// Takes the answer to a fence (`true`: it was one, and is consumed): the link opens if
+    /// it is the fence it waits for.
+    pub fn take_fence(&mut self, conn_ref: ConnRef) -> bool {
+        if conn_ref.key != FENCE_KEY {
+            return false;
+        }
+        if matches!(&self.state, State::Fencing { seq, .. } if *seq == conn_ref.id) {
+            if let State::Fencing { conn, .. } = std::mem::replace(&mut self.state, State::Connecting) {
+                self.state = State::Up(conn);
+            }
+        }
+        true
     }
 
     /// Reads every reply that has arrived (when the socket said so), then writes what is
@@ -194,7 +251,7 @@ impl PublishLink {
     /// sent once more; the rest is answered with the error.
     fn lost(&mut self, registry: &Registry, failure: Failure, answers: &mut Vec<(ReplyTo, Answer)>) {
         debug!(error = %failure, loop_id = self.loop_id, "a loop's redis publishing link was lost");
-        if let State::Up(conn) = &mut self.state {
+        if let State::Up(conn) | State::Fencing { conn, .. } = &mut self.state {
             let _ = registry.deregister(&mut conn.stream);
         }
         self.state = State::Down { retry_at: Instant::now() + self.backoff.next_delay() };

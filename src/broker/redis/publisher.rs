@@ -100,8 +100,10 @@ impl InFlight {
         self.per_item().map(Answer::Published)
     }
 
+    /// Replies due: one per message, one for a PING (a job of no messages is a loop's fence,
+    /// written as a PING).
     pub fn expects(&self) -> usize {
-        self.job.as_ref().map_or(1, |job| job.messages.len())
+        self.job.as_ref().map_or(1, |job| job.messages.len().max(1))
     }
 
     /// Receivers per item of the job, once every reply is in.
@@ -112,9 +114,9 @@ impl InFlight {
     }
 }
 
-/// Encodes a job's commands (a PING for `None`).
+/// Encodes a job's commands (a PING for `None`, and for a loop's fence: a job of no messages).
 pub(super) fn encode(commands: &mut Vec<u8>, job: Option<&PublishJob>) {
-    let Some(job) = job else {
+    let Some(job) = job.filter(|job| !job.messages.is_empty()) else {
         resp::encode_command(commands, [b"PING"]);
         return;
     };
