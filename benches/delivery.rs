@@ -11,18 +11,39 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use herald::config::Cli;
+use herald::config::{Cli, Config};
 use herald::event_loop::bench::DeliveryBench;
-use herald::frame;
+use herald::frame::{self, SharedFrame};
 
 const NOTIFICATION: &[u8] =
     br#"{"type":"notification","payload":{"title":"New Order","message":"You have a new order #12345"},"timestamp":"2025-01-21T10:30:00.123Z"}"#;
 
-fn bench(n: usize) -> DeliveryBench {
+fn config() -> Config {
     let cli = Cli::try_parse_from(["herald", "--jwt-secret", "bench-secret-bench-secret-bench-secret", "--log", "off"])
         .expect("flags parse");
-    let config = cli.server.into_config().expect("valid config");
-    DeliveryBench::new(config, n).expect("sessions open")
+    cli.server.into_config().expect("valid config")
+}
+
+fn bench(n: usize) -> DeliveryBench {
+    DeliveryBench::new(config(), n).expect("sessions open")
+}
+
+fn event_stream_bench(n: usize) -> DeliveryBench {
+    DeliveryBench::event_streams(config(), n).expect("streams open")
+}
+
+/// Time spent in `iters` broadcasts of the frames `next_frame` makes; reading the clients'
+/// sockets in between is not timed.
+fn timed_broadcasts(bench: &mut DeliveryBench, iters: u64, mut next_frame: impl FnMut() -> SharedFrame) -> Duration {
+    let mut spent = Duration::ZERO;
+    for _ in 0..iters {
+        let frame = next_frame();
+        let started = Instant::now();
+        bench.broadcast(&frame);
+        spent += started.elapsed();
+        bench.drain();
+    }
+    spent
 }
 
 fn unicast(c: &mut Criterion) {
@@ -60,16 +81,7 @@ fn broadcast(c: &mut Criterion) {
         let frame = frame::notification(NOTIFICATION, Instant::now());
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
-            b.iter_custom(|iters| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let started = Instant::now();
-                    bench.broadcast(&frame);
-                    spent += started.elapsed();
-                    bench.drain();
-                }
-                spent
-            })
+            b.iter_custom(|iters| timed_broadcasts(&mut bench, iters, || frame.clone()))
         });
         assert_eq!(bench.open_sessions(), n, "no session may be lost to the benchmark");
     }
@@ -86,27 +98,13 @@ fn broadcast_fresh(c: &mut Criterion) {
             group.throughput(Throughput::Elements(n as u64));
             group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                 b.iter_custom(|iters| {
-                    let mut spent = Duration::ZERO;
-                    for _ in 0..iters {
-                        let frame = frame::notification(NOTIFICATION, Instant::now());
-                        let started = Instant::now();
-                        bench.broadcast(&frame);
-                        spent += started.elapsed();
-                        bench.drain();
-                    }
-                    spent
+                    timed_broadcasts(&mut bench, iters, || frame::notification(NOTIFICATION, Instant::now()))
                 })
             });
             assert_eq!(bench.open_sessions(), n, "no session may be lost to the benchmark");
         }
     }
     group.finish();
-}
-
-fn event_stream_bench(n: usize) -> DeliveryBench {
-    let cli = Cli::try_parse_from(["herald", "--jwt-secret", "bench-secret-bench-secret-bench-secret", "--log", "off"])
-        .expect("flags parse");
-    DeliveryBench::event_streams(cli.server.into_config().expect("valid config"), n).expect("streams open")
 }
 
 criterion_group! {

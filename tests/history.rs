@@ -86,9 +86,7 @@ fn nothing_is_lost_or_repeated_between_replay_and_live() {
     drop(ws);
     // A backlog long enough to take many pages…
     let backlog: Vec<Value> = (1..=600).map(|n| note("u", n)).collect();
-    let auth = format!("Bearer {API_KEY}");
-    let r =
-        h.http("POST", "/publish/batch", &[("Authorization", &auth)], json!({"items": backlog}).to_string().as_bytes());
+    let r = h.publish_batch(&backlog);
     assert_eq!(r.status, 200, "{}", r.text());
     // …and a publisher that keeps going while the client reconnects and replays.
     let port = h.port;
@@ -126,12 +124,7 @@ fn a_reading_client_replays_a_whole_stream_without_being_cut() {
                 i
             })
             .collect();
-        let r = h.http(
-            "POST",
-            "/publish/batch",
-            &[("Authorization", &format!("Bearer {API_KEY}"))],
-            json!({"items": batch}).to_string().as_bytes(),
-        );
+        let r = h.publish_batch(&batch);
         assert_eq!(r.status, 200, "{}", r.text());
     }
     let (ns, resumed) = replayed(&mut connect_since(&h, "big", "0"));

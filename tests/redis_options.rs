@@ -333,14 +333,7 @@ fn rediss_carries_bursts_both_ways_whole_and_in_order() {
     let items: Vec<Value> = (1..=1000)
         .map(|i| json!({"user_id": "burst", "message": {"type": "b", "payload": {"i": i, "pad": pad}}}))
         .collect();
-    let bearer = format!("Bearer {API_KEY}");
-    let body = json!({ "items": items }).to_string();
-    let r = h.http(
-        "POST",
-        "/publish/batch",
-        &[("Authorization", &bearer), ("Content-Type", "application/json")],
-        body.as_bytes(),
-    );
+    let r = h.publish_batch(&items);
     assert_eq!(r.status, 200, "{}", r.text());
     for i in 1..=1000 {
         let m = recv_json(&mut ws, T);
@@ -450,15 +443,13 @@ fn a_command_redis_refuses_fails_its_request_alone_and_nothing_is_sent_twice() {
     wait_connected(&h);
     redis.wait_subscribers(1, T);
     let mut ws = h.ws(&token("once"));
-    let bearer = format!("Bearer {API_KEY}");
     for round in 0..3 {
         // One request, so one pipelined write: a topic whose channel the ACL denies, then
         // the user's own notification.
-        let items = json!({"items": [
-            {"topic": "secret", "message": notification("denied")},
-            {"user_id": "once", "message": notification(&format!("allowed {round}"))},
-        ]});
-        let r = h.http("POST", "/publish/batch", &[("Authorization", &bearer)], items.to_string().as_bytes());
+        let r = h.publish_batch(&[
+            json!({"topic": "secret", "message": notification("denied")}),
+            json!({"user_id": "once", "message": notification(&format!("allowed {round}"))}),
+        ]);
         assert_eq!(r.status, 503, "{}", r.text());
         assert!(r.text().contains("permission denied"), "{}", r.text());
         assert_eq!(recv_json(&mut ws, T)["payload"]["title"], format!("allowed {round}"));

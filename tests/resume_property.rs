@@ -573,18 +573,12 @@ fn a_client_that_keeps_reconnecting_gets_the_stream_exactly_once_in_order() {
 fn a_replay_to_a_client_that_reads_late_goes_on_when_its_socket_drains() {
     const BACKLOG: u64 = 20_000;
     let h = herald().api_key().env("HERALD_HISTORY_SIZE", &BACKLOG.to_string()).start();
-    let auth = format!("Bearer {API_KEY}");
     let pad = "x".repeat(200);
     for chunk in 0..BACKLOG / 1000 {
         let items: Vec<Value> = (chunk * 1000..(chunk + 1) * 1000)
             .map(|seq| json!({"user_id": "late", "message": {"type": "n", "seq": seq, "pad": pad}}))
             .collect();
-        let r = h.http(
-            "POST",
-            "/publish/batch",
-            &[("Authorization", &auth)],
-            json!({"items": items}).to_string().as_bytes(),
-        );
+        let r = h.publish_batch(&items);
         assert_eq!(r.status, 200, "{}", r.text());
     }
     // A small receive window, set before the TCP handshake, and nothing read for a while:

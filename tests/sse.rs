@@ -376,12 +376,7 @@ fn topics_are_received_when_the_token_allows_them_and_refused_before_streaming_o
     publish(&h, &json!({"user_id": "u1", "message": notification("personal too")}));
     assert_eq!(sse.next_json(T)["payload"]["title"], "personal too");
     // A message for two targets the stream holds arrives once.
-    let r = h.http(
-        "POST",
-        "/publish/batch",
-        &[("Authorization", &format!("Bearer {API_KEY}")), ("Content-Type", "application/json")],
-        json!({"items": [{"user_ids": ["u1", "u2"], "message": notification("both")}]}).to_string().as_bytes(),
-    );
+    let r = h.publish_batch(&[json!({"user_ids": ["u1", "u2"], "message": notification("both")})]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(sse.next_json(T)["payload"]["title"], "both");
     assert_eq!(other.next_json(T)["payload"]["title"], "both");
@@ -533,18 +528,12 @@ fn a_stream_that_is_not_read_is_cut_while_others_keep_receiving() {
         }
     });
     let filler = "p".repeat(340);
-    let auth = format!("Bearer {API_KEY}");
     for round in 0..20 {
         let items: Vec<Value> = (0..999)
             .map(|i| json!({"user_id": "slow", "message": {"type": "flood", "n": i, "payload": {"body": filler}}}))
             .chain([json!({"user_id": "fast", "message": {"type": "tick", "n": round}})])
             .collect();
-        let r = h.http(
-            "POST",
-            "/publish/batch",
-            &[("Authorization", &auth), ("Content-Type", "application/json")],
-            json!({ "items": items }).to_string().as_bytes(),
-        );
+        let r = h.publish_batch(&items);
         assert_eq!(r.status, 200, "{}", r.text());
     }
     publish(&h, &json!({"user_id": "fast", "message": {"type": "done"}}));
@@ -573,16 +562,10 @@ fn a_stream_whose_output_stays_stuck_is_closed_after_the_idle_timeout() {
         .start();
     let _stuck = Sse::open_small_window(h.port, &format!("/sse?token={}", token("stuck")), 4096);
     let filler = "s".repeat(60_000);
-    let auth = format!("Bearer {API_KEY}");
     for _ in 0..10 {
         let items: Vec<Value> =
             (0..15).map(|_| json!({"user_id": "stuck", "message": {"type": "big", "body": filler}})).collect();
-        let r = h.http(
-            "POST",
-            "/publish/batch",
-            &[("Authorization", &auth), ("Content-Type", "application/json")],
-            json!({ "items": items }).to_string().as_bytes(),
-        );
+        let r = h.publish_batch(&items);
         assert_eq!(r.status, 200, "{}", r.text());
     }
     let ok = wait_until(Duration::from_secs(8), || metric(&h, "errors", "output_stalled") == 1);
@@ -677,18 +660,6 @@ fn note(user: &str, n: u64) -> Value {
     json!({"user_id": user, "message": {"type": "n", "n": n}})
 }
 
-fn publish_batch(port: u16, items: Vec<Value>) {
-    let auth = format!("Bearer {API_KEY}");
-    let r = http(
-        port,
-        "POST",
-        "/publish/batch",
-        &[("Authorization", &auth)],
-        json!({"items": items}).to_string().as_bytes(),
-    );
-    assert_eq!(r.status, 200, "publish/batch: {}", r.text());
-}
-
 /// A notification event: its `n`, after checking that its `id:` line is its `stream_id`.
 fn numbered(event: &Event) -> u64 {
     let m: Value = serde_json::from_str(&event.data).unwrap_or_else(|e| panic!("not JSON ({e}): {event:?}"));
@@ -743,7 +714,8 @@ fn resume_scenario(h: &Herald, user: &str, resume: impl FnOnce(&Herald, &str) ->
     // Missed while away: enough for several replay pages.
     const AWAY: u64 = 300;
     const LIVE: u64 = 200;
-    publish_batch(h.port, (3..3 + AWAY).map(|n| note(user, n)).collect());
+    let r = h.publish_batch(&(3..3 + AWAY).map(|n| note(user, n)).collect::<Vec<_>>());
+    assert_eq!(r.status, 200, "publish/batch: {}", r.text());
     // …and a publisher that keeps going while the stream comes back and replays.
     let (port, owner) = (h.port, user.to_string());
     let publisher = thread::spawn(move || {

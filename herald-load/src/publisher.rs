@@ -769,6 +769,36 @@ mod tests {
         }
     }
 
+    /// Publishing over one HTTP connection, `batch` messages a request, to users who are not
+    /// connected, from `start_ns` to `end_ns`.
+    fn http_plan(
+        endpoint: Endpoint,
+        batch: usize,
+        rate: Rate,
+        users: Vec<String>,
+        start_ns: u64,
+        end_ns: u64,
+    ) -> PubPlan {
+        PubPlan {
+            transport: Transport::Http {
+                endpoint,
+                body: Template::new(r#"{"user_id":"{user}","message":{payload}}"#),
+                auth: None,
+                conns: 1,
+                tls: None,
+                batch,
+            },
+            rate,
+            target: Target::Absent(users),
+            payload_bytes: 100,
+            max_inflight: 2000,
+            batch_ns: 0,
+            start_ns,
+            end_ns,
+            drain: Duration::from_secs(2),
+        }
+    }
+
     #[test]
     fn a_response_on_an_idle_connection_is_no_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -780,24 +810,7 @@ mod tests {
         let shared = Arc::new(Shared::new(1, 1));
         shared.window_start_ns.store(start, Relaxed);
         shared.window_end_ns.store(start + 200_000_000, Relaxed);
-        let plan = PubPlan {
-            transport: Transport::Http {
-                endpoint,
-                body: Template::new(r#"{"user_id":"{user}","message":{payload}}"#),
-                auth: None,
-                conns: 1,
-                tls: None,
-                batch: 1,
-            },
-            rate: Rate::Fixed(100.0),
-            target: Target::Absent(vec!["u-absent-0".into()]),
-            payload_bytes: 100,
-            max_inflight: 2000,
-            batch_ns: 0,
-            start_ns: start,
-            end_ns: start + 200_000_000,
-            drain: Duration::from_secs(2),
-        };
+        let plan = http_plan(endpoint, 1, Rate::Fixed(100.0), vec!["u-absent-0".into()], start, start + 200_000_000);
         let report = run(plan, shared).expect("publisher");
         let served = server.join().expect("server thread");
         assert!(served > 0);
@@ -815,24 +828,8 @@ mod tests {
         let shared = Arc::new(Shared::new(1, 1));
         shared.window_start_ns.store(now, Relaxed);
         shared.window_end_ns.store(now + 300_000_000, Relaxed);
-        let plan = PubPlan {
-            transport: Transport::Http {
-                endpoint,
-                body: Template::new(r#"{"user_id":"{user}","message":{payload}}"#),
-                auth: None,
-                conns: 1,
-                tls: None,
-                batch: 7,
-            },
-            rate: Rate::Max,
-            target: Target::Absent((0..10).map(|i| format!("u-absent-{i}")).collect()),
-            payload_bytes: 100,
-            max_inflight: 2000,
-            batch_ns: 0,
-            start_ns: now,
-            end_ns: now + 300_000_000,
-            drain: Duration::from_secs(2),
-        };
+        let users = (0..10).map(|i| format!("u-absent-{i}")).collect();
+        let plan = http_plan(endpoint, 7, Rate::Max, users, now, now + 300_000_000);
         let report = run(plan, shared).expect("publisher");
         // The publisher is done: its socket is closed, so the server's read returns 0.
         let (requests, items, falses) = server.join().expect("server thread");

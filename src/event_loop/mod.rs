@@ -216,10 +216,9 @@ impl EventLoop {
             }
             self.now = Instant::now();
             self.now_tick = self.clock.tick_at(self.now);
-            let mut events_left = events.iter().count();
-            for event in events.iter() {
-                events_left -= 1;
-                self.more_events = events_left > 0;
+            let mut ready = events.iter().peekable();
+            while let Some(event) = ready.next() {
+                self.more_events = ready.peek().is_some();
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => {}

@@ -512,6 +512,13 @@ impl Herald {
         r.json()
     }
 
+    /// POST /publish/batch `{"items": items}` with the test API key.
+    pub fn publish_batch(&self, items: &[Value]) -> HttpResponse {
+        let bearer = format!("Bearer {API_KEY}");
+        let body = serde_json::json!({ "items": items }).to_string();
+        http(self.port, "POST", "/publish/batch", &[("Authorization", &bearer)], body.as_bytes())
+    }
+
     /// POST /publish with `Authorization: Bearer <auth>`.
     pub fn publish(&self, auth: Option<&str>, body: &Value) -> HttpResponse {
         let bearer;
