@@ -263,6 +263,15 @@ perf_profile() {   # NAME SERVER GEN: cpu-clock samples of the server over the m
     perf record -e cpu-clock -g -p "$CUR_PID" -o "$PERF_DATA" -- sleep "${DURATION%s}" >/dev/null 2>>"$OUT/perf.log" || true
 }
 
+perf_run() {   # NAME WHAT FILE herald-load-args...: one more run of herald alone, profiled
+    local name=$1 what=$2 file=$3 hook=$ON_CONNECTED
+    shift 3
+    ON_CONNECTED=perf_profile
+    run "$name" herald "$@"
+    ON_CONNECTED=$hook
+    perf_text "$what" "$file"
+}
+
 perf_text() {   # WHAT FILE: PERF_DATA as text: flat symbols, by object, by thread, call graphs
     [[ -s $PERF_DATA ]] || return 0
     # head closes the pipe early: with pipefail, perf's SIGPIPE would end the script.
@@ -408,10 +417,8 @@ if want unicast; then
         run unicast-max "$s" unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
     done
     if [[ $PERF == 1 ]] && has_server herald; then
-        ON_CONNECTED=perf_profile
-        run unicast-max-perf herald unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
-        ON_CONNECTED=""
-        perf_text "c2 (unicast-max-perf-herald.json)" "$OUT/perf.txt"
+        perf_run unicast-max-perf "c2 (unicast-max-perf-herald.json)" "$OUT/perf.txt" \
+            unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
     fi
 fi
 # d. Redis mode
@@ -424,10 +431,8 @@ if want redis; then
         run redis-max "$s" unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
     done
     if [[ $PERF == 1 ]] && has_server herald; then
-        ON_CONNECTED=perf_profile
-        run redis-max-perf herald unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
-        ON_CONNECTED=redis_mark
-        perf_text "d1 (redis-max-perf-herald.json)" "$OUT/perf-redis.txt"
+        perf_run redis-max-perf "d1 (redis-max-perf-herald.json)" "$OUT/perf-redis.txt" \
+            unicast -n "$N" --user-prefix u --rate max --publish-conns "$UNICAST_PUBLISHERS" "${common_win[@]}"
     fi
     for s in $(unicast_servers); do
         run redis-max1 "$s" unicast -n "$N" --user-prefix u --rate max --publish-conns 1 "${common_win[@]}"
